@@ -1,0 +1,80 @@
+"""timer_sdk: the timer library, native in process and CBOR over sockets.
+
+In process::
+
+    timer = Timer()
+    reply = await timer.echo(EchoRequest(message="hi", delay_ms=5))
+
+Serve it, and call it from anywhere::
+
+    server = await timer.serve("tcp:127.0.0.1:9099")
+    client = await TimerClient.connect("tcp:127.0.0.1:9099")
+    reply = await client.echo(EchoRequest(message="hi", delay_ms=5))
+"""
+
+from ._version import __version__
+from .address import Address
+from .client import TimerClient
+from .errors import (
+    AddressError,
+    CallError,
+    CallTimeout,
+    ClientClosedError,
+    ConnectError,
+    ConnectionLost,
+    FrameTooLarge,
+    LoopError,
+    ProtocolError,
+    RemoteCallError,
+    TimerConnectionError,
+    TimerError,
+)
+from .events import EventsDropped, Subscription
+from .models import (
+    ComplexRequest,
+    ComplexResponse,
+    EchoEvent,
+    EchoRequest,
+    EchoResponse,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    ScheduleResult,
+    TimerConfig,
+)
+from .server import Limits, Server, serve
+from .timer import Timer
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "CallError",
+    "CallTimeout",
+    "ClientClosedError",
+    "ComplexRequest",
+    "ComplexResponse",
+    "ConnectError",
+    "ConnectionLost",
+    "EchoEvent",
+    "EchoRequest",
+    "EchoResponse",
+    "EventsDropped",
+    "FrameTooLarge",
+    "JobSpec",
+    "Limits",
+    "LoopError",
+    "ProtocolError",
+    "RemoteCallError",
+    "RetryPolicy",
+    "ScheduleConfig",
+    "ScheduleResult",
+    "Server",
+    "Subscription",
+    "Timer",
+    "TimerClient",
+    "TimerConfig",
+    "TimerConnectionError",
+    "TimerError",
+    "__version__",
+    "serve",
+]

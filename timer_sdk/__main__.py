@@ -1,0 +1,7 @@
+"""``python -m timer_sdk`` is the ``timer-sdk`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""The one declaration of the API: each method's name, envelope, reply and proc.
+
+The server dispatches through :data:`METHODS`, and every typed method of the
+clients is a one-line call through the same :class:`Method` object, so the
+server, the clients and :class:`~timer_sdk.timer.Timer` cannot drift apart
+(``tests/test_api.py`` checks that they cover the same methods with the same
+types).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, TypeAdapter
+
+from . import codec
+from .models import (
+    ComplexParams,
+    ComplexResponse,
+    EchoParams,
+    EchoResponse,
+    ScheduleParams,
+    ScheduleResult,
+    VersionParams,
+)
+
+if TYPE_CHECKING:
+    from .timer import Timer
+
+__all__ = ["COMPLEX", "ECHO", "METHODS", "SCHEDULE", "VERSION", "Method"]
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
+
+
+class Method(Generic[P, R]):
+    """One method of the wire API.
+
+    ``params`` is the request envelope (a map keyed by the proc's parameter
+    names), ``result`` the reply type, and ``invoke`` calls the proc on a
+    :class:`Timer` with an envelope.
+    """
+
+    __slots__ = ("_params_adapter", "_result_adapter", "invoke", "name", "params", "result",
+                 "wire_name")  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        params: type[P],
+        result: type[R],
+        invoke: Callable[[Timer, P], Coroutine[Any, Any, R]],
+    ) -> None:
+        self.name = name
+        self.wire_name = name.encode()
+        self.params = params
+        self.result = result
+        self.invoke = invoke
+        self._params_adapter: TypeAdapter[P] = TypeAdapter(params)
+        self._result_adapter: TypeAdapter[R] = TypeAdapter(result)
+
+    def __repr__(self) -> str:
+        return f"<Method {self.name}: {self.params.__name__} -> {self.result.__name__}>"
+
+    # Server side: bytes in, model out; result out as bytes.
+
+    def decode_params(self, payload: bytes, *, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> P:
+        """Decode and validate a request payload; an empty payload is ``{}``."""
+        try:
+            item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
+        except codec.DecodeError as exc:
+            raise codec.DecodeError(f"{self.name}: invalid request: {exc}") from None
+        params: P = codec.validate(self._params_adapter, item, f"{self.name}: invalid request")
+        return params
+
+    def encode_result(self, result: R) -> bytes:
+        """Encode a proc's result as a success body."""
+        if isinstance(result, BaseModel):
+            return codec.encode_item(codec.dump_model(result))
+        return codec.encode_item(result)
+
+    # Client side: model in as bytes; reply bytes out as the result type.
+
+    def encode_params(self, params: P) -> bytes:
+        """Encode a request envelope; ``None`` optionals are omitted."""
+        return codec.encode_item(codec.dump_model(params))
+
+    def decode_result(self, body: bytes) -> R:
+        """Decode and validate a success body."""
+        try:
+            item = codec.decode_item(body)
+        except codec.DecodeError as exc:
+            raise codec.DecodeError(f"{self.name}: invalid reply: {exc}") from None
+        result: R = codec.validate(self._result_adapter, item, f"{self.name}: invalid reply")
+        return result
+
+
+def _version(timer: Timer, _params: VersionParams) -> Coroutine[Any, Any, str]:
+    return timer.version()
+
+
+def _echo(timer: Timer, params: EchoParams) -> Coroutine[Any, Any, EchoResponse]:
+    return timer.echo(params.req)
+
+
+def _complex(timer: Timer, params: ComplexParams) -> Coroutine[Any, Any, ComplexResponse]:
+    return timer.complex(params.req)
+
+
+def _schedule(timer: Timer, params: ScheduleParams) -> Coroutine[Any, Any, ScheduleResult]:
+    return timer.schedule(params.job, params.retry, params.schedule)
+
+
+VERSION = Method("version", VersionParams, str, _version)
+ECHO = Method("echo", EchoParams, EchoResponse, _echo)
+COMPLEX = Method("complex", ComplexParams, ComplexResponse, _complex)
+SCHEDULE = Method("schedule", ScheduleParams, ScheduleResult, _schedule)
+
+METHODS: dict[str, Method[Any, Any]] = {m.name: m for m in (VERSION, ECHO, COMPLEX, SCHEDULE)}
+"""Every method the server answers, by wire name."""

@@ -1,0 +1,272 @@
+"""The ``timer-sdk`` command: serve, call, demo.
+
+``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
+SIGTERM. ``timer-sdk call ADDRESS METHOD [JSON]`` calls any method and prints
+the reply as JSON, as grpcurl does for gRPC. ``timer-sdk demo`` starts a
+server process and makes a round trip of every method against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import api
+from ._version import __version__
+from .client import TimerClient
+from .codec import decode_item, encode_item
+from .errors import CallError, TimerError
+from .models import (
+    ComplexRequest,
+    EchoRequest,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    TimerConfig,
+)
+from .server import Limits
+from .timer import Timer
+
+__all__ = ["main"]
+
+DEFAULT_ADDRESS = "tcp:127.0.0.1:9099"
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit(
+                "timer-sdk: --loop uvloop needs: pip install 'timer-sdk[fast]'"
+            ) from None
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(coro: Coroutine[Any, Any, int], loop: str = "auto") -> int:
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        return runner.run(coro)
+
+
+def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca:
+        context.load_verify_locations(args.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
+
+
+# --- serve -------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    limits = Limits(
+        max_frame_size=args.max_frame_size,
+        max_in_flight=args.max_in_flight,
+        max_connections=args.max_connections,
+        frame_timeout=args.frame_timeout or None,
+        idle_timeout=args.idle_timeout or None,
+    )
+    timer = Timer(TimerConfig(name=args.name))
+    server = await timer.serve(
+        args.address, limits=limits, ssl=_server_ssl(args), unix_mode=int(args.unix_mode, 8)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
+        flush=True,
+    )
+    await stop.wait()
+    print("timer-sdk: shutting down, finishing requests in flight", flush=True)
+    await server.close(timeout=args.shutdown_timeout)
+    print("timer-sdk: stopped", flush=True)
+    return 0
+
+
+# --- call --------------------------------------------------------------------
+
+
+def _to_json(value: object) -> str:
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(by_alias=True, indent=2)
+    return json.dumps(value, indent=2, default=repr)
+
+
+async def _call(args: argparse.Namespace) -> int:
+    try:
+        params_json = json.loads(args.json)
+    except json.JSONDecodeError as exc:
+        print(f"timer-sdk call: JSON argument is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    method = api.METHODS.get(args.method)
+    if method is not None:
+        try:
+            params = method.params.model_validate(params_json)
+        except ValidationError as exc:
+            print(f"timer-sdk call: bad parameters for {args.method}:\n{exc}", file=sys.stderr)
+            return 2
+    try:
+        async with await TimerClient.connect(
+            args.address, timeout=args.timeout, ssl=_client_ssl(args)
+        ) as client:
+            if method is not None:
+                result: object = await client.call(method, params)
+            else:  # not ours: send it as is, for servers with more methods
+                body = await client.call_raw(args.method, encode_item(params_json))
+                result = decode_item(body)
+    except CallError as exc:
+        print(f"timer-sdk call: error reply: {exc}", file=sys.stderr)
+        return 1
+    except TimerError as exc:
+        print(f"timer-sdk call: {exc}", file=sys.stderr)
+        return 1
+    print(_to_json(result))
+    return 0
+
+
+# --- demo --------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    print(f"starting a server process: {sys.executable} -m timer_sdk serve tcp:127.0.0.1:0")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--name", "demo-timer",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        match = LISTENING.search(line)
+        if match is None:
+            print(f"the server did not start: {line!r}", file=sys.stderr)
+            return 1
+        address = match.group(1)
+        print(f"  server says: {line.strip()}")
+        async with await TimerClient.connect(address, timeout=10) as client:
+            print(f"connected: {client!r}")
+            print(f"  version()  -> {await client.version()!r}")
+            echo = await client.echo(EchoRequest(message="hello over the wire", delay_ms=5))
+            print(f"  echo()     -> {echo!r}")
+            summary = await client.complex(
+                ComplexRequest(messages=[], tags=["demo"], note="from the demo")
+            )
+            print(f"  complex()  -> {summary!r}")
+            job = JobSpec(name="nightly", payload=["a"], priority=1)
+            retry = RetryPolicy(max_attempts=3, backoff_ms=100, retry_on=["timeout"])
+            when = ScheduleConfig(start_at_ms=1000, interval_ms=500, jitter=7)
+            print(f"  schedule() -> {await client.schedule(job, retry, when)!r}")
+            try:
+                await client.schedule(job.model_copy(update={"name": ""}), retry, when)
+            except CallError as exc:
+                print(f"  schedule(name='') raised {exc!r}")
+            started = time.perf_counter()
+            calls = [client.echo(EchoRequest(message=str(i), delay_ms=0)) for i in range(1000)]
+            replies = await asyncio.gather(*calls)
+            elapsed = time.perf_counter() - started
+            ok = all(reply.echoed == str(i) for i, reply in enumerate(replies))
+            print(f"  1000 pipelined echo calls in {elapsed * 1000:.1f} ms, all matched: {ok}")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        rest = (await proc.communicate())[0].decode().strip()
+    for line in rest.splitlines():
+        print(f"  server says: {line}")
+    print(f"server process exited with code {proc.returncode}")
+    return 0 if proc.returncode == 0 and ok else 1
+
+
+# --- argument parsing --------------------------------------------------------
+
+
+def _add_tls(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    parser.add_argument("--tls-cert", help="certificate chain (PEM) to present")
+    parser.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
+    if server:
+        parser.add_argument("--tls-client-ca", help="require client certificates from this CA")
+    else:
+        parser.add_argument("--tls-ca", help="trust this CA (PEM) for the server's certificate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timer-sdk", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"timer-sdk {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a timer until Ctrl-C or SIGTERM")
+    where = f"tcp:HOST:PORT, tls:HOST:PORT or unix:PATH (default {DEFAULT_ADDRESS})"
+    serve.add_argument("address", nargs="?", default=DEFAULT_ADDRESS, help=where)
+    serve.add_argument("--name", default=TimerConfig().name, help="the timer's name")
+    defaults = Limits()
+    serve.add_argument("--max-frame-size", type=int, default=defaults.max_frame_size)
+    serve.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    serve.add_argument("--frame-timeout", type=float, default=defaults.frame_timeout,
+                       help="seconds to finish a frame once started (0: no limit)")  # fmt: skip
+    serve.add_argument("--idle-timeout", type=float, default=0,
+                       help="close connections idle this many seconds (0: never)")  # fmt: skip
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0)
+    serve.add_argument("--unix-mode", default="600", help="octal mode of a unix: socket")
+    serve.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    _add_tls(serve, server=True)
+
+    call = commands.add_parser("call", help="call a method and print the reply as JSON")
+    call.add_argument("address")
+    call.add_argument("method")
+    example = '{"req": {"message": "hi", "delayMs": 5}}'
+    call.add_argument("json", nargs="?", default="{}", help=f"the request envelope, e.g. {example}")
+    call.add_argument("--timeout", type=float, default=30.0)
+    _add_tls(call, server=False)
+
+    commands.add_parser("demo", help="start a server process and call every method on it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _run(_serve(args), args.loop)
+        if args.command == "call":
+            return _run(_call(args))
+        return _run(_demo(args))
+    except (OSError, TimerError, ValueError) as exc:
+        print(f"timer-sdk {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

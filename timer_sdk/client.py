@@ -1,0 +1,360 @@
+"""The typed async client: one connection, pipelined calls, replies matched in order.
+
+The protocol has no request ids: the n-th reply answers the n-th request.
+The client keeps a FIFO of pending calls; writing a request and queueing its
+slot happen with no ``await`` between them, so concurrent calls cannot
+interleave wrongly. A call that is cancelled or times out after its request
+was written leaves its slot in the FIFO; its reply is read and dropped, and
+every later call still gets its own reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from collections import deque
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, cast
+
+from pydantic import BaseModel
+
+from . import api
+from .address import Address
+from .errors import (
+    CallTimeout,
+    ClientClosedError,
+    ConnectError,
+    ConnectionLost,
+    LoopError,
+    ProtocolError,
+    RemoteCallError,
+    TimerConnectionError,
+)
+from .framing import DEFAULT_MAX_FRAME_SIZE, RET_ERROR, RET_OK, Broken, ReplyReader, encode_request
+from .models import (
+    ComplexParams,
+    ComplexRequest,
+    ComplexResponse,
+    EchoParams,
+    EchoRequest,
+    EchoResponse,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    ScheduleParams,
+    ScheduleResult,
+    VersionParams,
+)
+
+__all__ = ["TimerClient"]
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
+
+
+class _ReplyDecoder(Protocol):
+    """What a pending call needs to turn its reply body into a result."""
+
+    @property
+    def name(self) -> str: ...
+
+    def decode_result(self, body: bytes, /) -> Any: ...
+
+
+class _Raw:
+    """The decoder of :meth:`TimerClient.call_raw`: the body, as is."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode_result(self, body: bytes, /) -> bytes:
+        return body
+
+
+_Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]"]
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """The connection under a :class:`TimerClient`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, max_frame_size: int) -> None:
+        self.loop = loop
+        self.address = address
+        self.reader = ReplyReader(max_frame_size=max_frame_size)
+        self.pending: deque[_Pending] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.failure: TimerConnectionError | ProtocolError | None = None
+        self._corked = False
+        self._backlog: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport = transport
+
+    def send(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
+        """Queue the call's slot and write its frame, with nothing in between."""
+        self.pending.append((method, future))
+        if self._corked:
+            self._backlog.append(frame)
+            return
+        assert self.transport is not None
+        self.transport.write(frame)
+        # Calls made later in this loop iteration share one write.
+        self._corked = True
+        self.loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._corked = False
+        backlog = self._backlog
+        if backlog and self.transport is not None:
+            self.transport.write(b"".join(backlog))
+        backlog.clear()
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.receive_data(data)
+        pending = self.pending
+        while (event := reader.next_event()) is not None:
+            if isinstance(event, Broken):
+                self.fail(ProtocolError(f"{self.address}: {event.message}"))
+                return
+            ret = event.ret
+            if not pending:
+                self.fail(ProtocolError(f"{self.address}: a reply arrived with no call waiting"))
+                return
+            method, future = pending.popleft()
+            if future.done():
+                continue  # its caller gave up; the reply is dropped in its place
+            if ret == RET_OK:
+                try:
+                    future.set_result(method.decode_result(event.body))
+                except ProtocolError as exc:
+                    future.set_exception(exc)
+            elif ret == RET_ERROR:
+                message = event.body.decode("utf-8", "replace")
+                future.set_exception(RemoteCallError(method.name, message))
+            else:
+                future.set_exception(ProtocolError(f"{method.name}: unexpected return code {ret}"))
+                self.fail(ProtocolError(f"{self.address}: unexpected return code {ret}"))
+                return
+
+    def fail(self, error: TimerConnectionError | ProtocolError) -> None:
+        """Make the connection unusable: fail every pending call and close."""
+        if self.failure is None:
+            self.failure = error
+        while self.pending:
+            _, future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(_copy(self.failure))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self.fail(ConnectionLost(f"connection to {self.address} lost{reason}"))
+        self.transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+def _copy(error: TimerConnectionError | ProtocolError) -> Exception:
+    # One instance per caller, so tracebacks do not pile up on a shared one.
+    return type(error)(*error.args)
+
+
+class TimerClient:
+    """A connection to a timer server, with one typed method per proc.
+
+    >>> client = await TimerClient.connect("tcp:127.0.0.1:9099")
+    >>> await client.echo(EchoRequest(message="hi", delay_ms=5))
+    EchoResponse(echoed='hi', timer_name='ipc-server')
+
+    Calls may run concurrently (``asyncio.gather``); they are pipelined on the
+    one connection. A client belongs to the event loop it connected on.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        protocol: _ClientProtocol,
+        *,
+        timeout: float | None,
+    ) -> None:
+        """Use :meth:`connect` instead."""
+        self._address = address
+        self._protocol = protocol
+        self._loop = protocol.loop
+        self.timeout = timeout
+        """The default per-call timeout in seconds; ``None`` waits forever."""
+        self._closing = False
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float | None = 10.0,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> TimerClient:
+        """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
+
+        ``timeout`` is the default for every call. A ``tls:`` address uses
+        ``ssl`` or, without it, the system's default trust store. Raises
+        :class:`~timer_sdk.errors.ConnectError` if the connection cannot be
+        made; cancelling this leaves no connection open.
+        """
+        parsed = Address.parse(address)
+        loop = asyncio.get_running_loop()
+        if parsed.scheme == "tls" and ssl is None:
+            ssl = _ssl.create_default_context()
+        protocol = _ClientProtocol(loop, str(parsed), max_frame_size)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if parsed.scheme == "unix":
+                    await loop.create_unix_connection(lambda: protocol, parsed.path)
+                else:
+                    await loop.create_connection(
+                        lambda: protocol,
+                        parsed.host,
+                        parsed.port,
+                        ssl=ssl,
+                        server_hostname=server_hostname if ssl else None,
+                    )
+        except TimeoutError:
+            raise ConnectError(f"cannot connect to {parsed}: timed out") from None
+        except OSError as exc:  # includes ssl.SSLError
+            raise ConnectError(f"cannot connect to {parsed}: {exc.strerror or exc}") from exc
+        return cls(parsed, protocol, timeout=timeout)
+
+    @property
+    def address(self) -> str:
+        """The address this client connected to."""
+        return str(self._address)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection can no longer carry calls."""
+        return self._closing or self._protocol.failure is not None
+
+    @property
+    def pending(self) -> int:
+        """Calls whose replies have not arrived yet, abandoned ones included."""
+        return len(self._protocol.pending)
+
+    def __repr__(self) -> str:
+        failure = self._protocol.failure
+        state = "closed" if self._closing else f"broken ({failure})" if failure else "open"
+        return f"<TimerClient {self.address} {state}, {self.pending} pending>"
+
+    # --- the typed procs -----------------------------------------------------
+
+    async def version(self, *, timeout: float | None = None) -> str:
+        """Return the server library's version string."""
+        return await self.call(api.VERSION, VersionParams(), timeout=timeout)
+
+    async def echo(self, req: EchoRequest, *, timeout: float | None = None) -> EchoResponse:
+        """Echo ``req.message`` after ``req.delay_ms`` ms; fires ``on_echo_fired``."""
+        return await self.call(api.ECHO, EchoParams(req=req), timeout=timeout)
+
+    async def complex(
+        self, req: ComplexRequest, *, timeout: float | None = None
+    ) -> ComplexResponse:
+        """Summarise a batch of messages."""
+        return await self.call(api.COMPLEX, ComplexParams(req=req), timeout=timeout)
+
+    async def schedule(
+        self,
+        job: JobSpec,
+        retry: RetryPolicy,
+        schedule: ScheduleConfig,
+        *,
+        timeout: float | None = None,
+    ) -> ScheduleResult:
+        """Plan a job; an empty name or ``max_attempts <= 0`` is refused."""
+        params = ScheduleParams(job=job, retry=retry, schedule=schedule)
+        return await self.call(api.SCHEDULE, params, timeout=timeout)
+
+    # --- the generic call ----------------------------------------------------
+
+    async def call(self, method: api.Method[P, R], params: P, *, timeout: float | None = None) -> R:
+        """Call ``method`` with its request envelope and return its typed reply.
+
+        ``timeout`` (seconds) overrides the client's default. Raises
+        :class:`~timer_sdk.errors.RemoteCallError` for an error reply,
+        :class:`~timer_sdk.errors.CallTimeout`, or a
+        :class:`~timer_sdk.errors.TimerConnectionError`.
+
+        Cancelling it before the request is written sends nothing; after that
+        the request is on the wire and may run, and its reply is discarded.
+        """
+        frame = encode_request(method.wire_name, method.encode_params(params))
+        return await self._send(frame, method, timeout)  # type: ignore[no-any-return]
+
+    async def call_raw(
+        self, method: str, payload: bytes = b"\xa0", *, timeout: float | None = None
+    ) -> bytes:
+        """Send any method with a CBOR ``payload``; return the reply's raw CBOR body.
+
+        For methods this SDK does not declare, and for testing other servers.
+        Errors and cancellation behave as in :meth:`call`.
+        """
+        frame = encode_request(method.encode(), payload)
+        return await self._send(frame, _Raw(method), timeout)  # type: ignore[no-any-return]
+
+    async def _send(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Any:
+        protocol = self._protocol
+        if asyncio.get_running_loop() is not self._loop:
+            raise LoopError(
+                "this TimerClient belongs to another event loop; connect a new client on this one"
+            )
+        if self._closing:
+            raise ClientClosedError(f"the client for {self.address} is closed")
+        if protocol.failure is not None:
+            raise _copy(protocol.failure)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        protocol.send(frame, method, future)
+        if timeout is None:
+            timeout = self.timeout
+            if timeout is None:
+                return await future
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            if future.cancelled():
+                raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
+            raise
+
+    # --- lifetime ------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ClientClosedError.
+
+        Safe to call more than once; returns once the socket is closed.
+        """
+        if not self._closing:
+            self._closing = True
+            count = len(self._protocol.pending)
+            self._protocol.fail(
+                ClientClosedError(
+                    f"the client for {self.address} closed with {count} calls pending"
+                )
+            )
+        await asyncio.shield(self._protocol.lost)
+
+    async def __aenter__(self) -> TimerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

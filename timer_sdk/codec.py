@@ -1,0 +1,116 @@
+"""Models to CBOR and back, strict at the edge.
+
+Decoding refuses what the schema never uses before any model sees it:
+indefinite lengths, duplicate map keys, non-string map keys, nesting deeper
+than ``max_depth``, every CBOR tag (so none of cbor2's tag decoders runs on
+untrusted input), and anything but exactly one item. Pydantic then refuses
+missing, unknown and mistyped fields and integers outside the signed 64-bit
+range. Every failure is a :class:`DecodeError` whose message names the method
+and the field.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, NoReturn
+
+import cbor2
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "DecodeError",
+    "decode_item",
+    "dump_model",
+    "encode_item",
+    "validate",
+]
+
+DEFAULT_MAX_DEPTH = 16
+
+# cbor2 decodes these tags itself, bypassing tag_hook; each is overridden to refuse.
+_BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
+                 1004, 43000, 55799)  # fmt: skip
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a valid payload for what was expected."""
+
+
+class _TagRefused(Exception):
+    def __init__(self, tag: int) -> None:
+        super().__init__(f"CBOR tag {tag} is not allowed")
+
+
+def _refuse_tag_hook(tag: cbor2.CBORTag, _immutable: bool) -> NoReturn:
+    raise _TagRefused(tag.tag)
+
+
+def _refuse(tag: int) -> Any:
+    def refuse(_decoder: object) -> NoReturn:
+        raise _TagRefused(tag)
+
+    return refuse
+
+
+_REFUSE_BUILTIN = {tag: _refuse(tag) for tag in _BUILTIN_TAGS}
+
+
+def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Decode exactly one strict CBOR item; raise :class:`DecodeError` otherwise."""
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(
+        stream,
+        tag_hook=_refuse_tag_hook,
+        semantic_decoders=_REFUSE_BUILTIN,
+        max_depth=max_depth,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        strict_hashable_types=True,
+    )
+    try:
+        item = decoder.decode()
+    except cbor2.CBORDecodeEOF:
+        raise DecodeError("truncated CBOR item") from None
+    except cbor2.CBORDecodeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        reason = str(cause) if isinstance(cause, _TagRefused) else str(exc)
+        raise DecodeError(f"invalid CBOR: {reason}") from None
+    except RecursionError:  # a defensive net; max_depth stops nesting first
+        raise DecodeError("invalid CBOR: nested too deeply") from None
+    if stream.tell() != len(data):
+        raise DecodeError(
+            f"payload must be exactly one CBOR item; {len(data) - stream.tell()} bytes follow it"
+        )
+    return item
+
+
+def encode_item(item: object) -> bytes:
+    """Encode one plain Python value (dicts, lists, str, int, bool, None)."""
+    return cbor2.dumps(item)
+
+
+def dump_model(model: BaseModel) -> dict[str, Any]:
+    """Return a model as its wire map: camelCase keys, no ``None`` optionals."""
+    return model.__pydantic_serializer__.to_python(model, by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
+
+
+def validate(adapter: TypeAdapter[Any], item: object, what: str) -> Any:
+    """Validate a decoded item by its wire (camelCase) names only.
+
+    ``what`` prefixes the error, for example ``"echo: invalid request"``.
+    """
+    try:
+        return adapter.validate_python(item, strict=True, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise DecodeError(f"{what}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(parts)

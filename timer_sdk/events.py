@@ -1,0 +1,142 @@
+"""Event subscriptions: bounded queues that say how much they dropped.
+
+A :class:`Subscription` is what ``timer.events()`` and ``client.events()``
+return. Publishing never blocks and never waits for the subscriber: when its
+queue is full the oldest waiting event is dropped, and the next item the
+subscriber gets is an :class:`EventsDropped` notice with the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from .models import EchoEvent
+
+__all__ = ["EventsDropped", "Subscription"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventsDropped:
+    """``count`` events were dropped here because the subscriber fell behind."""
+
+    count: int
+
+
+class Subscription:
+    """An async iterator of :class:`EchoEvent` and :class:`EventsDropped`.
+
+    Use it as ``async with timer.events() as events: async for item in events:``.
+    The iteration ends when the subscription is closed (by :meth:`aclose`,
+    by closing its client, or by the server shutting down); a lost connection
+    raises :class:`~timer_sdk.errors.ConnectionLost` instead.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_dropped",
+        "_error",
+        "_on_close",
+        "_queue",
+        "_waiter",
+        "dropped",
+        "max_queue",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        attach: Callable[[Callable[[EchoEvent], None]], Callable[[], None]] | None = None,
+        *,
+        max_queue: int = 1024,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self.max_queue = max_queue
+        self.dropped = 0
+        """How many events this subscription has dropped in all."""
+        self._queue: deque[EchoEvent] = deque()
+        self._dropped = 0  # dropped since the last notice
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._on_close = attach(self.publish) if attach is not None else None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription {state}, {len(self._queue)} queued, {self.dropped} dropped>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream has ended."""
+        return self._closed
+
+    def publish(self, event: EchoEvent) -> None:
+        """Queue ``event``; drop the oldest waiting one if the queue is full."""
+        if self._closed:
+            return
+        if len(self._queue) >= self.max_queue:
+            self._queue.popleft()
+            self.note_dropped(1)
+        self._queue.append(event)
+        self._wake()
+
+    def note_dropped(self, count: int) -> None:
+        """Record ``count`` events lost upstream (for example, by the server)."""
+        self._dropped += count
+        self.dropped += count
+        self._wake()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the stream once what is queued is read; ``error`` is raised then."""
+        if self._closed:
+            return
+        self._closed = True
+        self._error = error
+        if self._on_close is not None:
+            self._on_close()
+        self._wake()
+
+    async def aclose(self) -> None:
+        """Unsubscribe. Events queued but not read are discarded."""
+        self._queue.clear()
+        self._dropped = 0
+        self.end()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> EchoEvent | EventsDropped:
+        """Return the next item; cancelling this loses nothing queued."""
+        while True:
+            if self._dropped:
+                count, self._dropped = self._dropped, 0
+                return EventsDropped(count)
+            if self._queue:
+                return self._queue.popleft()
+            if self._closed:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

@@ -1,0 +1,221 @@
+"""Sans-I/O framing: bytes in, frames out, and frames to bytes.
+
+No I/O and no asyncio here. A reader owns one receive buffer (a
+``bytearray``); a driver feeds it with :meth:`receive_data` and takes whole
+frames out with :meth:`next_event` until it returns ``None``. A reader never
+raises on bad input: it returns :class:`Broken` once and ignores everything
+after it, and the driver closes the connection.
+
+Wire format (protocol.md, all integers big-endian)::
+
+    request:  [u32 method_len][method: UTF-8][u32 payload_len][payload: one CBOR item]
+    reply:    [i32 ret][u32 body_len][body]
+
+Each length is checked against its limit *before* the bytes it announces are
+buffered, so a hostile prefix of ``0xFFFFFFFF`` allocates nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_METHOD_LENGTH",
+    "RET_ERROR",
+    "RET_OK",
+    "Broken",
+    "Rejected",
+    "Reply",
+    "ReplyReader",
+    "Request",
+    "RequestReader",
+    "encode_reply",
+    "encode_request",
+]
+
+RET_OK = 0
+RET_ERROR = 1
+
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+DEFAULT_MAX_METHOD_LENGTH = 256
+
+_U32 = struct.Struct(">I")
+_REPLY_HEAD = struct.Struct(">iI")
+_unpack_u32 = _U32.unpack_from
+_unpack_reply_head = _REPLY_HEAD.unpack_from
+_pack_u32 = _U32.pack
+_pack_reply_head = _REPLY_HEAD.pack
+
+
+def encode_request(method: bytes, payload: bytes) -> bytes:
+    """Return one request frame, ready for a single write."""
+    return b"".join((_pack_u32(len(method)), method, _pack_u32(len(payload)), payload))
+
+
+def encode_reply(ret: int, body: bytes) -> bytes:
+    """Return one reply frame, ready for a single write."""
+    return _pack_reply_head(ret, len(body)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A whole request frame."""
+
+    method: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request frame that cannot be served but leaves the stream in sync.
+
+    The driver answers it with an error reply carrying ``message``, in order.
+    """
+
+    method: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole reply frame (or an extension frame with another ``ret``)."""
+
+    ret: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The stream can no longer be trusted; the driver closes the connection."""
+
+    message: str
+
+
+class _Reader:
+    """The receive buffer shared by both readers."""
+
+    __slots__ = ("_broken", "_buf", "_pos", "_skip", "max_frame_size")
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0  # start of the first unread frame in _buf
+        self._skip = 0  # bytes of a refused frame still to drop as they arrive
+        self._broken = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Append bytes read from the peer."""
+        if self._broken:
+            return
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not."""
+        return not self._broken and (self._skip > 0 or len(self._buf) > self._pos)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def _break(self, message: str) -> Broken:
+        self._broken = True
+        self._buf.clear()
+        self._pos = 0
+        return Broken(message)
+
+
+class RequestReader(_Reader):
+    """Server side: split the receive buffer into request frames."""
+
+    __slots__ = ("max_method_length",)
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_method_length: int = DEFAULT_MAX_METHOD_LENGTH,
+    ) -> None:
+        super().__init__(max_frame_size)
+        self.max_method_length = max_method_length
+
+    def next_event(self) -> Request | Rejected | Broken | None:
+        """Return the next whole frame, or ``None`` until more bytes arrive."""
+        if self._broken:
+            return None
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if size - pos < 4:
+            return None
+        (method_len,) = _unpack_u32(buf, pos)
+        if method_len > self.max_method_length:
+            # Nothing past this can be trusted: an HTTP client's "GET " lands here.
+            return self._break(
+                f"method name of {method_len} bytes exceeds the limit of "
+                f"{self.max_method_length} bytes"
+            )
+        payload_at = pos + 8 + method_len
+        if size < payload_at:
+            return None
+        (payload_len,) = _unpack_u32(buf, payload_at - 4)
+        if payload_len > self.max_frame_size:
+            method = bytes(buf[pos + 4 : payload_at - 4]).decode("utf-8", "replace")
+            # Drop the payload as it streams in instead of buffering it.
+            here = min(size - payload_at, payload_len)
+            self._pos = payload_at + here
+            self._skip = payload_len - here
+            return Rejected(
+                method,
+                f"frame too large: payload of {payload_len} bytes exceeds the limit of "
+                f"{self.max_frame_size} bytes",
+            )
+        end = payload_at + payload_len
+        if size < end:
+            return None
+        self._pos = end
+        raw_method = bytes(buf[pos + 4 : payload_at - 4])
+        try:
+            method = raw_method.decode()
+        except UnicodeDecodeError:
+            return Rejected(raw_method.decode("utf-8", "replace"), "method name is not valid UTF-8")
+        return Request(method, bytes(buf[payload_at:end]))
+
+
+class ReplyReader(_Reader):
+    """Client side: split the receive buffer into reply frames."""
+
+    __slots__ = ()
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        super().__init__(max_frame_size)
+
+    def next_event(self) -> Reply | Broken | None:
+        """Return the next whole frame, or ``None`` until more bytes arrive."""
+        if self._broken:
+            return None
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if size - pos < 8:
+            return None
+        ret, body_len = _unpack_reply_head(buf, pos)
+        if body_len > self.max_frame_size:
+            return self._break(
+                f"reply body of {body_len} bytes exceeds the limit of {self.max_frame_size} bytes"
+            )
+        end = pos + 8 + body_len
+        if size < end:
+            return None
+        self._pos = end
+        return Reply(ret, bytes(buf[pos + 8 : end]))

@@ -1,0 +1,162 @@
+"""The timer library itself: :class:`Timer`, its async procs and its events.
+
+In process, call the procs directly: models in, models out, no
+serialization. :meth:`Timer.serve` puts the same object behind a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from ssl import SSLContext
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .address import Address
+from .errors import CallError
+from .models import (
+    INT64_MAX,
+    INT64_MIN,
+    ComplexRequest,
+    ComplexResponse,
+    EchoEvent,
+    EchoRequest,
+    EchoResponse,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    ScheduleResult,
+    TimerConfig,
+)
+
+if TYPE_CHECKING:
+    from .events import Subscription
+    from .server import Limits, Server
+
+__all__ = ["EchoListener", "Timer"]
+
+logger = logging.getLogger("timer_sdk")
+
+EchoListener = Callable[[EchoEvent], None]
+"""A synchronous callback for ``on_echo_fired``; it must not block."""
+
+
+class Timer:
+    """The timer: one name, four async procs, one event.
+
+    >>> timer = Timer(TimerConfig(name="kitchen"))
+    >>> reply = await timer.echo(EchoRequest(message="hi", delay_ms=10))
+    """
+
+    __slots__ = ("_listeners", "config")
+
+    def __init__(self, config: TimerConfig | None = None) -> None:
+        self.config = config or TimerConfig()
+        self._listeners: list[EchoListener] = []
+
+    @property
+    def name(self) -> str:
+        """The timer's name; ``ipc-server`` by default, as in the reference."""
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"Timer(name={self.name!r})"
+
+    # --- procs ---------------------------------------------------------
+
+    async def version(self) -> str:
+        """Return the library's version string."""
+        return f"timer-sdk v{__version__}"
+
+    async def echo(self, req: EchoRequest) -> EchoResponse:
+        """Wait ``req.delay_ms`` ms, fire ``on_echo_fired``, and echo the message.
+
+        Cancelling it during the wait fires no event.
+        """
+        if req.delay_ms > 0:
+            await asyncio.sleep(req.delay_ms / 1000)
+        self._fire_echo(EchoEvent(message=req.message, echo_count=1))
+        return EchoResponse(echoed=req.message, timer_name=self.name)
+
+    async def complex(self, req: ComplexRequest) -> ComplexResponse:
+        """Summarise a batch of messages."""
+        note = "<none>" if req.note is None else req.note
+        retries = 0 if req.retries is None else req.retries
+        count = len(req.messages)
+        return ComplexResponse(
+            summary=f"received {count} messages, note={note}, retries={retries}",
+            item_count=count,
+            has_note=req.note is not None,
+        )
+
+    async def schedule(
+        self, job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig
+    ) -> ScheduleResult:
+        """Plan a job; raise :class:`CallError` for an empty name or no attempts."""
+        if not job.name:
+            raise CallError("job name must not be empty")
+        if retry.max_attempts <= 0:
+            raise CallError("retry.maxAttempts must be positive")
+        interval = schedule.interval_ms
+        first_run = schedule.start_at_ms + (schedule.jitter or 0)
+        if not INT64_MIN <= first_run <= INT64_MAX:
+            raise CallError("schedule.startAtMs + schedule.jitter overflows a signed 64-bit int")
+        return ScheduleResult(
+            job_id=f"{self.name}:{job.name}",
+            will_run_count=max(1, 60000 // interval) if interval > 0 else 1,
+            first_run_at_ms=first_run,
+            effective_backoff_ms=retry.backoff_ms,
+        )
+
+    # --- events --------------------------------------------------------
+
+    def add_echo_listener(self, listener: EchoListener) -> Callable[[], None]:
+        """Call ``listener`` with every ``on_echo_fired`` event; return a remover.
+
+        The listener runs inside ``echo`` and must not block. An exception it
+        raises is logged and does not reach the echo's caller.
+        """
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def events(self, *, max_queue: int = 1024) -> Subscription:
+        """Subscribe to ``on_echo_fired``: ``async for item in timer.events():``.
+
+        Each subscriber has a queue of ``max_queue`` events; when it falls
+        behind, the oldest waiting events are dropped and an
+        :class:`~timer_sdk.events.EventsDropped` notice says how many.
+        """
+        from .events import Subscription
+
+        return Subscription(self.add_echo_listener, max_queue=max_queue)
+
+    def _fire_echo(self, event: EchoEvent) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("an on_echo_fired listener raised")
+
+    # --- serving -------------------------------------------------------
+
+    async def serve(
+        self,
+        address: str | Address = "tcp:127.0.0.1:0",
+        *,
+        limits: Limits | None = None,
+        ssl: SSLContext | None = None,
+        unix_mode: int = 0o600,
+    ) -> Server:
+        """Serve this timer at ``address`` on the running loop; return once listening.
+
+        See :func:`timer_sdk.server.serve` for the arguments.
+        """
+        from .server import serve
+
+        return await serve(self, address, limits=limits, ssl=ssl, unix_mode=unix_mode)
