@@ -474,7 +474,9 @@ class Server:
         self._drained.clear()
         return _Connection(self)
 
-    async def _start(self, address: Address, ssl: SSLContext | None, unix_mode: int) -> None:
+    async def _start(
+        self, address: Address, ssl: SSLContext | None, unix_mode: int, reuse_port: bool
+    ) -> None:
         if address.scheme == "tls" and ssl is None:
             raise ValueError(f"{address}: a tls: address needs an ssl.SSLContext (ssl=...)")
         if address.scheme == "unix":
@@ -487,7 +489,12 @@ class Server:
             self._address = address
             return
         self._server = await self.loop.create_server(
-            self._protocol, address.host, address.port, ssl=ssl, reuse_address=True
+            self._protocol,
+            address.host,
+            address.port,
+            ssl=ssl,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = Address("tls" if ssl else "tcp", host=host, port=port)
@@ -539,6 +546,7 @@ async def serve(
     limits: Limits | None = None,
     ssl: SSLContext | None = None,
     unix_mode: int = 0o600,
+    reuse_port: bool = False,
 ) -> Server:
     """Serve ``timer`` at ``address`` on the running loop; return once listening.
 
@@ -546,11 +554,12 @@ async def serve(
     ``unix:PATH``; port 0 picks a free port, and :attr:`Server.address` tells
     which. A Unix socket is created with ``unix_mode`` (owner only by
     default); an existing path is replaced only if it is a stale socket.
+    ``reuse_port`` lets several processes share one TCP port (SO_REUSEPORT).
 
     Raises :class:`~timer_sdk.errors.AddressError` for a malformed address and
     :class:`OSError` when the address cannot be bound.
     """
     server = Server(timer, limits or Limits(), asyncio.get_running_loop())
-    await server._start(Address.parse(address), ssl, unix_mode)
+    await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
     logger.info("timer %r listening on %s", timer.name, server.address)
     return server

@@ -152,6 +152,7 @@ class Timer:
         limits: Limits | None = None,
         ssl: SSLContext | None = None,
         unix_mode: int = 0o600,
+        reuse_port: bool = False,
     ) -> Server:
         """Serve this timer at ``address`` on the running loop; return once listening.
 
@@ -159,4 +160,6 @@ class Timer:
         """
         from .server import serve
 
-        return await serve(self, address, limits=limits, ssl=ssl, unix_mode=unix_mode)
+        return await serve(
+            self, address, limits=limits, ssl=ssl, unix_mode=unix_mode, reuse_port=reuse_port
+        )
