@@ -49,7 +49,7 @@ def _refuse_tag_hook(tag: cbor2.CBORTag, _immutable: bool) -> NoReturn:
 
 
 def _refuse(tag: int) -> Any:
-    def refuse(_decoder: object) -> NoReturn:
+    def refuse(*_decoder_state: object) -> NoReturn:
         raise _TagRefused(tag)
 
     return refuse

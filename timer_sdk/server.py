@@ -49,6 +49,8 @@ __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
 logger = logging.getLogger("timer_sdk.server")
 
+_ABORT_GRACE = 1.0  # seconds for cancelled procs to send their error replies
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -423,7 +425,8 @@ class Server:
 
         Each connection answers every frame it had wholly received, then
         closes. After ``timeout`` seconds, procs still running are cancelled
-        (their callers get an error reply) and connections are aborted.
+        (their callers get an error reply), and a connection that still has
+        not closed a moment later is aborted.
         Safe to call more than once; cancelling it aborts at once.
         """
         if self.closing:
@@ -439,8 +442,14 @@ class Server:
                 await self._wait_idle()
         except TimeoutError:
             logger.warning("shutdown took over %s s: cancelling what is still running", timeout)
-            self._abort_all()
-            await self._wait_idle()
+            for task in self.tasks:
+                task.cancel()  # each caller still gets an error reply
+            try:
+                async with asyncio.timeout(_ABORT_GRACE):
+                    await self._wait_idle()
+            except TimeoutError:
+                self._abort_all()
+                await self._wait_idle()
         except asyncio.CancelledError:
             self._abort_all()
             self._finish_close()
