@@ -18,6 +18,7 @@ from . import codec
 from .models import (
     ComplexParams,
     ComplexResponse,
+    EchoEvent,
     EchoParams,
     EchoResponse,
     ScheduleParams,
@@ -28,7 +29,21 @@ from .models import (
 if TYPE_CHECKING:
     from .timer import Timer
 
-__all__ = ["COMPLEX", "ECHO", "METHODS", "SCHEDULE", "VERSION", "Method"]
+__all__ = [
+    "COMPLEX",
+    "ECHO",
+    "EVENTS",
+    "METHODS",
+    "SCHEDULE",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "VERSION",
+    "Method",
+    "decode_event",
+    "decode_events_dropped",
+    "encode_event",
+    "encode_events_dropped",
+]
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -119,3 +134,45 @@ SCHEDULE = Method("schedule", ScheduleParams, ScheduleResult, _schedule)
 
 METHODS: dict[str, Method[Any, Any]] = {m.name: m for m in (VERSION, ECHO, COMPLEX, SCHEDULE)}
 """Every method the server answers, by wire name."""
+
+
+# --- the event extension (docs/protocol.md) ---------------------------------
+
+EVENTS: dict[str, type[BaseModel]] = {"on_echo_fired": EchoEvent}
+"""Every event the library fires, by wire name, with its payload model."""
+
+SUBSCRIBE = "events.subscribe"
+"""Ask for event frames on this connection: payload ``{}`` or ``{events: [names]}``."""
+
+UNSUBSCRIBE = "events.unsubscribe"
+"""Stop event frames; none follows this request's reply."""
+
+_EVENT_ADAPTER: TypeAdapter[EchoEvent] = TypeAdapter(EchoEvent)
+
+
+def encode_event(name: str, event: BaseModel) -> bytes:
+    """Encode an event frame body: ``{event: name, data: {...}}``."""
+    return codec.encode_item({"event": name, "data": codec.dump_model(event)})
+
+
+def decode_event(body: bytes) -> EchoEvent:
+    """Decode an event frame body; raise :class:`~timer_sdk.codec.DecodeError`."""
+    item = codec.decode_item(body)
+    if not isinstance(item, dict) or item.get("event") != "on_echo_fired":
+        raise codec.DecodeError(f"invalid event frame: {item!r:.80}")
+    event: EchoEvent = codec.validate(_EVENT_ADAPTER, item.get("data"), "on_echo_fired")
+    return event
+
+
+def encode_events_dropped(count: int) -> bytes:
+    """Encode a drop notice body: ``{dropped: count}``."""
+    return codec.encode_item({"dropped": count})
+
+
+def decode_events_dropped(body: bytes) -> int:
+    """Decode a drop notice body; raise :class:`~timer_sdk.codec.DecodeError`."""
+    item = codec.decode_item(body)
+    count = item.get("dropped") if isinstance(item, dict) else None
+    if type(count) is not int or count < 1:
+        raise codec.DecodeError(f"invalid drop notice: {item!r:.80}")
+    return count

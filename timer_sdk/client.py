@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, cast
 
@@ -30,7 +31,17 @@ from .errors import (
     RemoteCallError,
     TimerConnectionError,
 )
-from .framing import DEFAULT_MAX_FRAME_SIZE, RET_ERROR, RET_OK, Broken, ReplyReader, encode_request
+from .events import Subscription
+from .framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    RET_ERROR,
+    RET_EVENT,
+    RET_EVENTS_DROPPED,
+    RET_OK,
+    Broken,
+    ReplyReader,
+    encode_request,
+)
 from .models import (
     ComplexParams,
     ComplexRequest,
@@ -87,6 +98,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
         self.failure: TimerConnectionError | ProtocolError | None = None
+        self.subscriptions: list[Subscription] = []
+        self.events_requested = False  # event frames are legal only once we asked
         self._corked = False
         self._backlog: list[bytes] = []
 
@@ -122,6 +135,10 @@ class _ClientProtocol(asyncio.Protocol):
                 self.fail(ProtocolError(f"{self.address}: {event.message}"))
                 return
             ret = event.ret
+            if ret > RET_ERROR and self.events_requested and ret in _EVENT_RETS:
+                if not self._on_event(ret, event.body):
+                    return
+                continue
             if not pending:
                 self.fail(ProtocolError(f"{self.address}: a reply arrived with no call waiting"))
                 return
@@ -141,6 +158,27 @@ class _ClientProtocol(asyncio.Protocol):
                 self.fail(ProtocolError(f"{self.address}: unexpected return code {ret}"))
                 return
 
+    def _on_event(self, ret: int, body: bytes) -> bool:
+        try:
+            if ret == RET_EVENT:
+                event = api.decode_event(body)
+                for sub in self.subscriptions:
+                    sub.publish(event)
+            else:
+                count = api.decode_events_dropped(body)
+                for sub in self.subscriptions:
+                    sub.note_dropped(count)
+        except ProtocolError as exc:
+            self.fail(ProtocolError(f"{self.address}: {exc}"))
+            return False
+        return True
+
+    def send_and_forget(self, frame: bytes, method: _ReplyDecoder) -> None:
+        """Send a request whose reply nobody awaits; the reply is still consumed."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.send(frame, method, future)
+
     def fail(self, error: TimerConnectionError | ProtocolError) -> None:
         """Make the connection unusable: fail every pending call and close."""
         if self.failure is None:
@@ -149,6 +187,11 @@ class _ClientProtocol(asyncio.Protocol):
             _, future = self.pending.popleft()
             if not future.done():
                 future.set_exception(_copy(self.failure))
+        subscriptions, self.subscriptions = self.subscriptions, []
+        for sub in subscriptions:
+            # Closing the client ends the streams; anything else is an error there.
+            closed = isinstance(self.failure, ClientClosedError)
+            sub.end(None if closed else _copy(self.failure))
         if self.transport is not None:
             self.transport.close()
 
@@ -158,6 +201,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = None
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+_EVENT_RETS = (RET_EVENT, RET_EVENTS_DROPPED)
 
 
 def _copy(error: TimerConnectionError | ProtocolError) -> Exception:
@@ -330,6 +376,45 @@ class TimerClient:
             if future.cancelled():
                 raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
             raise
+
+    # --- events ------------------------------------------------------------
+
+    def events(self, *, max_queue: int = 1024) -> Subscription:
+        """Subscribe to the server's ``on_echo_fired`` events, from any of its clients.
+
+        ``async with client.events() as events: async for item in events:``
+        yields :class:`~timer_sdk.models.EchoEvent` and, where events were
+        lost because this subscriber fell behind (here or on the server),
+        :class:`~timer_sdk.events.EventsDropped`. The subscription starts on
+        entering ``async with`` (or at the first iteration). The stream ends
+        when it is closed or the client is closed, and raises
+        :class:`~timer_sdk.errors.ConnectionLost` if the connection drops.
+        Calls keep working on the same client meanwhile.
+        """
+        return Subscription(max_queue=max_queue, opener=self._open_events)
+
+    async def _open_events(self, sub: Subscription) -> Callable[[], None]:
+        protocol = self._protocol
+        first = not protocol.subscriptions
+        protocol.subscriptions.append(sub)  # before the request: no event is missed
+        protocol.events_requested = True
+        if first:
+            try:
+                frame = encode_request(api.SUBSCRIBE.encode(), b"\xa0")
+                await self._send(frame, _Raw(api.SUBSCRIBE), None)
+            except BaseException:
+                if sub in protocol.subscriptions:
+                    protocol.subscriptions.remove(sub)
+                raise
+
+        def detach() -> None:
+            if sub in protocol.subscriptions:
+                protocol.subscriptions.remove(sub)
+            if not protocol.subscriptions and protocol.failure is None and not self._closing:
+                frame = encode_request(api.UNSUBSCRIBE.encode(), b"\xa0")
+                protocol.send_and_forget(frame, _Raw(api.UNSUBSCRIBE))
+
+        return detach
 
     # --- lifetime ------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -40,18 +40,24 @@ class Subscription:
         "_dropped",
         "_error",
         "_on_close",
+        "_opener",
         "_queue",
         "_waiter",
         "dropped",
         "max_queue",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,
         attach: Callable[[Callable[[EchoEvent], None]], Callable[[], None]] | None = None,
         *,
         max_queue: int = 1024,
+        opener: Callable[[Subscription], Awaitable[Callable[[], None]]] | None = None,
     ) -> None:
+        """Subscribe now through ``attach``, or on first use through ``opener``.
+
+        Each returns the function that detaches the subscription again.
+        """
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.max_queue = max_queue
@@ -62,6 +68,7 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._error: BaseException | None = None
+        self._opener = opener
         self._on_close = attach(self.publish) if attach is not None else None
 
     def __repr__(self) -> str:
@@ -101,15 +108,23 @@ class Subscription:
 
     async def aclose(self) -> None:
         """Unsubscribe. Events queued but not read are discarded."""
+        self._opener = None
         self._queue.clear()
         self._dropped = 0
         self.end()
+
+    async def _open(self) -> None:
+        opener, self._opener = self._opener, None
+        if opener is not None and not self._closed:
+            self._on_close = await opener(self)
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> EchoEvent | EventsDropped:
         """Return the next item; cancelling this loses nothing queued."""
+        if self._opener is not None:
+            await self._open()
         while True:
             if self._dropped:
                 count, self._dropped = self._dropped, 0
@@ -127,6 +142,8 @@ class Subscription:
                 self._waiter = None
 
     async def __aenter__(self) -> Subscription:
+        """Start the subscription, so that no event is missed from here on."""
+        await self._open()
         return self
 
     async def __aexit__(

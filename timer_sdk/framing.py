@@ -24,6 +24,8 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_METHOD_LENGTH",
     "RET_ERROR",
+    "RET_EVENT",
+    "RET_EVENTS_DROPPED",
     "RET_OK",
     "Broken",
     "Rejected",
@@ -37,6 +39,10 @@ __all__ = [
 
 RET_OK = 0
 RET_ERROR = 1
+# 2 and 3 are reserved by the reference family. The event extension uses these,
+# only on connections that asked for events (docs/protocol.md).
+RET_EVENT = 16
+RET_EVENTS_DROPPED = 17
 
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 DEFAULT_MAX_METHOD_LENGTH = 256

@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from types import TracebackType
@@ -29,13 +30,23 @@ from typing import Any, cast
 
 from . import _eager
 from .address import Address
-from .api import METHODS, Method
-from .codec import DEFAULT_MAX_DEPTH, DecodeError
+from .api import (
+    EVENTS,
+    METHODS,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    Method,
+    encode_event,
+    encode_events_dropped,
+)
+from .codec import DEFAULT_MAX_DEPTH, DecodeError, decode_item, encode_item
 from .errors import CallError
 from .framing import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_MAX_METHOD_LENGTH,
     RET_ERROR,
+    RET_EVENT,
+    RET_EVENTS_DROPPED,
     RET_OK,
     Broken,
     Rejected,
@@ -43,6 +54,7 @@ from .framing import (
     RequestReader,
     encode_reply,
 )
+from .models import EchoEvent
 from .timer import Timer
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
@@ -85,6 +97,8 @@ class ServerStats:
     protocol_violations: int = 0
     frame_timeouts: int = 0
     idle_timeouts: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0
     by_method: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,6 +109,10 @@ class _Slot:
 
     def __init__(self, frame: bytes | None = None) -> None:
         self.frame = frame
+
+
+def _event_frame(event: EchoEvent) -> bytes:
+    return encode_reply(RET_EVENT, encode_event("on_echo_fired", event))
 
 
 def _error_frame(message: str) -> bytes:
@@ -114,6 +132,9 @@ class _Connection(asyncio.Protocol):
         self._max_depth = limits.max_depth
         self._frame_timeout = limits.frame_timeout
         self._idle_timeout = limits.idle_timeout
+        self._max_event_queue = limits.max_event_queue
+        self._event_backlog: deque[EchoEvent] = deque()  # held while writes are paused
+        self._events_dropped = 0
         self._reader = RequestReader(
             max_frame_size=limits.max_frame_size, max_method_length=limits.max_method_length
         )
@@ -169,6 +190,14 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._events_dropped:
+            notice = encode_events_dropped(self._events_dropped)
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._events_dropped = 0
+        if self._event_backlog:
+            self._stats.events_sent += len(self._event_backlog)
+            self._out.extend(_event_frame(event) for event in self._event_backlog)
+            self._event_backlog.clear()
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -177,7 +206,9 @@ class _Connection(asyncio.Protocol):
         self._transport = None
         self._cancel_timers()
         self._out.clear()
+        self._event_backlog.clear()
         self._server.connections.discard(self)
+        self._server.unsubscribe(self)
         self._server._connection_gone()
         # In-flight procs run to the end: work accepted is not cut short.
 
@@ -235,6 +266,11 @@ class _Connection(asyncio.Protocol):
         stats.requests += 1
         method = METHODS.get(request.method)
         if method is None:
+            if request.method == SUBSCRIBE:
+                return self._subscribe(request.payload)
+            if request.method == UNSUBSCRIBE:
+                self._server.unsubscribe(self)
+                return encode_reply(RET_OK, encode_item(None))
             stats.error_replies += 1
             return _error_frame(f"unknown method: {request.method}")
         try:
@@ -282,12 +318,61 @@ class _Connection(asyncio.Protocol):
             slot.frame = _error_frame(f"{method.name}: internal error")
         self._slot_ready()
 
+    # --- events ---------------------------------------------------------------
+
+    def _subscribe(self, payload: bytes) -> bytes:
+        try:
+            item = decode_item(payload, max_depth=self._max_depth) if payload else {}
+        except DecodeError as exc:
+            return _error_frame(f"{SUBSCRIBE}: invalid request: {exc}")
+        names = item.get("events", list(EVENTS)) if isinstance(item, dict) else None
+        if (
+            not isinstance(item, dict)
+            or set(item) - {"events"}
+            or not isinstance(names, list)
+            or not names
+            or any(name not in EVENTS for name in names)
+        ):
+            known = ", ".join(EVENTS)
+            return _error_frame(
+                f"{SUBSCRIBE}: invalid request: expected {{}} or {{events: [names]}} with names "
+                f"from: {known}"
+            )
+        self._server.subscribe(self)
+        return encode_reply(RET_OK, encode_item({"events": names}))
+
+    @property
+    def events_paused(self) -> bool:
+        """Whether event frames must wait: the peer is not reading."""
+        return self._writing_paused
+
+    def hold_event(self, event: EchoEvent) -> None:
+        """Keep an event until the peer reads again, dropping the oldest past the bound."""
+        backlog = self._event_backlog
+        if len(backlog) >= self._max_event_queue:
+            backlog.popleft()  # the oldest goes; the notice says how many
+            self._events_dropped += 1
+            self._stats.events_dropped += 1
+        backlog.append(event)
+
+    def send_event(self, frame: bytes) -> None:
+        """Send an event frame with the next write."""
+        if self._transport is not None:
+            self._stats.events_sent += 1
+            self._out.append(frame)
+            self._schedule_flush()
+
+    # --- replies ------------------------------------------------------------
+
     def _slot_ready(self) -> None:
         slots = self._slots
         out = self._out
         while slots and slots[0].frame is not None:
             out.append(slots.popleft().frame)  # type: ignore[arg-type]
-        # Procs that finish in the same loop iteration share one write.
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Frames that become ready in the same loop iteration share one write.
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._after_completions)
@@ -388,6 +473,8 @@ class Server:
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        self._subscribers: set[_Connection] = set()
+        self._stop_listening: Callable[[], None] | None = None
         self._address: Address | None = None
         self._server: asyncio.Server | None = None
         self._unix_path: str | None = None
@@ -474,6 +561,34 @@ class Server:
                     os.unlink(self._unix_path)
             self._unix_path = None
         self._closed.set()
+
+    @property
+    def subscribers(self) -> int:
+        """How many connections are subscribed to events."""
+        return len(self._subscribers)
+
+    def subscribe(self, conn: _Connection) -> None:
+        """Send this connection every event the timer fires."""
+        self._subscribers.add(conn)
+        if self._stop_listening is None:
+            self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
+
+    def unsubscribe(self, conn: _Connection) -> None:
+        """Stop sending events to this connection."""
+        self._subscribers.discard(conn)
+        if not self._subscribers and self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
+
+    def _publish_echo(self, event: EchoEvent) -> None:
+        frame = None  # encoded once for all, and never for subscribers who are not reading
+        for conn in self._subscribers:
+            if conn.events_paused:
+                conn.hold_event(event)
+            else:
+                if frame is None:
+                    frame = _event_frame(event)
+                conn.send_event(frame)
 
     def _connection_gone(self) -> None:
         if not self.connections:

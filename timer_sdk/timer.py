@@ -76,7 +76,8 @@ class Timer:
         """
         if req.delay_ms > 0:
             await asyncio.sleep(req.delay_ms / 1000)
-        self._fire_echo(EchoEvent(message=req.message, echo_count=1))
+        if self._listeners:
+            self._fire_echo(EchoEvent(message=req.message, echo_count=1))
         return EchoResponse(echoed=req.message, timer_name=self.name)
 
     async def complex(self, req: ComplexRequest) -> ComplexResponse:
