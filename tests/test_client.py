@@ -269,3 +269,34 @@ async def test_in_process_procs_need_no_server() -> None:
     await timer.echo(EchoRequest(message="n", delay_ms=0))
     assert reply.timer_name == "local"
     assert [e.message for e in seen] == ["m"]
+
+
+async def test_reconnect_is_off_by_default_and_never_replays(tmp_path: object) -> None:
+    address = f"unix:{tmp_path}/re.sock"
+    timer = Timer()
+    server = await timer.serve(address)
+    seen: list[str] = []
+    timer.add_echo_listener(lambda e: seen.append(e.message))
+    plain = await TimerClient.connect(address)
+    client = await TimerClient.connect(address, reconnect=True)
+    in_flight = asyncio.create_task(client.echo(EchoRequest(message="once", delay_ms=10_000)))
+    await wait_until(lambda: len(server.tasks) == 1)
+    await server.close(timeout=0)  # cancels the echo: it never completes
+    with pytest.raises((ConnectionLost, RemoteCallError)):
+        await in_flight
+    with pytest.raises(ConnectionLost):
+        await plain.version()
+    await wait_until(lambda: client._protocol.failure is not None)  # it saw the close
+    # While the server is down, each new call makes one attempt and backs off.
+    with pytest.raises(ConnectError):
+        await client.version()
+    assert not client.closed
+    server = await timer.serve(address)
+    try:
+        reply = await client.echo(EchoRequest(message="new", delay_ms=0))
+        assert reply.echoed == "new"
+        assert seen == ["new"]  # "once" was never replayed
+    finally:
+        await plain.close()
+        await client.close()
+        await server.close()

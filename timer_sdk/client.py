@@ -11,9 +11,11 @@ every later call still gets its own reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl as _ssl
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, cast
 
@@ -30,6 +32,7 @@ from .errors import (
     ProtocolError,
     RemoteCallError,
     TimerConnectionError,
+    TimerError,
 )
 from .events import Subscription
 from .framing import (
@@ -211,6 +214,42 @@ def _copy(error: TimerConnectionError | ProtocolError) -> Exception:
     return type(error)(*error.args)
 
 
+@dataclass(frozen=True, slots=True)
+class _Dialer:
+    """Everything needed to open (and reopen) the connection."""
+
+    address: Address
+    ssl: _ssl.SSLContext | None
+    server_hostname: str | None
+    max_frame_size: int
+    connect_timeout: float | None
+
+    async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
+        address = self.address
+        protocol = _ClientProtocol(loop, str(address), self.max_frame_size)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if address.scheme == "unix":
+                    await loop.create_unix_connection(lambda: protocol, address.path)
+                else:
+                    await loop.create_connection(
+                        lambda: protocol,
+                        address.host,
+                        address.port,
+                        ssl=self.ssl,
+                        server_hostname=self.server_hostname if self.ssl else None,
+                    )
+        except TimeoutError:
+            raise ConnectError(f"cannot connect to {address}: timed out") from None
+        except OSError as exc:  # includes ssl.SSLError
+            raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
+        return protocol
+
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+
+
 class TimerClient:
     """A connection to a timer server, with one typed method per proc.
 
@@ -224,18 +263,25 @@ class TimerClient:
 
     def __init__(
         self,
-        address: Address,
+        dialer: _Dialer,
         protocol: _ClientProtocol,
         *,
         timeout: float | None,
+        reconnect: bool,
     ) -> None:
         """Use :meth:`connect` instead."""
-        self._address = address
+        self._dialer = dialer
+        self._address = dialer.address
         self._protocol = protocol
         self._loop = protocol.loop
         self.timeout = timeout
         """The default per-call timeout in seconds; ``None`` waits forever."""
+        self.reconnect = reconnect
+        """Whether a new call reopens a lost connection (never replaying old calls)."""
         self._closing = False
+        self._redial: asyncio.Task[_ClientProtocol] | None = None
+        self._backoff = 0.0
+        self._next_dial_at = 0.0
 
     @classmethod
     async def connect(
@@ -244,39 +290,27 @@ class TimerClient:
         *,
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
+        reconnect: bool = False,
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
-        ``timeout`` is the default for every call. A ``tls:`` address uses
-        ``ssl`` or, without it, the system's default trust store. Raises
-        :class:`~timer_sdk.errors.ConnectError` if the connection cannot be
-        made; cancelling this leaves no connection open.
+        ``timeout`` is the default for every call. With ``reconnect``, a call
+        made after the connection was lost first reconnects, waiting a backoff
+        (50 ms, doubling to 5 s) after each failed attempt; calls that were in
+        flight when it was lost fail with ConnectionLost and are never
+        replayed. A ``tls:`` address uses ``ssl`` or, without it, the system's
+        default trust store. Raises :class:`~timer_sdk.errors.ConnectError` if
+        the connection cannot be made; cancelling this leaves no connection open.
         """
         parsed = Address.parse(address)
-        loop = asyncio.get_running_loop()
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
-        protocol = _ClientProtocol(loop, str(parsed), max_frame_size)
-        try:
-            async with asyncio.timeout(connect_timeout):
-                if parsed.scheme == "unix":
-                    await loop.create_unix_connection(lambda: protocol, parsed.path)
-                else:
-                    await loop.create_connection(
-                        lambda: protocol,
-                        parsed.host,
-                        parsed.port,
-                        ssl=ssl,
-                        server_hostname=server_hostname if ssl else None,
-                    )
-        except TimeoutError:
-            raise ConnectError(f"cannot connect to {parsed}: timed out") from None
-        except OSError as exc:  # includes ssl.SSLError
-            raise ConnectError(f"cannot connect to {parsed}: {exc.strerror or exc}") from exc
-        return cls(parsed, protocol, timeout=timeout)
+        dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout)
+        protocol = await dialer.dial(asyncio.get_running_loop())
+        return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
 
     @property
     def address(self) -> str:
@@ -285,8 +319,12 @@ class TimerClient:
 
     @property
     def closed(self) -> bool:
-        """Whether the connection can no longer carry calls."""
-        return self._closing or self._protocol.failure is not None
+        """Whether this client can no longer carry calls (it may reconnect if asked to)."""
+        failure = self._protocol.failure
+        lost_for_good = failure is not None and not (
+            self.reconnect and isinstance(failure, ConnectionLost)
+        )
+        return self._closing or lost_for_good
 
     @property
     def pending(self) -> int:
@@ -362,7 +400,9 @@ class TimerClient:
         if self._closing:
             raise ClientClosedError(f"the client for {self.address} is closed")
         if protocol.failure is not None:
-            raise _copy(protocol.failure)
+            if not (self.reconnect and isinstance(protocol.failure, ConnectionLost)):
+                raise _copy(protocol.failure)
+            protocol = await self._reopen()
         future: asyncio.Future[Any] = self._loop.create_future()
         protocol.send(frame, method, future)
         if timeout is None:
@@ -376,6 +416,34 @@ class TimerClient:
             if future.cancelled():
                 raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
             raise
+
+    async def _reopen(self) -> _ClientProtocol:
+        """Reconnect once, after the backoff; concurrent callers share the attempt."""
+        if self._redial is None:
+            self._redial = self._loop.create_task(self._dial_after_backoff())
+            # Callers that gave up must not leave its failure unretrieved.
+            self._redial.add_done_callback(lambda t: t.cancelled() or t.exception())
+        redial = self._redial
+        try:
+            return await asyncio.shield(redial)
+        finally:
+            if redial.done() and self._redial is redial:
+                self._redial = None
+
+    async def _dial_after_backoff(self) -> _ClientProtocol:
+        await asyncio.sleep(max(0.0, self._next_dial_at - self._loop.time()))
+        try:
+            protocol = await self._dialer.dial(self._loop)
+        except ConnectError:
+            self._backoff = min(max(self._backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+            self._next_dial_at = self._loop.time() + self._backoff
+            raise
+        if self._closing:  # closed while we were dialing
+            protocol.fail(ClientClosedError(f"the client for {self.address} is closed"))
+            raise ClientClosedError(f"the client for {self.address} is closed")
+        self._backoff = 0.0
+        self._protocol = protocol
+        return protocol
 
     # --- events ------------------------------------------------------------
 
@@ -423,6 +491,10 @@ class TimerClient:
 
         Safe to call more than once; returns once the socket is closed.
         """
+        if self._redial is not None:
+            self._redial.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimerError):
+                await self._redial
         if not self._closing:
             self._closing = True
             count = len(self._protocol.pending)
