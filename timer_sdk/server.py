@@ -61,6 +61,8 @@ __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
 logger = logging.getLogger("timer_sdk.server")
 
+# asyncio's default of 100 makes a burst of connects fail before max_connections applies.
+_BACKLOG = socket.SOMAXCONN
 _ABORT_GRACE = 1.0  # seconds for cancelled procs to send their error replies
 
 
@@ -237,8 +239,14 @@ class _Connection(asyncio.Protocol):
                 frame = _error_frame(f"{event.method}: {event.message}")
             else:
                 assert isinstance(event, Broken)
-                self._fail(event.message)
-                return
+                self._stats.protocol_violations += 1
+                logger.warning("%s: closing: %s", self._peer, event.message)
+                # Answer the whole frames before the bad one, then close.
+                self._shutting_down = True
+                if not self._reading_paused:
+                    self._reading_paused = True
+                    transport.pause_reading()
+                break
             if frame is None:
                 continue  # a slot was queued; the proc is running
             if slots:
@@ -609,7 +617,9 @@ class Server:
             sock = _bind_unix(address.path, unix_mode)
             self._unix_path = address.path
             self._unix_inode = os.stat(address.path).st_ino
-            self._server = await self.loop.create_unix_server(self._protocol, sock=sock)
+            self._server = await self.loop.create_unix_server(
+                self._protocol, sock=sock, backlog=_BACKLOG
+            )
             self._address = address
             return
         self._server = await self.loop.create_server(
@@ -619,6 +629,7 @@ class Server:
             ssl=ssl,
             reuse_address=True,
             reuse_port=reuse_port or None,
+            backlog=_BACKLOG,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = Address("tls" if ssl else "tcp", host=host, port=port)
