@@ -1,0 +1,186 @@
+"""Every notebook in notebooks/ runs top to bottom on a real kernel.
+
+Each notebook is executed with nbclient on the ``python3`` kernel (this
+interpreter). A notebook with a checker below also has its outputs checked,
+cell by cell, through the cells' tags; any other notebook must at least run
+without an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import timer_sdk
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+# Collected after the last cell: a leaked socket or transport shows up as a
+# ResourceWarning on stderr (the kernel is told to show them).
+LEAK_CHECK = "import gc\ngc.collect()"
+
+
+class Outputs:
+    """The outputs of an executed notebook, by cell tag."""
+
+    def __init__(self, nb: Any) -> None:
+        self.cells: dict[str, Any] = {}
+        for cell in nb.cells:
+            for tag in cell.get("metadata", {}).get("tags", []):
+                self.cells[tag] = cell
+
+    def stdout(self, tag: str) -> str:
+        return "".join(
+            out["text"]
+            for out in self.cells[tag]["outputs"]
+            if out["output_type"] == "stream" and out["name"] == "stdout"
+        )
+
+    def result(self, tag: str) -> str:
+        """The ``text/plain`` of the cell's value (its last expression)."""
+        results = [
+            out["data"]["text/plain"]
+            for out in self.cells[tag]["outputs"]
+            if out["output_type"] == "execute_result"
+        ]
+        assert len(results) == 1, f"cell {tag!r} has {len(results)} results"
+        return str(results[0])
+
+
+def read(path: Path, as_version: object = 4) -> Any:
+    """Read a notebook (nbformat is untyped)."""
+    return nbformat.read(path, as_version=as_version)  # type: ignore[no-untyped-call]
+
+
+def execute(path: Path) -> Any:
+    """Run the notebook at ``path`` in a fresh kernel; return it with its outputs."""
+    nb = read(path)
+    leak_check = nbformat.v4.new_code_cell(LEAK_CHECK)  # type: ignore[no-untyped-call]
+    nb.cells.append(leak_check)
+    client = NotebookClient(
+        nb,
+        timeout=60,  # per cell
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "default::ResourceWarning"}
+    client.execute(env=env)
+    return nb
+
+
+def check_quickstart(nb: Any) -> None:
+    out = Outputs(nb)
+    version = timer_sdk.__version__
+    assert out.result("imports") == repr(version)
+
+    served = re.fullmatch(
+        r"<Server tcp:127\.0\.0\.1:(\d+) timer='ipc-server' serving, \d+ connections>",
+        out.result("server"),
+    )
+    assert served is not None, out.result("server")
+    port = int(served.group(1))
+    assert port != 0
+    assert out.result("connect") == f"<TimerClient tcp:127.0.0.1:{port} open, 0 pending>"
+
+    assert out.result("version") == repr(f"timer-sdk v{version}")
+    assert out.result("echo") == (
+        "EchoResponse(echoed='hello from the notebook', timer_name='ipc-server')"
+    )
+    assert out.result("complex") == (
+        "ComplexResponse(summary='received 2 messages, note=n, retries=3', "
+        "item_count=2, has_note=True)"
+    )
+    assert out.result("schedule") == (
+        "ScheduleResult(job_id='ipc-server:nightly-report', will_run_count=120, "
+        "first_run_at_ms=1007, effective_backoff_ms=100)"
+    )
+
+    assert out.stdout("error") == (
+        "RemoteCallError is a CallError: True\nmessage: job name must not be empty\n"
+    )
+    assert out.result("error") == (
+        "RemoteCallError(method='schedule', message='job name must not be empty')"
+    )
+
+    assert out.stdout("timeout") == (
+        "gave up: echo: no reply within 0.1 s\npending: 1\nechoed: the next call\npending: 0\n"
+    )
+
+    assert re.fullmatch(r"1000 replies in \d+ ms, all matched: True\n", out.stdout("pipelined")), (
+        out.stdout("pipelined")
+    )
+
+    started = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", out.stdout("process-start"))
+    assert started is not None, out.stdout("process-start")
+    remote_port = int(started.group(1))
+    assert remote_port not in (0, port)
+    assert out.stdout("process-call") == (
+        f"<TimerClient tcp:127.0.0.1:{remote_port} open, 0 pending>\ntimer-sdk v{version}\n"
+    )
+    assert out.result("process-call") == (
+        "EchoResponse(echoed='hello, other process', timer_name='ipc-server')"
+    )
+    assert out.stdout("process-stop").endswith("timer-sdk: stopped\nexit code: 0\n")
+
+    assert "client = await timer_sdk.TimerClient.connect(...)" in out.stdout("sync-guard")
+
+    assert out.stdout("close") == (
+        f"<TimerClient tcp:127.0.0.1:{port} closed, 0 pending>\n"
+        f"<Server tcp:127.0.0.1:{port} timer='ipc-server' closed, 0 connections>\n"
+    )
+
+
+def check_clean_and_quiet(nb: Any, path: Path) -> None:
+    """The stored notebook has no outputs; the run wrote nothing to stderr; outputs are short."""
+    stored = read(path)
+    for cell in stored.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: saved with outputs"
+            assert cell.execution_count is None, f"{path.name}: saved with execution counts"
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert not (out["output_type"] == "stream" and out["name"] == "stderr"), out["text"]
+            text = out.get("text", "") or out.get("data", {}).get("text/plain", "")
+            assert text.count("\n") <= 10, f"a long output:\n{text}"
+
+
+CHECKS: dict[str, Callable[[Any], None]] = {
+    "quickstart.ipynb": check_quickstart,
+}
+"""Per-notebook checks of the values that came back."""
+
+CLEAN = {"quickstart.ipynb"}
+"""Notebooks that are stored without outputs and must run without stderr."""
+
+
+def test_the_quickstart_is_there() -> None:
+    assert NOTEBOOKS / "quickstart.ipynb" in PATHS
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_notebook_is_valid_nbformat_4(path: Path) -> None:
+    nb = read(path, as_version=nbformat.NO_CONVERT)
+    assert nb.nbformat == 4
+    nbformat.validate(nb)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_notebook_runs(path: Path) -> None:
+    nb = execute(path)  # raises CellExecutionError if a cell raises
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.execution_count is not None, "a cell did not run"
+    check = CHECKS.get(path.name)
+    if check is not None:
+        check(nb)
+    if path.name in CLEAN:
+        check_clean_and_quiet(nb, path)

@@ -1,0 +1,339 @@
+"""A blocking facade over the async client, for scripts and REPLs.
+
+>>> from timer_sdk.sync import TimerClient
+>>> with TimerClient.connect("tcp:127.0.0.1:9099", timeout=5) as client:
+...     client.echo(EchoRequest(message="hi", delay_ms=5))
+EchoResponse(echoed='hi', timer_name='ipc-server')
+
+Every method is one ``run_coroutine_threadsafe(...).result()`` on the async
+:class:`timer_sdk.client.TimerClient`, so the two cannot behave differently.
+The coroutines run on one event loop in one daemon thread, started on first
+use and shared by every blocking client of the process: a client is a socket
+and a few callbacks on that loop, not a thread of its own, and no user code
+ever runs there, so one client cannot hold up another.
+
+Timeouts are the async client's (``timeout=``, raising
+:class:`~timer_sdk.errors.CallTimeout`). When the caller stops waiting
+(Ctrl-C), the call is cancelled on the loop, exactly as cancelling the async
+call: a request already written stays on the wire and its reply is read and
+dropped, so the next call still gets its own reply.
+
+Nothing here patches asyncio or starts a loop in the caller's thread. Called
+from a thread that runs an event loop (a notebook cell, a coroutine), every
+method raises :class:`~timer_sdk.errors.LoopError` instead of freezing that
+loop: use ``await`` and the async client there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import ssl as _ssl
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+from . import api
+from .address import Address
+from .client import P, R
+from .client import TimerClient as AsyncTimerClient
+from .errors import LoopError
+from .framing import DEFAULT_MAX_FRAME_SIZE
+from .models import (
+    ComplexRequest,
+    ComplexResponse,
+    EchoRequest,
+    EchoResponse,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    ScheduleResult,
+)
+
+__all__ = ["TimerClient"]
+
+T = TypeVar("T")
+
+_POLL: float | None = 0.25 if sys.platform == "win32" else None
+"""How long one wait for an outcome lasts before it is renewed.
+
+On Windows, Ctrl-C cannot interrupt an unbounded wait on a lock, so the wait
+is cut into slices there. Elsewhere one unbounded wait is interruptible.
+"""
+
+_USE_AWAIT = (
+    "timer_sdk.sync.TimerClient blocks, and this thread is running an event loop "
+    "(a notebook cell or a coroutine), which it would freeze. Use the async client "
+    "here: `client = await timer_sdk.TimerClient.connect(...)`, then "
+    "`await client.echo(...)`."
+)
+
+
+class _Handoff(Generic[T]):
+    """Who owns a result: the caller still waiting for it, or the loop if the caller left."""
+
+    __slots__ = ("abandoned", "delivered", "lock", "value")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.delivered = False
+        self.value: T | None = None
+
+
+class _Portal:
+    """An event loop running in one daemon thread."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="timer-sdk-sync", daemon=True
+        )
+        self.thread.start()
+
+    def check_caller(self) -> None:
+        """Raise :class:`LoopError` if blocking this thread would deadlock or cannot work."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise LoopError(_USE_AWAIT)
+        if self.pid != os.getpid():
+            raise LoopError(
+                "this timer_sdk.sync.TimerClient was connected in the parent process; "
+                "connect a new one after fork"
+            )
+
+    def run(
+        self,
+        make: Callable[[], Coroutine[Any, Any, T]],
+        dispose: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+    ) -> T:
+        """Run the coroutine ``make()`` on the loop and block for its outcome.
+
+        The coroutine is made on the loop, so a call cancelled before it
+        started leaves no coroutine behind that was never awaited. If the
+        caller is interrupted (Ctrl-C), the call is cancelled on the loop and
+        the interruption propagates; a result that was produced for it
+        anyway is handed to ``dispose`` on the loop, never dropped.
+        """
+        self.check_caller()
+        handoff: _Handoff[T] = _Handoff()
+        future: concurrent.futures.Future[T] | None = None
+        try:
+            # Inside the try: an interrupt may land as soon as the call is queued.
+            future = asyncio.run_coroutine_threadsafe(_produce(make, handoff, dispose), self.loop)
+            while True:
+                try:
+                    return future.result(_POLL)
+                except TimeoutError:
+                    if future.done():
+                        return future.result()  # its own outcome, CallTimeout included
+        except BaseException:
+            # The call's own error (nothing to undo), or the caller interrupted
+            # (KeyboardInterrupt, or whatever else a signal handler raised).
+            import traceback, sys as _s
+            if future is not None:
+                _r = future.cancel()
+                print("DEBUG cancel", _r, future, repr(_s.exc_info()[1]), file=_s.stderr)
+                traceback.print_exc()
+            with handoff.lock:
+                handoff.abandoned = True
+                orphan = handoff.delivered
+            if orphan and dispose is not None:
+                # Produced before we left: cancelling cannot take it back.
+                self._spawn(dispose(cast(T, handoff.value)))
+            raise
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+async def _produce(
+    make: Callable[[], Coroutine[Any, Any, T]],
+    handoff: _Handoff[T],
+    dispose: Callable[[T], Coroutine[Any, Any, None]] | None,
+) -> T:
+    value = await make()
+    with handoff.lock:
+        if not handoff.abandoned:
+            handoff.value = value
+            handoff.delivered = True
+            return value
+    if dispose is not None:
+        # The task may be cancelled any moment now, as the caller asked.
+        await asyncio.shield(dispose(value))
+    return value
+
+
+_portal: _Portal | None = None
+_portal_lock = threading.Lock()
+
+
+def _get_portal() -> _Portal:
+    global _portal  # noqa: PLW0603
+    with _portal_lock:
+        # A forked child inherits the object but not the thread that ran it.
+        if _portal is None or _portal.pid != os.getpid() or not _portal.thread.is_alive():
+            _portal = _Portal()
+        return _portal
+
+
+async def _close(client: AsyncTimerClient) -> None:
+    await client.close()
+
+
+def _finalize(portal: _Portal, client: AsyncTimerClient) -> None:
+    if portal.pid == os.getpid() and portal.thread.is_alive():
+        portal._spawn(_close(client))
+    warnings.warn(f"unclosed {client!r}", ResourceWarning, stacklevel=1)
+
+
+class TimerClient:
+    """A blocking connection to a timer server, with one typed method per proc.
+
+    >>> with TimerClient.connect("tcp:127.0.0.1:9099") as client:
+    ...     client.version()
+    'timer-sdk v0.1.0'
+
+    Safe to use from several threads at once: their calls are pipelined on
+    the one connection, as concurrent calls of the async client are.
+    """
+
+    def __init__(self, client: AsyncTimerClient, portal: _Portal) -> None:
+        """Use :meth:`connect` instead."""
+        self._client = client
+        self._portal = portal
+        self._finalizer = weakref.finalize(self, _finalize, portal, client)
+        self._finalizer.atexit = False
+
+    @classmethod
+    def connect(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float | None = 10.0,
+        reconnect: bool = False,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> TimerClient:
+        """Connect to the server at ``address``; see the async ``TimerClient.connect``.
+
+        Raises :class:`~timer_sdk.errors.ConnectError` if the connection cannot
+        be made. Interrupting it leaves no connection open.
+        """
+        portal = _get_portal()
+        client = portal.run(
+            lambda: AsyncTimerClient.connect(
+                address,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                reconnect=reconnect,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                max_frame_size=max_frame_size,
+            ),
+            _close,
+        )
+        return cls(client, portal)
+
+    @property
+    def address(self) -> str:
+        """The address this client connected to."""
+        return self._client.address
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection can no longer carry calls."""
+        return self._client.closed
+
+    @property
+    def pending(self) -> int:
+        """Calls whose replies have not arrived yet, abandoned ones included."""
+        return self._client.pending
+
+    @property
+    def timeout(self) -> float | None:
+        """The default per-call timeout in seconds; ``None`` waits forever."""
+        return self._client.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._client.timeout = value
+
+    def __repr__(self) -> str:
+        return f"<sync.{repr(self._client)[1:]}"
+
+    # --- the typed procs -----------------------------------------------------
+
+    def version(self, *, timeout: float | None = None) -> str:
+        """Return the server library's version string."""
+        return self._portal.run(lambda: self._client.version(timeout=timeout))
+
+    def echo(self, req: EchoRequest, *, timeout: float | None = None) -> EchoResponse:
+        """Echo ``req.message`` after ``req.delay_ms`` ms; fires ``on_echo_fired``."""
+        return self._portal.run(lambda: self._client.echo(req, timeout=timeout))
+
+    def complex(self, req: ComplexRequest, *, timeout: float | None = None) -> ComplexResponse:
+        """Summarise a batch of messages."""
+        return self._portal.run(lambda: self._client.complex(req, timeout=timeout))
+
+    def schedule(
+        self,
+        job: JobSpec,
+        retry: RetryPolicy,
+        schedule: ScheduleConfig,
+        *,
+        timeout: float | None = None,
+    ) -> ScheduleResult:
+        """Plan a job; an empty name or ``max_attempts <= 0`` is refused."""
+        return self._portal.run(
+            lambda: self._client.schedule(job, retry, schedule, timeout=timeout)
+        )
+
+    # --- the generic call ----------------------------------------------------
+
+    def call(self, method: api.Method[P, R], params: P, *, timeout: float | None = None) -> R:
+        """Call ``method`` with its request envelope and return its typed reply.
+
+        Raises as the async ``call`` does. Interrupting it (Ctrl-C) cancels
+        the call: a request already written still runs on the server, and
+        its reply is discarded.
+        """
+        return self._portal.run(lambda: self._client.call(method, params, timeout=timeout))
+
+    def call_raw(
+        self, method: str, payload: bytes = b"\xa0", *, timeout: float | None = None
+    ) -> bytes:
+        """Send any method with a CBOR ``payload``; return the reply's raw CBOR body."""
+        return self._portal.run(lambda: self._client.call_raw(method, payload, timeout=timeout))
+
+    # --- lifetime ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; pending calls fail with ClientClosedError.
+
+        Safe to call more than once; returns once the socket is closed.
+        """
+        self._portal.run(self._client.close)
+        self._finalizer.detach()
+
+    def __enter__(self) -> TimerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
