@@ -1,9 +1,11 @@
-"""The ``timer-sdk`` command: serve, call, demo.
+"""The ``timer-sdk`` command: serve, call, demo, bench.
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
-SIGTERM. ``timer-sdk call ADDRESS METHOD [JSON]`` calls any method and prints
-the reply as JSON, as grpcurl does for gRPC. ``timer-sdk demo`` starts a
-server process and makes a round trip of every method against it.
+SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
+call ADDRESS METHOD [JSON]`` calls any method and prints the reply as JSON, as
+grpcurl does for gRPC. ``timer-sdk demo`` starts a server process and makes a
+round trip of every method against it. ``timer-sdk bench`` measures the server
+and client beside a minimal floor (see :mod:`timer_sdk.bench`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import multiprocessing
+import multiprocessing.connection
+import os
 import re
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -24,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import api
 from ._version import __version__
+from .address import Address
 from .client import TimerClient
 from .codec import decode_item, encode_item
 from .errors import CallError, TimerError
@@ -86,7 +94,12 @@ def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
 # --- serve -------------------------------------------------------------------
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    *,
+    reuse_port: bool = False,
+    ready: multiprocessing.connection.Connection | None = None,
+) -> int:
     limits = Limits(
         max_frame_size=args.max_frame_size,
         max_in_flight=args.max_in_flight,
@@ -96,12 +109,24 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     timer = Timer(TimerConfig(name=args.name))
     server = await timer.serve(
-        args.address, limits=limits, ssl=_server_ssl(args), unix_mode=int(args.unix_mode, 8)
+        args.address,
+        limits=limits,
+        ssl=_server_ssl(args),
+        unix_mode=int(args.unix_mode, 8),
+        reuse_port=reuse_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if ready is not None:  # a worker: the parent speaks for all of them
+        ready.send(server.address)
+        # EOF on the pipe means the parent is gone, even if it was killed: stop too.
+        loop.add_reader(ready.fileno(), stop.set)
+        await stop.wait()
+        loop.remove_reader(ready.fileno())
+        await server.close(timeout=args.shutdown_timeout)
+        return 0
     print(
         f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
         flush=True,
@@ -111,6 +136,134 @@ async def _serve(args: argparse.Namespace) -> int:
     await server.close(timeout=args.shutdown_timeout)
     print("timer-sdk: stopped", flush=True)
     return 0
+
+
+def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
+    """Serve as one of ``--workers`` processes (the target of each child)."""
+    try:
+        code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
+    except (OSError, TimerError, ValueError) as exc:
+        print(f"timer-sdk serve: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole group, maybe before the loop runs
+        code = 130
+    sys.exit(code)
+
+
+def _reserve_port(address: Address) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket on ``address`` to learn a free port."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    """Run ``args.workers`` server processes on one TCP port; stop them together.
+
+    SIGINT and SIGTERM are forwarded to every worker as SIGTERM, and the parent
+    waits for them all. If one worker fails, the others are stopped too.
+    """
+    address = Address.parse(args.address)
+    if address.scheme == "unix":
+        raise ValueError("--workers needs a tcp: or tls: address; a unix: path has one owner")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers needs SO_REUSEPORT, which this platform does not have")
+    # With port 0 each worker would get a port of its own: learn one first, and
+    # hold it until the workers listen on it so that no one else takes it.
+    placeholder = _reserve_port(address) if address.port == 0 else None
+    if placeholder is not None:
+        address = dataclasses.replace(address, port=placeholder.getsockname()[1])
+    child_args = argparse.Namespace(**vars(args))
+    child_args.address = str(address)
+    context = multiprocessing.get_context("spawn")  # no loop or socket state leaks into children
+    workers: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in workers:
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pipes: list[multiprocessing.connection.Connection] = []
+    try:
+        bound = _start_workers(context, child_args, workers, pipes, lambda: stopping)
+        if placeholder is not None:
+            placeholder.close()
+        if bound is not None and not stopping:
+            pids = ", ".join(str(proc.pid) for proc in workers)
+            print(
+                f"timer-sdk {__version__}: timer {args.name!r} listening on {bound} "
+                f"({len(workers)} workers, pids {pids})",
+                flush=True,
+            )
+            multiprocessing.connection.wait([proc.sentinel for proc in workers])
+        if not stopping:  # a worker failed or was killed: take the others down with it
+            forward(signal.SIGTERM, None)
+        else:
+            print(f"timer-sdk: shutting down {len(workers)} workers", flush=True)
+        for proc in workers:
+            proc.join(args.shutdown_timeout + 10)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+    finally:
+        if placeholder is not None:
+            placeholder.close()
+        for pipe in pipes:
+            pipe.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not stopping or any(proc.exitcode != 0 for proc in workers):
+        codes = ", ".join(str(proc.exitcode) for proc in workers)
+        print(f"timer-sdk serve: workers exited with codes {codes}", file=sys.stderr)
+        return 1
+    print("timer-sdk: stopped", flush=True)
+    return 0
+
+
+def _start_workers(
+    context: Any,
+    args: argparse.Namespace,
+    workers: list[multiprocessing.process.BaseProcess],
+    pipes: list[multiprocessing.connection.Connection],
+    stopping: Callable[[], bool],
+) -> str | None:
+    """Start the workers; return the address they bound, or ``None`` if one failed.
+
+    Each worker gets one end of a pipe: it says on it that it is listening, and
+    it stops when the parent's end closes.
+    """
+    for i in range(args.workers):
+        ours, theirs = context.Pipe()
+        pipes.append(ours)
+        proc = context.Process(target=_worker, args=(args, theirs), name=f"timer-sdk-worker-{i}")
+        proc.start()
+        workers.append(proc)
+        theirs.close()  # so that our end sees EOF if the worker dies first
+        if stopping():
+            return None
+    bound = None
+    for pipe in pipes:
+        try:
+            bound = pipe.recv()
+        except EOFError:
+            return None
+        if stopping():
+            return None
+    return bound
 
 
 # --- call --------------------------------------------------------------------
@@ -237,6 +390,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=10.0)
     serve.add_argument("--unix-mode", default="600", help="octal mode of a unix: socket")
     serve.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes sharing one TCP port (SO_REUSEPORT)")  # fmt: skip
     _add_tls(serve, server=True)
 
     call = commands.add_parser("call", help="call a method and print the reply as JSON")
@@ -248,6 +403,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_tls(call, server=False)
 
     commands.add_parser("demo", help="start a server process and call every method on it")
+
+    from .bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="measure the server and client beside a floor")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -256,9 +416,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
+            if args.workers < 1:
+                raise ValueError("--workers must be at least 1")
+            if args.workers > 1:
+                return _serve_workers(args)
             return _run(_serve(args), args.loop)
         if args.command == "call":
             return _run(_call(args))
+        if args.command == "bench":
+            from .bench import run_command
+
+            return run_command(args)
         return _run(_demo(args))
     except (OSError, TimerError, ValueError) as exc:
         print(f"timer-sdk {args.command}: {exc}", file=sys.stderr)

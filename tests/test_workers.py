@@ -1,0 +1,187 @@
+"""``timer-sdk serve --workers N``: N processes on one TCP port, stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from timer_sdk import TimerClient
+from timer_sdk.cli import LISTENING
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="SO_REUSEPORT balancing and /proc are Linux's"
+)
+
+PIDS = re.compile(r"pids ([\d, ]+)\)")
+
+
+@dataclass
+class Workers:
+    """A ``serve --workers`` parent process and what it said when it was ready."""
+
+    proc: asyncio.subprocess.Process
+    address: str
+    pids: list[int]
+
+
+def _sockets_of(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+async def _start(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[Workers]:
+    """Two workers on a port the parent picked (port 0)."""
+    proc = await _start("tcp:127.0.0.1:0", "--workers", "2")
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        match = LISTENING.search(line)
+        pids = PIDS.search(line)
+        assert match, line
+        assert pids, line
+        yield Workers(proc, match.group(1), [int(pid) for pid in pids.group(1).split(", ")])
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await _finish(proc)
+
+
+async def test_every_worker_serves_the_one_port(workers: Workers) -> None:
+    assert not workers.address.endswith(":0")
+    assert len(workers.pids) == 2
+    assert workers.proc.pid not in workers.pids
+    before = {pid: _sockets_of(pid) for pid in workers.pids}
+    clients = [await TimerClient.connect(workers.address, timeout=30) for _ in range(32)]
+    try:
+        versions = await asyncio.gather(*(client.version() for client in clients))
+        assert set(versions) == {"timer-sdk v0.1.0"}
+        # The kernel spreads 32 connections over both listeners; that one gets
+        # none of them has odds of 2 in 2**32.
+        after = {pid: _sockets_of(pid) for pid in workers.pids}
+        assert all(after[pid] > before[pid] for pid in workers.pids), (before, after)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_to_the_parent_stops_every_worker(
+    workers: Workers, sig: signal.Signals
+) -> None:
+    async with await TimerClient.connect(workers.address, timeout=30) as client:
+        assert await client.version() == "timer-sdk v0.1.0"
+    workers.proc.send_signal(sig)
+    code, out, err = await _finish(workers.proc)
+    assert code == 0, err
+    assert "shutting down 2 workers" in out
+    assert "stopped" in out
+    assert not any(_alive(pid) for pid in workers.pids)
+
+
+async def test_ctrl_c_in_a_terminal_stops_them_all() -> None:
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        pids = PIDS.search(line)
+        assert pids, line
+        os.killpg(proc.pid, signal.SIGINT)
+    finally:
+        code, _, err = await _finish(proc)
+    assert code == 0, err
+    assert not any(_alive(int(pid)) for pid in pids.group(1).split(", "))
+
+
+async def test_workers_stop_when_the_parent_is_killed(workers: Workers) -> None:
+    workers.proc.kill()  # no signal to forward: the workers see their pipe close
+    await _finish(workers.proc)  # returns once the workers closed the inherited stdout
+    async with asyncio.timeout(30):
+        while any(_alive(pid) for pid in workers.pids):
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_that_cannot_bind_takes_the_others_down() -> None:
+    with socket.socket() as taken:  # no SO_REUSEPORT: no worker may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await _start(f"tcp:127.0.0.1:{port}", "--workers", "2")
+        code, out, err = await _finish(proc)
+    assert code == 1
+    assert "listening" not in out
+    assert "workers exited with codes" in err
+
+
+async def test_workers_need_a_tcp_address(tmp_path: Path) -> None:
+    proc = await _start(f"unix:{tmp_path / 'w.sock'}", "--workers", "2")
+    code, _, err = await _finish(proc)
+    assert code == 1
+    assert "--workers needs a tcp: or tls: address" in err
+
+
+async def test_workers_must_be_positive() -> None:
+    proc = await _start("tcp:127.0.0.1:0", "--workers", "0")
+    code, _, err = await _finish(proc)
+    assert code == 1
+    assert "--workers must be at least 1" in err
+
+
+def test_a_fixed_port_is_used_as_given() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "timer_sdk", "serve", f"tcp:127.0.0.1:{port}", "--workers", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"listening on tcp:127.0.0.1:{port} (2 workers" in line, line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
