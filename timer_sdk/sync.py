@@ -139,11 +139,14 @@ class _Portal:
         except BaseException:
             # The call's own error (nothing to undo), or the caller interrupted
             # (KeyboardInterrupt, or whatever else a signal handler raised).
-            import traceback, sys as _s
+            import traceback
+            with open("/tmp/exp/debug.log", "a") as _f:
+                _f.write(f"DEBUG except {future!r}\n")
+                traceback.print_exc(file=_f)
             if future is not None:
                 _r = future.cancel()
-                print("DEBUG cancel", _r, future, repr(_s.exc_info()[1]), file=_s.stderr)
-                traceback.print_exc()
+                with open("/tmp/exp/debug.log", "a") as _f:
+                    _f.write(f"DEBUG cancel {_r}\n")
             with handoff.lock:
                 handoff.abandoned = True
                 orphan = handoff.delivered
