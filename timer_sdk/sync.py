@@ -27,7 +27,6 @@ loop: use ``await`` and the async client there.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import ssl as _ssl
 import sys
@@ -75,13 +74,20 @@ _USE_AWAIT = (
 
 
 class _Handoff(Generic[T]):
-    """Who owns a result: the caller still waiting for it, or the loop if the caller left."""
+    """What the caller and the loop share about one call, under one lock.
 
-    __slots__ = ("abandoned", "delivered", "lock", "value")
+    The caller may be interrupted at any point, even before it holds the
+    call's future, so cancelling goes through here: the task is recorded as
+    it starts, and whoever comes second acts (cancels it, or disposes of a
+    result the caller will never receive).
+    """
+
+    __slots__ = ("abandoned", "delivered", "lock", "task", "value")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.abandoned = False
+        self.task: asyncio.Task[T] | None = None
         self.delivered = False
         self.value: T | None = None
 
@@ -126,9 +132,7 @@ class _Portal:
         """
         self.check_caller()
         handoff: _Handoff[T] = _Handoff()
-        future: concurrent.futures.Future[T] | None = None
         try:
-            # Inside the try: an interrupt may land as soon as the call is queued.
             future = asyncio.run_coroutine_threadsafe(_produce(make, handoff, dispose), self.loop)
             while True:
                 try:
@@ -139,17 +143,12 @@ class _Portal:
         except BaseException:
             # The call's own error (nothing to undo), or the caller interrupted
             # (KeyboardInterrupt, or whatever else a signal handler raised).
-            import traceback
-            with open("/tmp/exp/debug.log", "a") as _f:
-                _f.write(f"DEBUG except {future!r}\n")
-                traceback.print_exc(file=_f)
-            if future is not None:
-                _r = future.cancel()
-                with open("/tmp/exp/debug.log", "a") as _f:
-                    _f.write(f"DEBUG cancel {_r}\n")
             with handoff.lock:
                 handoff.abandoned = True
+                task = handoff.task
                 orphan = handoff.delivered
+            if task is not None:
+                self.loop.call_soon_threadsafe(task.cancel)
             if orphan and dispose is not None:
                 # Produced before we left: cancelling cannot take it back.
                 self._spawn(dispose(cast(T, handoff.value)))
@@ -164,6 +163,10 @@ async def _produce(
     handoff: _Handoff[T],
     dispose: Callable[[T], Coroutine[Any, Any, None]] | None,
 ) -> T:
+    with handoff.lock:
+        if handoff.abandoned:  # the caller left before we started
+            raise asyncio.CancelledError
+        handoff.task = asyncio.current_task()
     value = await make()
     with handoff.lock:
         if not handoff.abandoned:
