@@ -117,3 +117,12 @@ def test_optionals_accept_absent_and_null_and_are_omitted_when_encoding() -> Non
 def test_bad_reply_is_a_decode_error_naming_the_method() -> None:
     with pytest.raises(DecodeError, match=r"echo: invalid reply: timerName: Field required"):
         api.ECHO.decode_result(cbor2.dumps({"echoed": "x"}))
+
+
+def test_a_failed_decode_leaves_nothing_behind_for_the_next() -> None:
+    # Decoders are reused per thread; an error mid-item must not leak depth or state.
+    for bad in (b"\x81" * 40 + b"\x01", b"\x82\x81\xc2\x41\x05", b"\x82\x81\x9f", b"\xa1\x61a"):
+        with pytest.raises(DecodeError):
+            decode_item(bad)
+    assert decode_item(b"\x81" * 16 + b"\x01") is not None
+    assert api.ECHO.decode_params(ECHO_PAYLOAD).req.delay_ms == 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import cbor2
 from pydantic import BaseModel, TypeAdapter
 
 from . import codec
@@ -57,8 +58,8 @@ class Method(Generic[P, R]):
     :class:`Timer` with an envelope.
     """
 
-    __slots__ = ("_params_adapter", "_result_adapter", "invoke", "name", "params", "result",
-                 "wire_name")  # fmt: skip
+    __slots__ = ("_empty_params", "_params_adapter", "_result_adapter", "invoke", "name",
+                 "params", "result", "wire_name")  # fmt: skip
 
     def __init__(
         self,
@@ -74,6 +75,9 @@ class Method(Generic[P, R]):
         self.invoke = invoke
         self._params_adapter: TypeAdapter[P] = TypeAdapter(params)
         self._result_adapter: TypeAdapter[R] = TypeAdapter(result)
+        # An envelope without fields has one valid value, and models are frozen:
+        # every ``{}`` request can share it.
+        self._empty_params: P | None = None if params.model_fields else params()
 
     def __repr__(self) -> str:
         return f"<Method {self.name}: {self.params.__name__} -> {self.result.__name__}>"
@@ -82,6 +86,8 @@ class Method(Generic[P, R]):
 
     def decode_params(self, payload: bytes, *, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> P:
         """Decode and validate a request payload; an empty payload is ``{}``."""
+        if self._empty_params is not None and (not payload or payload == b"\xa0"):
+            return self._empty_params
         try:
             item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
         except codec.DecodeError as exc:
@@ -92,14 +98,20 @@ class Method(Generic[P, R]):
     def encode_result(self, result: R) -> bytes:
         """Encode a proc's result as a success body."""
         if isinstance(result, BaseModel):
-            return codec.encode_item(codec.dump_model(result))
-        return codec.encode_item(result)
+            return cbor2.dumps(
+                result.__pydantic_serializer__.to_python(result, by_alias=True, exclude_none=True)
+            )
+        return cbor2.dumps(result)
 
     # Client side: model in as bytes; reply bytes out as the result type.
 
     def encode_params(self, params: P) -> bytes:
         """Encode a request envelope; ``None`` optionals are omitted."""
-        return codec.encode_item(codec.dump_model(params))
+        if self._empty_params is not None:
+            return b"\xa0"
+        return cbor2.dumps(
+            params.__pydantic_serializer__.to_python(params, by_alias=True, exclude_none=True)
+        )
 
     def decode_result(self, body: bytes) -> R:
         """Decode and validate a success body."""
@@ -107,6 +119,8 @@ class Method(Generic[P, R]):
             item = codec.decode_item(body)
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid reply: {exc}") from None
+        if self.result is str and type(item) is str:
+            return item  # type: ignore[return-value]  # all a str validator would check
         result: R = codec.validate(self._result_adapter, item, f"{self.name}: invalid reply")
         return result
 

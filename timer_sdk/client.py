@@ -75,6 +75,9 @@ class _ReplyDecoder(Protocol):
     def decode_result(self, body: bytes, /) -> Any: ...
 
 
+_VERSION_PARAMS = VersionParams()  # frozen: one instance serves every call
+
+
 class _Raw:
     """The decoder of :meth:`TimerClient.call_raw`: the body, as is."""
 
@@ -340,7 +343,7 @@ class TimerClient:
 
     async def version(self, *, timeout: float | None = None) -> str:
         """Return the server library's version string."""
-        return await self.call(api.VERSION, VersionParams(), timeout=timeout)
+        return await self.call(api.VERSION, _VERSION_PARAMS, timeout=timeout)
 
     async def echo(self, req: EchoRequest, *, timeout: float | None = None) -> EchoResponse:
         """Echo ``req.message`` after ``req.delay_ms`` ms; fires ``on_echo_fired``."""

@@ -12,13 +12,16 @@ Wire format (protocol.md, all integers big-endian)::
     reply:    [i32 ret][u32 body_len][body]
 
 Each length is checked against its limit *before* the bytes it announces are
-buffered, so a hostile prefix of ``0xFFFFFFFF`` allocates nothing.
+buffered, so a hostile prefix of ``0xFFFFFFFF`` allocates nothing. The frames
+of the hot path are NamedTuples: as immutable as a frozen dataclass, and
+several times cheaper to create.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -65,8 +68,7 @@ def encode_reply(ret: int, body: bytes) -> bytes:
     return _pack_reply_head(ret, len(body)) + body
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A whole request frame."""
 
     method: str
@@ -84,8 +86,7 @@ class Rejected:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """A whole reply frame (or an extension frame with another ``ret``)."""
 
     ret: int
