@@ -117,7 +117,8 @@ async def _serve(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # A worker leaves Ctrl-C to its parent, which forwards it as SIGTERM.
+    for sig in (signal.SIGTERM,) if ready is not None else (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:  # a worker: the parent speaks for all of them
         ready.send(server.address)
@@ -140,13 +141,12 @@ async def _serve(
 
 def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
     """Serve as one of ``--workers`` processes (the target of each child)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the parent too
     try:
         code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
     except (OSError, TimerError, ValueError) as exc:
         print(f"timer-sdk serve: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         code = 1
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole group, maybe before the loop runs
-        code = 130
     sys.exit(code)
 
 
@@ -186,15 +186,18 @@ def _serve_workers(args: argparse.Namespace) -> int:
     child_args.address = str(address)
     context = multiprocessing.get_context("spawn")  # no loop or socket state leaks into children
     workers: list[multiprocessing.process.BaseProcess] = []
-    stopping = False
+    stopping = False  # asked to stop by a signal, as opposed to a worker failing
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def stop_workers() -> None:
         for proc in workers:
             if proc.pid is not None and proc.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        stop_workers()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     pipes: list[multiprocessing.connection.Connection] = []
@@ -211,7 +214,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
             )
             multiprocessing.connection.wait([proc.sentinel for proc in workers])
         if not stopping:  # a worker failed or was killed: take the others down with it
-            forward(signal.SIGTERM, None)
+            stop_workers()
         else:
             print(f"timer-sdk: shutting down {len(workers)} workers", flush=True)
         for proc in workers:
@@ -226,7 +229,10 @@ def _serve_workers(args: argparse.Namespace) -> int:
             pipe.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not stopping or any(proc.exitcode != 0 for proc in workers):
+    # A worker may finish before the forwarded SIGTERM arrives, and then dies of
+    # it: with nothing left to serve, that is a clean stop too.
+    clean = (0, -signal.SIGTERM)
+    if not stopping or any(proc.exitcode not in clean for proc in workers):
         codes = ", ".join(str(proc.exitcode) for proc in workers)
         print(f"timer-sdk serve: workers exited with codes {codes}", file=sys.stderr)
         return 1
