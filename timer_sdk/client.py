@@ -245,7 +245,10 @@ class _Dialer:
         except TimeoutError:
             raise ConnectError(f"cannot connect to {address}: timed out") from None
         except OSError as exc:  # includes ssl.SSLError
-            raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if self.ssl is not None and isinstance(exc, ConnectionResetError):
+                reason += " during the TLS handshake (is a client certificate required?)"
+            raise ConnectError(f"cannot connect to {address}: {reason}") from exc
         return protocol
 
 
@@ -416,9 +419,9 @@ class TimerClient:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            if future.cancelled():
-                raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
-            raise
+            if future.done() and not future.cancelled():
+                return future.result()  # the reply won the race with the deadline
+            raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
 
     async def _reopen(self) -> _ClientProtocol:
         """Reconnect once, after the backoff; concurrent callers share the attempt."""

@@ -166,6 +166,8 @@ class _Connection(asyncio.Protocol):
             return
         self._transport = transport
         server.connections.add(self)
+        # Here, not at accept: a TLS handshake that fails never reaches this point.
+        server._drained.clear()
         self._stats.connections_accepted += 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -185,7 +187,9 @@ class _Connection(asyncio.Protocol):
         # Half-closed by the peer: finish what was read, then close our side.
         self._shutting_down = True
         self._process()
-        return True
+        # Keeping a half-open TLS transport is not supported (asyncio warns).
+        transport = self._transport
+        return transport is not None and transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -235,6 +239,7 @@ class _Connection(asyncio.Protocol):
                 frame = self._dispatch(event)
             elif type(event) is Rejected:
                 self._stats.protocol_violations += 1
+                self._stats.error_replies += 1
                 logger.info("%s: %s: %s", self._peer, event.method, event.message)
                 frame = _error_frame(f"{event.method}: {event.message}")
             else:
@@ -274,13 +279,9 @@ class _Connection(asyncio.Protocol):
         stats.requests += 1
         method = METHODS.get(request.method)
         if method is None:
-            if request.method == SUBSCRIBE:
-                return self._subscribe(request.payload)
-            if request.method == UNSUBSCRIBE:
-                self._server.unsubscribe(self)
-                return encode_reply(RET_OK, encode_item(None))
-            stats.error_replies += 1
-            return _error_frame(f"unknown method: {request.method}")
+            return self._dispatch_extension(request)
+        by_method = stats.by_method  # known names only: peers cannot grow it
+        by_method[method.name] = by_method.get(method.name, 0) + 1
         try:
             params = method.decode_params(request.payload, max_depth=self._max_depth)
         except DecodeError as exc:
@@ -325,6 +326,16 @@ class _Connection(asyncio.Protocol):
             logger.exception("%s: %s raised", self._peer, method.name)
             slot.frame = _error_frame(f"{method.name}: internal error")
         self._slot_ready()
+
+    def _dispatch_extension(self, request: Request) -> bytes:
+        """Answer a method that is not a Timer proc: the event extension, or unknown."""
+        if request.method == SUBSCRIBE:
+            return self._subscribe(request.payload)
+        if request.method == UNSUBSCRIBE:
+            self._server.unsubscribe(self)
+            return encode_reply(RET_OK, encode_item(None))
+        self._stats.error_replies += 1
+        return _error_frame(f"unknown method: {request.method}")
 
     # --- events ---------------------------------------------------------------
 
@@ -603,7 +614,6 @@ class Server:
             self._drained.set()
 
     def _protocol(self) -> _Connection:
-        self._drained.clear()
         return _Connection(self)
 
     async def _start(
@@ -630,6 +640,8 @@ class Server:
             reuse_address=True,
             reuse_port=reuse_port or None,
             backlog=_BACKLOG,
+            # A handshake that never finishes is a slowloris too.
+            ssl_handshake_timeout=(self.limits.frame_timeout or None) if ssl else None,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._address = Address("tls" if ssl else "tcp", host=host, port=port)
