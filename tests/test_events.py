@@ -207,41 +207,43 @@ def _stalled_subscriber(path: str) -> socket.socket:
 async def test_stalled_subscriber_costs_echo_callers_little_and_drops_are_reported(
     tmp_path: Path,
 ) -> None:
+    # Two identical servers on this loop; only one has a subscriber that never reads.
     n = 10_000
-    path = str(tmp_path / "s.sock")
     limits = Limits(max_event_queue=64)
+    path = str(tmp_path / "stalled.sock")
     async with (
-        await Timer().serve(f"unix:{path}", limits=limits) as server,
-        await TimerClient.connect(server.address) as caller,
+        await Timer().serve(f"unix:{tmp_path}/quiet.sock", limits=limits) as quiet,
+        await Timer().serve(f"unix:{path}", limits=limits) as watched,
+        await TimerClient.connect(quiet.address) as quiet_caller,
+        await TimerClient.connect(watched.address) as watched_caller,
     ):
-        # Alternate the two modes so machine noise hits both alike; compare the best.
+        stalled = _stalled_subscriber(path)
+        await wait_until(lambda: watched.subscribers == 1)
+        await _echo_run(watched_caller, n)  # fill every buffer: from here on it is stalled
+        await _echo_run(quiet_caller, n)
+        # Alternate the two so machine noise hits both alike; compare the best of each.
         with_sub, without = [], []
-        rounds = 5
-        for round_ in range(rounds):
-            without.append(await _echo_run(caller, n))
-            stalled = _stalled_subscriber(path)
-            await wait_until(lambda: server.subscribers == 1)
-            with_sub.append(await _echo_run(caller, n))
-            if round_ < rounds - 1:
-                stalled.close()
-                await wait_until(lambda: server.subscribers == 0)
+        for _ in range(5):
+            without.append(await _echo_run(quiet_caller, n))
+            with_sub.append(await _echo_run(watched_caller, n))
         ratio = min(without) / min(with_sub)
         print(f"echo throughput with a stalled subscriber: {ratio:.2f} of without")
         assert ratio >= 0.8
-        # Now read the last one: each of its n events was delivered or counted as dropped.
+        # Now read: each of the 6 * n events was delivered or counted as dropped.
         stalled.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=stalled)
         assert (await _read_frame(reader))[0] == 0  # the subscribe reply
+        fired = 6 * n
         delivered = dropped = 0
-        while delivered + dropped < n:
+        while delivered + dropped < fired:
             ret, body = await _read_frame(reader)
             if ret == 16:
                 delivered += 1
             else:
                 assert ret == 17
                 dropped += cbor2.loads(body)["dropped"]
-        assert delivered + dropped == n
+        assert delivered + dropped == fired
         assert delivered > 0
-        assert dropped > 0
+        assert dropped == watched.stats.events_dropped > 0
         writer.close()
         await writer.wait_closed()
