@@ -9,9 +9,7 @@ from timer_sdk import api
 from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, decode_item
 from timer_sdk.models import EchoParams, EchoRequest
 
-ECHO_PAYLOAD = bytes.fromhex(
-    "a163726571a2676d6573736167657368656c6c6f206f7665722074686520776972656764656c61794d7305"
-)
+from .vectors import ECHO_PAYLOAD
 
 
 def test_decodes_the_vector() -> None:

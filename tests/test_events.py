@@ -23,15 +23,7 @@ from timer_sdk import (
 )
 
 from .conftest import RawConnection, wait_until
-
-ECHO_REQUEST = bytes.fromhex(
-    "000000046563686f0000002b"
-    "a163726571a2676d6573736167657368656c6c6f206f7665722074686520776972656764656c61794d7305"
-)
-ECHO_REPLY = bytes.fromhex(
-    "0000000000000031a2666563686f65647368656c6c6f206f766572207468652077697265"
-    "6974696d65724e616d656a6970632d736572766572"
-)
+from .vectors import ECHO_REPLY, ECHO_REQUEST
 
 
 async def test_in_process_subscription_and_drop_notice() -> None:

@@ -15,10 +15,7 @@ from timer_sdk.framing import (
     encode_request,
 )
 
-ECHO_REQUEST = bytes.fromhex(
-    "000000046563686f0000002b"
-    "a163726571a2676d6573736167657368656c6c6f206f7665722074686520776972656764656c61794d7305"
-)
+from .vectors import ECHO_REQUEST
 
 
 def drain(reader: RequestReader | ReplyReader) -> list[object]:

@@ -59,18 +59,8 @@ from timer_sdk.framing import (
 from timer_sdk.soak import ServerProcess
 
 from .conftest import RawConnection, wait_until
+from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
 
-VERSION_REQUEST = bytes.fromhex("0000000776657273696f6e00000001a0")
-ECHO_REQUEST = bytes.fromhex(
-    "000000046563686f0000002b"
-    "a163726571a2676d6573736167657368656c6c6f206f7665722074686520776972656764656c61794d7305"
-)
-ECHO_REPLY = bytes.fromhex(
-    "0000000000000031"
-    "a2666563686f6564736865"
-    "6c6c6f206f7665722074686520776972"
-    "656974696d65724e616d656a6970632d736572766572"
-)
 SERVER_LOG = "timer_sdk.server"
 MiB = 1024  # in KiB, the unit of /proc/PID/status
 

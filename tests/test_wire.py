@@ -12,18 +12,8 @@ from timer_sdk import EchoRequest, Server, TimerClient
 from timer_sdk.framing import encode_request
 
 from .conftest import RawConnection
+from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REPLY_OF_REFERENCE, VERSION_REQUEST
 
-VERSION_REQUEST = bytes.fromhex("0000000776657273696f6e00000001a0")
-ECHO_REQUEST = bytes.fromhex(
-    "000000046563686f0000002b"
-    "a163726571a2676d6573736167657368656c6c6f206f7665722074686520776972656764656c61794d7305"
-)
-ECHO_REPLY = bytes.fromhex(
-    "0000000000000031"
-    "a2666563686f6564736865"
-    "6c6c6f206f7665722074686520776972"
-    "656974696d65724e616d656a6970632d736572766572"
-)
 COMPLEX_FULL = {
     "req": {
         "messages": [{"message": "a", "delayMs": 1}, {"message": "b", "delayMs": 2}],
@@ -67,7 +57,7 @@ async def test_client_request_bytes_match_the_vectors() -> None:
         while len(received) < n:
             received.extend(await reader.read(4096))
         got_both.set()
-        writer.write(bytes.fromhex("00000000000000026161") + ECHO_REPLY)
+        writer.write(VERSION_REPLY_OF_REFERENCE + ECHO_REPLY)  # as the reference answers
         await writer.drain()
         writer.close()
 
@@ -80,7 +70,7 @@ async def test_client_request_bytes_match_the_vectors() -> None:
         )
         await got_both.wait()
     assert bytes(received) == VERSION_REQUEST + ECHO_REQUEST
-    assert version == "a"
+    assert version == "nim-timer v0.1.0"
     assert echo.timer_name == "ipc-server"
 
 
