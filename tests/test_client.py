@@ -290,6 +290,9 @@ async def test_reconnect_is_off_by_default_and_never_replays(tmp_path: object) -
     # While the server is down, each new call makes one attempt and backs off.
     with pytest.raises(ConnectError):
         await client.version()
+    # The backoff before the next attempt counts against a call's own timeout.
+    with pytest.raises(CallTimeout):
+        await client.version(timeout=0.001)
     assert not client.closed
     server = await timer.serve(address)
     try:

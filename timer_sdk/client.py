@@ -405,27 +405,31 @@ class TimerClient:
             )
         if self._closing:
             raise ClientClosedError(f"the client for {self.address} is closed")
-        if protocol.failure is not None:
-            if not (self.reconnect and isinstance(protocol.failure, ConnectionLost)):
-                raise _copy(protocol.failure)
-            protocol = await self._reopen()
-        future: asyncio.Future[Any] = self._loop.create_future()
-        protocol.send(frame, method, future)
         if timeout is None:
             timeout = self.timeout
-            if timeout is None:
-                return await future
+        failure = protocol.failure
+        if failure is not None and not (self.reconnect and isinstance(failure, ConnectionLost)):
+            raise _copy(failure)
+        future: asyncio.Future[Any] | None = None
+        if timeout is None and failure is None:  # the hot path: nothing to bound
+            future = self._loop.create_future()
+            protocol.send(frame, method, future)
+            return await future
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # a reconnect counts against it too
+                if failure is not None:
+                    protocol = await self._reopen()
+                future = self._loop.create_future()
+                protocol.send(frame, method, future)
                 return await future
         except TimeoutError:
-            if future.done() and not future.cancelled():
+            if future is not None and future.done() and not future.cancelled():
                 return future.result()  # the reply won the race with the deadline
             raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
 
     async def _reopen(self) -> _ClientProtocol:
         """Reconnect once, after the backoff; concurrent callers share the attempt."""
-        if self._redial is None:
+        if self._redial is None or self._redial.done():
             self._redial = self._loop.create_task(self._dial_after_backoff())
             # Callers that gave up must not leave its failure unretrieved.
             self._redial.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -162,6 +162,8 @@ class _Connection(asyncio.Protocol):
         if server.closing or len(server.connections) >= server.limits.max_connections:
             self._stats.connections_refused += 1
             logger.warning("refusing %s: %d connections open", self._peer, len(server.connections))
+            server.refused.add(self)  # close() waits for the abort to finish too
+            server._drained.clear()
             transport.abort()
             return
         self._transport = transport
@@ -207,8 +209,10 @@ class _Connection(asyncio.Protocol):
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is None:
-            return  # refused in connection_made
+        if self._transport is None:  # refused in connection_made
+            self._server.refused.discard(self)
+            self._server._connection_gone()
+            return
         self._transport = None
         self._cancel_timers()
         self._out.clear()
@@ -471,6 +475,10 @@ class _Connection(asyncio.Protocol):
         self._frame_deadline = self._idle_handle = None
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _describe_peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -491,6 +499,7 @@ class Server:
         self.stats = ServerStats()
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.refused: set[_Connection] = set()  # being aborted in connection_made
         self.closing = False
         self._subscribers: set[_Connection] = set()
         self._stop_listening: Callable[[], None] | None = None
@@ -511,7 +520,7 @@ class Server:
         state = "closed" if self._closed.is_set() else "closing" if self.closing else "serving"
         return (
             f"<Server {self.address} timer={self.timer.name!r} {state}, "
-            f"{len(self.connections)} connections>"
+            f"{_count(len(self.connections), 'connection')}>"
         )
 
     async def serve_forever(self) -> None:
@@ -541,6 +550,7 @@ class Server:
         self.closing = True
         assert self._server is not None
         self._server.close()
+        await asyncio.sleep(0)  # connections already accepted reach connection_made
         for conn in list(self.connections):
             conn.shutdown()
         try:
@@ -610,7 +620,7 @@ class Server:
                 conn.send_event(frame)
 
     def _connection_gone(self) -> None:
-        if not self.connections:
+        if not self.connections and not self.refused:
             self._drained.set()
 
     def _protocol(self) -> _Connection:
