@@ -147,7 +147,7 @@ class _Portal:
                 handoff.abandoned = True
                 task = handoff.task
                 orphan = handoff.delivered
-            if task is not None:
+            if task is not None and not task.done():
                 self.loop.call_soon_threadsafe(task.cancel)
             if orphan and dispose is not None:
                 # Produced before we left: cancelling cannot take it back.
