@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import cbor2
 from pydantic import BaseModel, TypeAdapter
 
 from . import codec
@@ -98,10 +97,8 @@ class Method(Generic[P, R]):
     def encode_result(self, result: R) -> bytes:
         """Encode a proc's result as a success body."""
         if isinstance(result, BaseModel):
-            return cbor2.dumps(
-                result.__pydantic_serializer__.to_python(result, by_alias=True, exclude_none=True)
-            )
-        return cbor2.dumps(result)
+            return codec.encode_model(result)
+        return codec.encode_item(result)
 
     # Client side: model in as bytes; reply bytes out as the result type.
 
@@ -109,9 +106,7 @@ class Method(Generic[P, R]):
         """Encode a request envelope; ``None`` optionals are omitted."""
         if self._empty_params is not None:
             return b"\xa0"
-        return cbor2.dumps(
-            params.__pydantic_serializer__.to_python(params, by_alias=True, exclude_none=True)
-        )
+        return codec.encode_model(params)
 
     def decode_result(self, body: bytes) -> R:
         """Decode and validate a success body."""

@@ -26,6 +26,7 @@ __all__ = [
     "decode_item",
     "dump_model",
     "encode_item",
+    "encode_model",
     "validate",
 ]
 
@@ -109,6 +110,13 @@ def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
 def encode_item(item: object) -> bytes:
     """Encode one plain Python value (dicts, lists, str, int, bool, None)."""
     return cbor2.dumps(item)
+
+
+def encode_model(model: BaseModel) -> bytes:
+    """Encode a model as its wire map, in one call (it is on the hot path)."""
+    return cbor2.dumps(
+        model.__pydantic_serializer__.to_python(model, by_alias=True, exclude_none=True)
+    )
 
 
 def dump_model(model: BaseModel) -> dict[str, Any]:
