@@ -41,6 +41,7 @@ __all__ = [
     "Method",
     "decode_event",
     "decode_events_dropped",
+    "decode_subscribe",
     "encode_event",
     "encode_events_dropped",
 ]
@@ -83,12 +84,25 @@ class Method(Generic[P, R]):
 
     # Server side: bytes in, model out; result out as bytes.
 
-    def decode_params(self, payload: bytes, *, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> P:
-        """Decode and validate a request payload; an empty payload is ``{}``."""
+    def decode_params(
+        self,
+        payload: bytes,
+        *,
+        max_depth: int = codec.DEFAULT_MAX_DEPTH,
+        max_items: int = codec.DEFAULT_MAX_ITEMS,
+    ) -> P:
+        """Decode and validate a request payload; an empty payload is ``{}``.
+
+        At most ``max_items`` array and map entries in all are validated:
+        a larger request is refused before validation can amplify it.
+        """
         if self._empty_params is not None and (not payload or payload == b"\xa0"):
             return self._empty_params
         try:
             item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
+            # Each entry takes at least one byte, so a short payload cannot be over.
+            if len(payload) > max_items:
+                codec.check_items(item, max_items)
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid request: {exc}") from None
         params: P = codec.validate(self._params_adapter, item, f"{self.name}: invalid request")
@@ -171,6 +185,27 @@ def decode_event(body: bytes) -> EchoEvent:
         raise codec.DecodeError(f"invalid event frame: {item!r:.80}")
     event: EchoEvent = codec.validate(_EVENT_ADAPTER, item.get("data"), "on_echo_fired")
     return event
+
+
+def decode_subscribe(payload: bytes, *, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> list[str]:
+    """Decode an ``events.subscribe`` payload into the event names asked for."""
+    try:
+        item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
+    except codec.DecodeError as exc:
+        raise codec.DecodeError(f"{SUBSCRIBE}: invalid request: {exc}") from None
+    names = item.get("events", list(EVENTS)) if isinstance(item, dict) else None
+    if (
+        not isinstance(item, dict)
+        or set(item) - {"events"}
+        or not isinstance(names, list)
+        or not names
+        or any(name not in EVENTS for name in names)
+    ):
+        raise codec.DecodeError(
+            f"{SUBSCRIBE}: invalid request: expected {{}} or {{events: [names]}} with names "
+            f"from: {', '.join(EVENTS)}"
+        )
+    return names
 
 
 def encode_events_dropped(count: int) -> bytes:

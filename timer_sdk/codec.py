@@ -22,7 +22,9 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_ITEMS",
     "DecodeError",
+    "check_items",
     "decode_item",
     "dump_model",
     "encode_item",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_DEPTH = 16
+DEFAULT_MAX_ITEMS = 4096
+
+_MAX_ERRORS = 3  # an error reply names this many problems, then counts the rest
+_MAX_ERROR_TEXT = 200  # characters of each
 
 # cbor2 decodes these tags itself, bypassing tag_hook; each is overridden to refuse.
 _BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
@@ -107,6 +113,23 @@ def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     return item
 
 
+def check_items(item: object, max_items: int) -> None:
+    """Refuse an item with more than ``max_items`` array and map entries in all.
+
+    Validating a million bad entries takes seconds and describes each one;
+    this walk stops at the first entry past the bound.
+    """
+    left = max_items
+    stack = [item]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict | list):
+            left -= len(node)
+            if left < 0:
+                raise DecodeError(f"more than {max_items} array and map entries in the payload")
+            stack.extend(node.values() if isinstance(node, dict) else node)
+
+
 def encode_item(item: object) -> bytes:
     """Encode one plain Python value (dicts, lists, str, int, bool, None)."""
     return cbor2.dumps(item)
@@ -137,8 +160,13 @@ def validate(adapter: TypeAdapter[Any], item: object, what: str) -> Any:
 
 
 def _describe(exc: ValidationError) -> str:
+    """The first few errors, then how many more: an error reply stays small."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     parts = []
-    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+    for error in errors[:_MAX_ERRORS]:
         where = ".".join(str(part) for part in error["loc"])
-        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+        text = f"{where}: {error['msg']}" if where else error["msg"]
+        parts.append(text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "...")
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more errors")
     return "; ".join(parts)

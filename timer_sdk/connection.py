@@ -1,10 +1,16 @@
 """One client connection: an :class:`asyncio.Protocol`, in-order replies.
 
 The connection feeds a sans-I/O :class:`~timer_sdk.framing.RequestReader`,
-dispatches every whole frame at once, and keeps an ordered queue of reply
-slots: handlers run concurrently, replies leave in request order. A proc that
-finishes without suspending never gets a Task. Replies that are ready
-together go out in one write, and ``TCP_NODELAY`` is set.
+dispatches whole frames, and keeps an ordered queue of reply slots: handlers
+run concurrently, replies leave in request order. A proc that finishes
+without suspending never gets a Task. Replies that are ready together go out
+in one write, and ``TCP_NODELAY`` is set.
+
+Everything it holds for its peer (the receive buffer, requests in flight,
+replies not yet written, held events) is charged to the server's
+:class:`~timer_sdk.budget.Budget`; when that is spent the connection stops
+reading until bytes are freed. It handles at most ``_QUANTUM`` frames per
+loop turn, so a busy peer cannot keep the loop from everyone else.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import _eager
 from .api import (
-    EVENTS,
     METHODS,
     SUBSCRIBE,
     UNSUBSCRIBE,
     Method,
+    decode_subscribe,
     encode_event,
     encode_events_dropped,
 )
-from .codec import DecodeError, decode_item, encode_item
+from .backlog import EventBacklog
+from .codec import DecodeError, encode_item
 from .errors import CallError
 from .framing import (
     RET_ERROR,
@@ -47,14 +54,24 @@ __all__ = ["Connection", "event_frame"]
 
 logger = logging.getLogger("timer_sdk.server")
 
+_QUANTUM = 64
+"""Frames one connection handles per loop turn before the others get theirs."""
+
+_IN_FLIGHT_COST = 2048
+"""Bytes charged per running proc over its payload: its Task, frame and slot."""
+
+_LINGER = 2.0
+"""Seconds to drain a peer's unread requests after our last reply, before closing."""
+
 
 class _Slot:
     """A reply's place in a connection's order; ``frame`` is set once ready."""
 
-    __slots__ = ("frame",)
+    __slots__ = ("charge", "frame")
 
-    def __init__(self, frame: bytes | None = None) -> None:
+    def __init__(self, frame: bytes | None, charge: int) -> None:
         self.frame = frame
+        self.charge = charge  # bytes held for it: the request while running, then the reply
 
 
 def event_frame(event: EchoEvent) -> bytes:
@@ -73,18 +90,25 @@ class Connection(asyncio.Protocol):
         self._timer = server.timer
         self._stats = server.stats
         self._loop = server.loop
+        self._budget = server.budget
         limits = server.limits
         self._max_in_flight = limits.max_in_flight
         self._max_depth = limits.max_depth
+        self._max_items = limits.max_items
+        self._max_frame_size = limits.max_frame_size
         self._frame_timeout = limits.frame_timeout
         self._idle_timeout = limits.idle_timeout
-        self._max_event_queue = limits.max_event_queue
-        self._event_backlog: deque[EchoEvent] = deque()  # held while writes are paused
-        self._events_dropped = 0
+        self._backlog = EventBacklog(
+            max_count=limits.max_event_queue, max_bytes=limits.max_event_backlog
+        )
         self._reader = RequestReader(
             max_frame_size=limits.max_frame_size, max_method_length=limits.max_method_length
         )
         self._slots: deque[_Slot] = deque()
+        self._slot_bytes = 0
+        self._write_buffered = 0  # sampled while writing is paused; 0 once drained
+        self.held = 0
+        """Bytes this connection has charged to the server's budget."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
@@ -92,7 +116,10 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._reading_paused = False
         self._writing_paused = False
+        self._budget_wait = False
         self._shutting_down = False
+        self._peer_done = False  # the peer half-closed: nothing unread can follow
+        self._lingering = False
         self._frame_deadline: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
@@ -115,6 +142,9 @@ class Connection(asyncio.Protocol):
         # Here, not at accept: a TLS handshake that fails never reaches this point.
         server._drained.clear()
         self._stats.connections_accepted += 1
+        # Pause at any unsent byte (TLS pauses at >= high, plain at > high), so
+        # the budget sees exactly what is buffered.
+        transport.set_write_buffer_limits(high=1, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference leaves Nagle on and pays ~40 ms per call for it.
@@ -124,6 +154,8 @@ class Connection(asyncio.Protocol):
             self._idle_handle = self._loop.call_later(self._idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # requests after our last reply: drained, never answered
         if self._idle_timeout is not None:
             self._last_activity = self._loop.time()
         self._reader.receive_data(data)
@@ -131,6 +163,9 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # Half-closed by the peer: finish what was read, then close our side.
+        self._peer_done = True
+        if self._lingering:
+            return False
         self._shutting_down = True
         self._process()
         # Keeping a half-open TLS transport is not supported (asyncio warns).
@@ -142,47 +177,61 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self._events_dropped:
-            notice = encode_events_dropped(self._events_dropped)
-            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
-            self._events_dropped = 0
-        if self._event_backlog:
-            self._stats.events_sent += len(self._event_backlog)
-            self._out.extend(event_frame(event) for event in self._event_backlog)
-            self._event_backlog.clear()
+        self._write_buffered = 0
+        backlog = self._backlog
+        if len(backlog) or backlog.dropped:
+            events = backlog.take()
+            frames = [frame for frame in map(event_frame, events) if self._fits_event(frame)]
+            if backlog.dropped:
+                notice = encode_events_dropped(backlog.take_dropped())
+                self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._stats.events_sent += len(frames)
+            self._out.extend(frames)
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        server = self._server
         if self._transport is None:  # refused in connection_made
-            self._server.refused.discard(self)
-            self._server._connection_gone()
+            server.refused.discard(self)
+            server._connection_gone()
             return
         self._transport = None
         self._cancel_timers()
         self._out.clear()
-        self._event_backlog.clear()
-        self._server.connections.discard(self)
-        self._server.unsubscribe(self)
-        self._server._connection_gone()
-        # In-flight procs run to the end: work accepted is not cut short.
+        self._backlog.take()
+        self._slots.clear()
+        self._slot_bytes = self._write_buffered = 0
+        self._budget.forget(self)
+        self._recharge()
+        # Nobody can receive these replies: cancel the work, as gRPC does.
+        orphans = [task for task in self._tasks if not task.done()]
+        for task in orphans:
+            task.cancel()
+        self._stats.orphans_cancelled += len(orphans)
+        server.connections.discard(self)
+        server.unsubscribe(self)
+        server._connection_gone()
 
     # --- requests -----------------------------------------------------------
 
     def _process(self) -> None:
-        """Handle every whole frame buffered, within the in-flight bound."""
+        """Handle the whole frames buffered, within the in-flight bound and a quantum."""
         transport = self._transport
-        if transport is None:
+        if transport is None or self._lingering:
             return
         reader = self._reader
         slots = self._slots
         out = self._out
         limit = self._max_in_flight
-        completed_any = False
+        quantum = _QUANTUM
         while len(slots) < limit and not self._writing_paused:
+            if not quantum:
+                self._schedule_flush()  # the rest next turn, after everyone else
+                break
             event = reader.next_event()
             if event is None:
                 break
-            completed_any = True
+            quantum -= 1
             if type(event) is Request:
                 frame = self._dispatch(event)
             elif type(event) is Rejected:
@@ -196,30 +245,44 @@ class Connection(asyncio.Protocol):
                 logger.warning("%s: closing: %s", self._peer, event.message)
                 # Answer the whole frames before the bad one, then close.
                 self._shutting_down = True
-                if not self._reading_paused:
-                    self._reading_paused = True
-                    transport.pause_reading()
                 break
             if frame is None:
                 continue  # a slot was queued; the proc is running
             if slots:
-                slots.append(_Slot(frame))
+                slots.append(_Slot(frame, len(frame)))
+                self._slot_bytes += len(frame)
             else:
                 out.append(frame)
         if out:
             self._flush()
-        blocked = len(slots) >= limit or self._writing_paused
-        self._arm_frame_deadline(completed_any, waiting_for_bytes=not blocked)
+        self._recharge()
+        completed_any = quantum < _QUANTUM
+        blocked = len(slots) >= limit or self._writing_paused or not quantum
         if self._shutting_down:
-            if not slots and not self._writing_paused:
-                transport.close()  # every whole frame received is answered
+            self._arm_frame_deadline(completed_any, waiting_for_bytes=False)
+            if not self._peer_done:
+                self._pause_reading(True)
+            if not slots and not self._writing_paused and not self._flush_scheduled:
+                self._close_lingering()  # every whole frame received is answered
             return
-        if blocked and not self._reading_paused:
-            self._reading_paused = True
-            transport.pause_reading()
-        elif not blocked and self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        if not blocked and (self._budget_wait or not self._budget.may_read(self)):
+            if not self._budget_wait:
+                self._budget_wait = True
+                self._stats.budget_waits += 1
+            # Still armed: a frame that never gets room gets an error, not a hang.
+            self._arm_frame_deadline(completed_any, waiting_for_bytes=True)
+            self._pause_reading(True)
+            return
+        self._arm_frame_deadline(completed_any, waiting_for_bytes=not blocked)
+        self._pause_reading(blocked)
+
+    def _pause_reading(self, pause: bool) -> None:
+        if pause != self._reading_paused and self._transport is not None:
+            self._reading_paused = pause
+            if pause:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
 
     def _dispatch(self, request: Request) -> bytes | None:
         """Return the reply frame now, or queue a slot and return ``None``."""
@@ -231,7 +294,9 @@ class Connection(asyncio.Protocol):
         by_method = stats.by_method  # known names only: peers cannot grow it
         by_method[method.name] = by_method.get(method.name, 0) + 1
         try:
-            params = method.decode_params(request.payload, max_depth=self._max_depth)
+            params = method.decode_params(
+                request.payload, max_depth=self._max_depth, max_items=self._max_items
+            )
         except DecodeError as exc:
             stats.error_replies += 1
             stats.protocol_violations += 1
@@ -240,7 +305,7 @@ class Connection(asyncio.Protocol):
         try:
             outcome = _eager.start(method.invoke(self._timer, params))
             if type(outcome) is not _eager.Suspended:
-                return encode_reply(RET_OK, method.encode_result(outcome))
+                return self._reply_frame(method, outcome)
         except CallError as exc:
             stats.error_replies += 1
             return _error_frame(exc.message)
@@ -248,8 +313,9 @@ class Connection(asyncio.Protocol):
             stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
             return _error_frame(f"{method.name}: internal error")
-        slot = _Slot()
+        slot = _Slot(None, len(request.payload) + _IN_FLIGHT_COST)
         self._slots.append(slot)
+        self._slot_bytes += slot.charge
         task = self._loop.create_task(self._finish(method, outcome, slot))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -257,28 +323,53 @@ class Connection(asyncio.Protocol):
         task.add_done_callback(self._server.tasks.discard)
         return None
 
+    def _reply_frame(self, method: Method[Any, Any], result: Any) -> bytes:
+        body = method.encode_result(result)
+        if len(body) > self._max_frame_size:
+            # Never send what a client with the same limit must refuse.
+            self._stats.oversize_replies += 1
+            self._stats.error_replies += 1
+            return _error_frame(
+                f"{method.name}: reply of {len(body)} bytes exceeds the limit of "
+                f"{self._max_frame_size} bytes"
+            )
+        return encode_reply(RET_OK, body)
+
     async def _finish(
         self, method: Method[Any, Any], suspended: _eager.Suspended, slot: _Slot
     ) -> None:
         try:
             result = await _eager.resume(suspended)
-            slot.frame = encode_reply(RET_OK, method.encode_result(result))
+            frame = self._reply_frame(method, result)
         except CallError as exc:
             self._stats.error_replies += 1
-            slot.frame = _error_frame(exc.message)
+            frame = _error_frame(exc.message)
         except asyncio.CancelledError:
+            if self._transport is None:
+                return  # an orphan: its caller is gone, and so is the slot
             self._stats.error_replies += 1
-            slot.frame = _error_frame(f"{method.name}: cancelled: the server is shutting down")
+            frame = _error_frame(f"{method.name}: cancelled: the server is shutting down")
         except Exception:
             self._stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
-            slot.frame = _error_frame(f"{method.name}: internal error")
+            frame = _error_frame(f"{method.name}: internal error")
+        if self._transport is None:
+            return
+        slot.frame = frame
+        self._slot_bytes += len(frame) - slot.charge
+        slot.charge = len(frame)
         self._slot_ready()
 
     def _dispatch_extension(self, request: Request) -> bytes:
         """Answer a method that is not a Timer proc: the event extension, or unknown."""
         if request.method == SUBSCRIBE:
-            return self._subscribe(request.payload)
+            try:
+                names = decode_subscribe(request.payload, max_depth=self._max_depth)
+            except DecodeError as exc:
+                self._stats.error_replies += 1
+                return _error_frame(str(exc))
+            self._server.subscribe(self)
+            return encode_reply(RET_OK, encode_item({"events": names}))
         if request.method == UNSUBSCRIBE:
             self._server.unsubscribe(self)
             return encode_reply(RET_OK, encode_item(None))
@@ -287,40 +378,20 @@ class Connection(asyncio.Protocol):
 
     # --- events ---------------------------------------------------------------
 
-    def _subscribe(self, payload: bytes) -> bytes:
-        try:
-            item = decode_item(payload, max_depth=self._max_depth) if payload else {}
-        except DecodeError as exc:
-            return _error_frame(f"{SUBSCRIBE}: invalid request: {exc}")
-        names = item.get("events", list(EVENTS)) if isinstance(item, dict) else None
-        if (
-            not isinstance(item, dict)
-            or set(item) - {"events"}
-            or not isinstance(names, list)
-            or not names
-            or any(name not in EVENTS for name in names)
-        ):
-            known = ", ".join(EVENTS)
-            return _error_frame(
-                f"{SUBSCRIBE}: invalid request: expected {{}} or {{events: [names]}} with names "
-                f"from: {known}"
-            )
-        self._server.subscribe(self)
-        return encode_reply(RET_OK, encode_item({"events": names}))
-
     @property
     def events_paused(self) -> bool:
         """Whether event frames must wait: the peer is not reading."""
         return self._writing_paused
 
     def hold_event(self, event: EchoEvent) -> None:
-        """Keep an event until the peer reads again, dropping the oldest past the bound."""
-        backlog = self._event_backlog
-        if len(backlog) >= self._max_event_queue:
-            backlog.popleft()  # the oldest goes; the notice says how many
-            self._events_dropped += 1
-            self._stats.events_dropped += 1
-        backlog.append(event)
+        """Keep an event until the peer reads again; drop the oldest past the bounds."""
+        backlog = self._backlog
+        lost = backlog.hold(event)
+        self._recharge()
+        while self._budget.over() and backlog.drop_oldest():
+            lost += 1  # the server as a whole is full: this backlog yields first
+            self._recharge()
+        self._stats.events_dropped += lost
 
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
@@ -329,13 +400,32 @@ class Connection(asyncio.Protocol):
             self._out.append(frame)
             self._schedule_flush()
 
+    def drop_event(self) -> None:
+        """Count an event this subscriber will never get, for its next drop notice."""
+        self._backlog.dropped += 1
+        self._stats.events_dropped += 1
+        if not self._writing_paused and self._transport is not None:
+            notice = encode_events_dropped(self._backlog.take_dropped())
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._schedule_flush()
+
+    def _fits_event(self, frame: bytes) -> bool:
+        if len(frame) - 8 <= self._max_frame_size:
+            return True
+        self._stats.oversize_events += 1
+        self._stats.events_dropped += 1
+        self._backlog.dropped += 1
+        return False
+
     # --- replies ------------------------------------------------------------
 
     def _slot_ready(self) -> None:
         slots = self._slots
         out = self._out
         while slots and slots[0].frame is not None:
-            out.append(slots.popleft().frame)  # type: ignore[arg-type]
+            slot = slots.popleft()
+            self._slot_bytes -= slot.charge
+            out.append(slot.frame)  # type: ignore[arg-type]
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -352,9 +442,27 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self._out
-        if self._transport is not None:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        transport = self._transport
+        if transport is not None:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if self._writing_paused:
+                self._write_buffered = transport.get_write_buffer_size()
         out.clear()
+
+    def _recharge(self) -> None:
+        """Tell the budget what this connection holds now."""
+        held = self._slot_bytes + self._write_buffered + self._backlog.bytes
+        if self._transport is not None and not self._lingering:
+            held += self._reader.buffered
+        before = self.held
+        if held != before:
+            self.held = held
+            self._budget.update(before, held)
+
+    def budget_granted(self) -> None:
+        """Room was freed for this connection: read again (next turn)."""
+        self._budget_wait = False
+        self._schedule_flush()
 
     # --- endings ------------------------------------------------------------
 
@@ -363,9 +471,6 @@ class Connection(asyncio.Protocol):
         if self._transport is None or self._shutting_down:
             return
         self._shutting_down = True
-        if not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()
         self._process()
 
     def abort(self) -> None:
@@ -374,6 +479,25 @@ class Connection(asyncio.Protocol):
             task.cancel()
         if self._transport is not None:
             self._transport.abort()
+
+    def _close_lingering(self) -> None:
+        """Close after the last reply without destroying it, as nginx does.
+
+        Closing with unread requests in the socket makes the kernel send RST,
+        and a RST can discard replies the peer has not read yet. So send FIN
+        first, then read and drop until the peer closes or ``_LINGER`` passes.
+        """
+        transport = self._transport
+        assert transport is not None
+        if self._peer_done or not transport.can_write_eof():
+            transport.close()  # TLS has no half-close; a finished peer sends nothing
+            return
+        self._lingering = True
+        self._cancel_timers()
+        self._recharge()  # what is left unread is dropped, not held
+        transport.write_eof()
+        self._pause_reading(False)
+        self._frame_deadline = self._loop.call_later(_LINGER, transport.close)
 
     def _fail(self, reason: str) -> None:
         self._stats.protocol_violations += 1
@@ -397,6 +521,22 @@ class Connection(asyncio.Protocol):
 
     def _frame_timed_out(self) -> None:
         self._frame_deadline = None
+        if self._budget_wait:
+            method = self._reader.abandon_frame()
+            if method is not None:
+                # Our fault, not the peer's: answer, skip the rest, stay in sync.
+                self._stats.budget_timeouts += 1
+                self._stats.error_replies += 1
+                self._out.append(
+                    _error_frame(
+                        f"{method}: the server's memory budget stayed spent for "
+                        f"{self._frame_timeout} s; the request was dropped, try again later"
+                    )
+                )
+                self._budget_wait = False
+                self._budget.forget(self)
+                self._schedule_flush()
+                return
         self._stats.frame_timeouts += 1
         self._fail(f"frame not finished within {self._frame_timeout} s")
 

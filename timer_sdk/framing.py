@@ -198,6 +198,31 @@ class RequestReader(_Reader):
             return Rejected(raw_method.decode("utf-8", "replace"), "method name is not valid UTF-8")
         return Request(method, bytes(buf[payload_at:end]))
 
+    def abandon_frame(self) -> str | None:
+        """Give up the partial frame: free what is buffered of it, skip the rest.
+
+        Returns its method name, for an error reply that keeps the stream in
+        sync, or ``None`` (nothing abandoned) when its header has not all
+        arrived or no frame is partial.
+        """
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if self._broken or size - pos < 4:
+            return None
+        (method_len,) = _unpack_u32(buf, pos)
+        payload_at = pos + 8 + method_len
+        if size < payload_at:
+            return None
+        (payload_len,) = _unpack_u32(buf, payload_at - 4)
+        have = size - payload_at
+        if have >= payload_len:
+            return None  # whole: it is the driver's to take, not to abandon
+        method = bytes(buf[pos + 4 : payload_at - 4]).decode("utf-8", "replace")
+        del buf[pos:]
+        self._skip = payload_len - have
+        return method
+
 
 class ReplyReader(_Reader):
     """Client side: split the receive buffer into reply frames."""

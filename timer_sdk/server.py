@@ -15,13 +15,17 @@ import logging
 import os
 import socket
 import stat
+from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Callable
 from ssl import SSLContext
 from types import TracebackType
 
 from .address import Address
+from .backlog import event_size
+from .budget import Budget
 from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
+from .listener import Acceptor
 from .models import EchoEvent
 from .timer import Timer
 
@@ -31,6 +35,7 @@ logger = logging.getLogger("timer_sdk.server")
 
 # asyncio's default of 100 makes a burst of connects fail before max_connections applies.
 _BACKLOG = socket.SOMAXCONN
+_REPLY_HEAD = 8  # ret and length, before the body that max_frame_size bounds
 _ABORT_GRACE = 1.0  # seconds for cancelled procs to send their error replies
 
 
@@ -49,6 +54,7 @@ class Server:
         self.limits = limits
         self.loop = loop
         self.stats = ServerStats()
+        self.budget = Budget(limits.memory_budget)
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused: set[Connection] = set()  # being aborted in connection_made
@@ -57,6 +63,7 @@ class Server:
         self._stop_listening: Callable[[], None] | None = None
         self._address: Address | None = None
         self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._unix_path: str | None = None
         self._unix_inode: int | None = None
         self._closed = asyncio.Event()
@@ -101,6 +108,8 @@ class Server:
             return
         self.closing = True
         assert self._server is not None
+        if self._acceptor is not None:
+            await self._acceptor.close()
         self._server.close()
         await asyncio.sleep(0)  # connections already accepted reach connection_made
         for conn in list(self.connections):
@@ -162,8 +171,17 @@ class Server:
             self._stop_listening = None
 
     def _publish_echo(self, event: EchoEvent) -> None:
-        frame = None  # encoded once for all, and never for subscribers who are not reading
-        for conn in self._subscribers:
+        subscribers = self._subscribers
+        if event_size(event) > self.limits.max_frame_size:
+            whole = event_frame(event)  # rare: the estimate says it may not fit
+            if len(whole) - _REPLY_HEAD > self.limits.max_frame_size:
+                # No subscriber could accept it; each one is told it was dropped.
+                self.stats.oversize_events += 1
+                for conn in subscribers:
+                    conn.drop_event()
+                return
+        frame: bytes | None = None  # encoded once, never for subscribers who are not reading
+        for conn in subscribers:
             if conn.events_paused:
                 conn.hold_event(event)
             else:
@@ -183,30 +201,44 @@ class Server:
     ) -> None:
         if address.scheme == "tls" and ssl is None:
             raise ValueError(f"{address}: a tls: address needs an ssl.SSLContext (ssl=...)")
+        if address.scheme == "unix" and ssl is not None:
+            raise ValueError(f"{address}: TLS is for tcp: and tls: addresses")
+        # A handshake that never finishes is a slowloris too.
+        handshake_timeout = (self.limits.frame_timeout or None) if ssl else None
+        # On the selector loop we accept ourselves (listener.py); uvloop accepts well.
+        own_accept = isinstance(self.loop, BaseSelectorEventLoop)
         if address.scheme == "unix":
-            if ssl is not None:
-                raise ValueError(f"{address}: TLS is for tcp: and tls: addresses")
             sock = _bind_unix(address.path, unix_mode)
             self._unix_path = address.path
             self._unix_inode = os.stat(address.path).st_ino
             self._server = await self.loop.create_unix_server(
-                self._protocol, sock=sock, backlog=_BACKLOG
+                self._protocol, sock=sock, backlog=_BACKLOG, start_serving=not own_accept
             )
             self._address = address
-            return
-        self._server = await self.loop.create_server(
-            self._protocol,
-            address.host,
-            address.port,
-            ssl=ssl,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=_BACKLOG,
-            # A handshake that never finishes is a slowloris too.
-            ssl_handshake_timeout=(self.limits.frame_timeout or None) if ssl else None,
-        )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self._address = Address("tls" if ssl else "tcp", host=host, port=port)
+        else:
+            self._server = await self.loop.create_server(
+                self._protocol,
+                address.host,
+                address.port,
+                ssl=None if own_accept else ssl,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=_BACKLOG,
+                ssl_handshake_timeout=None if own_accept else handshake_timeout,
+                start_serving=not own_accept,
+            )
+            host, port = self._server.sockets[0].getsockname()[:2]
+            self._address = Address("tls" if ssl else "tcp", host=host, port=port)
+        if own_accept:
+            self._acceptor = Acceptor(
+                self.loop,
+                [sock.dup() for sock in self._server.sockets],
+                self._protocol,
+                ssl=ssl,
+                handshake_timeout=handshake_timeout,
+                stats=self.stats,
+                backlog=_BACKLOG,
+            )
 
     async def __aenter__(self) -> Server:
         return self
