@@ -54,7 +54,7 @@ __all__ = ["Connection", "event_frame"]
 
 logger = logging.getLogger("timer_sdk.server")
 
-_QUANTUM = 64
+_QUANTUM = 16
 """Frames one connection handles per loop turn before the others get theirs."""
 
 _IN_FLIGHT_COST = 2048

@@ -1,0 +1,232 @@
+"""Faults between well-behaved peers: shutdown, descriptors, oversize frames, a busy loop.
+
+Each test drives a real server over real sockets, most of them as a
+``timer-sdk serve`` subprocess, so that its loop and its descriptors are its
+own. Traffic goes to 127.0.0.1 and to Unix sockets only, and every flood is
+bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cbor2
+import pytest
+import uvloop
+
+from timer_sdk import (
+    ConnectionLost,
+    EchoEvent,
+    EchoRequest,
+    EventsDropped,
+    RemoteCallError,
+    Server,
+    Timer,
+    TimerClient,
+    TimerConfig,
+)
+from timer_sdk.framing import DEFAULT_MAX_FRAME_SIZE
+from timer_sdk.soak import ServerProcess
+
+from .conftest import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks (USER_HZ)
+
+
+# --- graceful shutdown loses no reply -----------------------------------------
+
+
+async def _shutdown_under_load(address: str) -> tuple[int, int, int]:
+    """50 clients x 200 pipelined echoes; close the server mid-way.
+
+    Returns (replies delivered, calls failed with ConnectionLost, requests the
+    server dispatched). Each connection sends 800 KB, more than the server
+    reads at once, so requests are still unread in its socket when the server
+    closes: the case that made the kernel send RST and destroy delivered replies.
+    """
+    padding = "x" * 4000
+    server = await Timer(TimerConfig(name="ipc-server")).serve(address)
+    clients = [await TimerClient.connect(server.address) for _ in range(50)]
+    calls = [
+        asyncio.ensure_future(client.echo(EchoRequest(message=f"{n}{padding}", delay_ms=200)))
+        for client in clients
+        for n in range(200)
+    ]
+    await wait_until(lambda: server.stats.requests >= 50 * 50, timeout=60)
+    await server.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for client in clients:
+        await client.close()
+    delivered = sum(1 for r in results if not isinstance(r, BaseException))
+    lost = sum(1 for r in results if isinstance(r, ConnectionLost))
+    unexpected = [
+        r for r in results if isinstance(r, BaseException) and r.__class__ is not ConnectionLost
+    ]
+    assert not unexpected, unexpected[:3]
+    return delivered, lost, server.stats.requests
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_graceful_shutdown_delivers_every_reply_it_wrote(
+    loop_name: str, kind: str, tmp_path: Path
+) -> None:
+    address = f"unix:{tmp_path / 's.sock'}" if kind == "unix" else "tcp:127.0.0.1:0"
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        delivered, lost, dispatched = runner.run(_shutdown_under_load(address))
+    # Every request the server took was answered with a success, and every such
+    # reply reached its caller; only the requests it never read failed.
+    assert delivered == dispatched
+    assert delivered + lost == 50 * 200
+    assert lost > 0, "the server read everything: the test did not leave unread requests"
+
+
+# --- out of file descriptors ----------------------------------------------------
+
+
+def _limited_server(address: str, nofile: int, *args: str) -> ServerProcess:
+    server = ServerProcess(address, *args)
+    run = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+        "sys.argv = ['timer-sdk', *sys.argv[1:]]; "
+        "runpy.run_module('timer_sdk', run_name='__main__')"
+    )
+    server.argv = [sys.executable, "-c", run, *server.argv[3:]]
+    return server
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+async def test_out_of_descriptors_backs_off_and_recovers(loop_name: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    flood_size = min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200)
+    assert flood_size > 400, "the test needs several hundred descriptors of its own"
+    async with _limited_server("tcp:127.0.0.1:0", 256, "--loop", loop_name) as server:
+        host, port = server.address.removeprefix("tcp:").rsplit(":", 1)
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(flood_size):
+                sock = socket.socket()
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect_ex((host, int(port)))
+                flood.append(sock)
+            # The server has run out of descriptors: now it must idle, not spin.
+            before = cpu_seconds(server.pid)
+            await asyncio.sleep(1.0)  # a measuring window, not a synchronisation
+            busy = cpu_seconds(server.pid) - before
+        finally:
+            for sock in flood:
+                sock.close()
+        started = time.perf_counter()
+        async with await TimerClient.connect(server.address, timeout=10) as client:
+            await client.version()
+        recovered = time.perf_counter() - started
+        tracebacks = sum("Traceback" in line for line in server.lines)
+        notices = [line for line in server.lines if "out of file descriptors" in line]
+    assert busy < 0.5, f"the server burned {busy:.2f} s of CPU in 1 s while out of descriptors"
+    assert tracebacks == 0, "\n".join(server.lines[-20:])
+    if loop_name == "asyncio":
+        # Once per episode (an accept that works ends one), not once per attempt.
+        assert 1 <= len(notices) <= 10, notices
+    assert recovered < 2.0, f"first call after the flood took {recovered:.2f} s"
+
+
+# --- nothing sent that the client must refuse ---------------------------------
+
+
+def _message_at_limit() -> str:
+    """A message whose echo request payload is exactly the default frame limit."""
+    envelope = {"req": {"message": "", "delayMs": 0}}
+    overhead = len(cbor2.dumps(envelope)) + 4  # the string's length grows to 5 bytes
+    return "x" * (DEFAULT_MAX_FRAME_SIZE - overhead)
+
+
+async def test_a_reply_over_the_limit_is_an_error_reply(server: Server) -> None:
+    message = _message_at_limit()
+    payload = cbor2.dumps({"req": {"message": message, "delayMs": 0}})
+    assert len(payload) == DEFAULT_MAX_FRAME_SIZE  # accepted: at the limit, not over
+    async with await TimerClient.connect(server.address, timeout=30) as client:
+        with pytest.raises(
+            RemoteCallError, match=r"echo: reply of 1048582 bytes exceeds the limit"
+        ):
+            await client.echo(EchoRequest(message=message, delay_ms=0))
+        with pytest.raises(RemoteCallError, match="exceeds the limit"):
+            await client.echo(EchoRequest(message=message, delay_ms=1))  # the Task path
+        assert (await client.echo(EchoRequest(message="after", delay_ms=0))).echoed == "after"
+    assert server.stats.oversize_replies == 2
+
+
+async def test_an_event_over_the_limit_is_dropped_and_counted_not_sent(server: Server) -> None:
+    async with (
+        await TimerClient.connect(server.address, timeout=30) as watcher,
+        await TimerClient.connect(server.address, timeout=30) as caller,
+        watcher.events() as events,
+    ):
+        with contextlib.suppress(RemoteCallError):  # its reply is over the limit too
+            await caller.echo(EchoRequest(message=_message_at_limit(), delay_ms=0))
+        await caller.echo(EchoRequest(message="small", delay_ms=0))
+        items = [await anext(events), await anext(events)]
+        # The subscriber stays connected, and its calls still work.
+        assert (await watcher.echo(EchoRequest(message="still here", delay_ms=0))).echoed
+    assert items[0] == EventsDropped(1)
+    assert isinstance(items[1], EchoEvent) and items[1].message == "small"
+    assert server.stats.oversize_events == 1
+
+
+# --- a busy loop still answers a newcomer ----------------------------------------
+
+
+async def _timed(call: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+async def test_a_new_connection_is_answered_within_a_second_under_saturation(
+    loop_name: str,
+) -> None:
+    async with ServerProcess("tcp:127.0.0.1:0", "--loop", loop_name) as server:
+        idle = await TimerClient.connect(server.address, timeout=30)
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests._flood", server.address, "50", "200", "60",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        assert flood.stdin is not None and flood.stdout is not None
+        try:
+            assert await asyncio.wait_for(flood.stdout.readline(), 60) == b"ready\n"
+
+            async def first_call() -> None:
+                async with await TimerClient.connect(server.address, timeout=30) as fresh:
+                    await fresh.version()
+
+            newcomer = [await _timed(first_call) for _ in range(5)]
+            old_timer = [await _timed(idle.version) for _ in range(5)]
+        finally:
+            flood.stdin.close()
+            replies = int(await asyncio.wait_for(flood.stdout.readline(), 60))
+            await flood.wait()
+            await idle.close()
+    assert replies > 50 * 200, "the flood did not keep the server busy"
+    assert max(newcomer) < 1.0, f"a new connection's first call took {newcomer}"
+    assert max(old_timer) < 1.0, f"an idle connection's call took {old_timer}"
