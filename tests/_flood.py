@@ -1,6 +1,7 @@
 """A saturating load in its own process: ``python -m tests._flood ADDRESS CONNS DEPTH SECONDS``.
 
-Opens CONNS connections, keeps DEPTH echo requests in flight on each, and
+Opens CONNS connections, keeps DEPTH echo requests (no delay, so the server
+answers each one inline, the costliest case for fairness) in flight on each, and
 prints ``ready`` once every connection has had a reply. It stops when its
 standard input closes or after SECONDS, whichever comes first, then prints
 the number of replies. Loopback and Unix sockets only.
@@ -12,7 +13,12 @@ import asyncio
 import sys
 import threading
 
-from tests.vectors import ECHO_REPLY, ECHO_REQUEST
+import cbor2
+
+_PAYLOAD = cbor2.dumps({"req": {"message": "flood", "delayMs": 0}})
+_BODY = cbor2.dumps({"echoed": "flood", "timerName": "ipc-server"})
+ECHO_REQUEST = b"\0\0\0\4echo" + len(_PAYLOAD).to_bytes(4, "big") + _PAYLOAD
+ECHO_REPLY = b"\0\0\0\0" + len(_BODY).to_bytes(4, "big") + _BODY
 
 
 class _Flood(asyncio.Protocol):
