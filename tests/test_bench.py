@@ -14,17 +14,34 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from timer_sdk import EchoRequest, Server, TimerClient
+from timer_sdk import EchoRequest, EchoResponse, Server, TimerClient
 from timer_sdk.bench import GROUPS, main
 from timer_sdk.bench.floor import FloorClient, FloorError, serve_floor
 from timer_sdk.bench.loadgen import run_job
+from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
 from timer_sdk.framing import encode_request
+from timer_sdk.models import EchoParams, VersionParams
 
 from .conftest import RawConnection
 
 VERSION = encode_request(b"version", b"\xa0")
 ECHO = encode_request(b"echo", cbor2.dumps({"req": {"message": "hello", "delayMs": 0}}))
 SLOW_ECHO = encode_request(b"echo", cbor2.dumps({"req": {"message": "slow", "delayMs": 20}}))
+SCHEDULE: dict[str, dict[str, object]] = {
+    "job": {"name": "j", "payload": ["p"], "priority": 1},
+    "retry": {"maxAttempts": 3, "backoffMs": 100, "retryOn": ["timeout"]},
+    "schedule": {"startAtMs": 1000, "intervalMs": 500, "jitter": 7},
+}
+EVERY_METHOD = [
+    VERSION,
+    SLOW_ECHO,
+    ECHO,
+    encode_request(b"complex", cbor2.dumps({"req": {"messages": [], "tags": ["t"], "note": "n"}})),
+    encode_request(b"schedule", cbor2.dumps(SCHEDULE)),
+    encode_request(b"schedule", cbor2.dumps({**SCHEDULE, "job": {**SCHEDULE["job"], "name": ""}})),
+    encode_request(b"nosuch", b"\xa0"),
+    ECHO,
+]
 ROW_KEYS = {"group", "name", "unit", "ours", "floor", "ratio", "loop", "better", "target", "met",
             "reference", "detail"}  # fmt: skip
 
@@ -64,6 +81,53 @@ async def test_floor_client_gets_what_our_client_gets(server: Server) -> None:
         reply = await ours.echo(EchoRequest(message="m", delay_ms=0))
         floor_reply = await floor.call(b"echo", {"req": {"message": "m", "delayMs": 0}})
         assert floor_reply == {"echoed": reply.echoed, "timerName": reply.timer_name}
+        with pytest.raises(FloorError, match="unknown method: nosuch"):
+            await floor.call(b"nosuch", {})
+    finally:
+        await ours.close()
+        await floor.close()
+
+
+async def test_models_floor_answers_the_same_bytes_as_ours(server: Server, tmp_path: Path) -> None:
+    models_address = (
+        f"unix:{tmp_path / 'models.sock'}"
+        if server.address.startswith("unix:")
+        else "tcp:127.0.0.1:0"
+    )
+    floor, models_address = await serve_models_floor(models_address, server.timer.name)
+    try:
+        replies: dict[str, list[tuple[int, bytes]]] = {}
+        for name, address in (("ours", server.address), ("models floor", models_address)):
+            conn = await RawConnection.open(address)
+            try:
+                # Pipelined, a delayed echo ahead of quick calls, an error from a proc, an
+                # unknown method, and the last frame cut after the first reply came back.
+                data = b"".join(EVERY_METHOD)
+                cut = len(data) - len(ECHO) + 5
+                await conn.send(data[:cut])
+                first = await conn.recv_reply()
+                await conn.send(data[cut:])
+                replies[name] = [first] + [await conn.recv_reply() for _ in EVERY_METHOD[1:]]
+            finally:
+                await conn.close()
+        assert replies["models floor"] == replies["ours"]
+        assert [ret for ret, _ in replies["ours"]] == [0, 0, 0, 0, 0, 1, 1, 0]
+        assert cbor2.loads(replies["ours"][1][1])["echoed"] == "slow"
+        assert replies["ours"][5][1] == b"job name must not be empty"
+    finally:
+        floor.close()
+        await floor.wait_closed()
+
+
+async def test_models_floor_client_gets_the_models_our_client_gets(server: Server) -> None:
+    ours = await TimerClient.connect(server.address, timeout=30)
+    floor = await ModelsFloorClient.connect(server.address)
+    try:
+        request = EchoRequest(message="m", delay_ms=0)
+        assert await floor.call_model(b"version", VersionParams()) == await ours.version()
+        reply = await floor.call_model(b"echo", EchoParams(req=request))
+        assert reply == await ours.echo(request)
+        assert isinstance(reply, EchoResponse)
         with pytest.raises(FloorError, match="unknown method: nosuch"):
             await floor.call(b"nosuch", {})
     finally:
