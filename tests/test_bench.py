@@ -9,16 +9,20 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Server, TimerClient
-from timer_sdk.bench import GROUPS, main
+from timer_sdk.bench import GROUPS, TARGETS, main
 from timer_sdk.bench.floor import FloorClient, FloorError, serve_floor
 from timer_sdk.bench.loadgen import run_job
 from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
+from timer_sdk.bench.processes import ServerProcess, start
 from timer_sdk.framing import encode_request
 from timer_sdk.models import EchoParams, VersionParams
 
@@ -43,7 +47,8 @@ EVERY_METHOD = [
     ECHO,
 ]
 ROW_KEYS = {"group", "name", "unit", "ours", "floor", "ratio", "loop", "better", "target", "met",
-            "reference", "detail"}  # fmt: skip
+            "reference", "detail", "models_floor", "models_ratio", "target_basis", "against",
+            "against_skipped"}  # fmt: skip
 
 
 async def test_floor_answers_the_same_bytes_as_ours(server: Server, tmp_path: Path) -> None:
@@ -137,7 +142,7 @@ async def test_models_floor_client_gets_the_models_our_client_gets(server: Serve
 
 def test_loadgen_targets_only_loopback_and_bounds_its_jobs() -> None:
     job = {"mode": "pingpong", "request": VERSION.hex(), "duration": 0.1}
-    with pytest.raises(ValueError, match=r"only targets 127\.0\.0\.1"):
+    with pytest.raises(ValueError, match=r"only targets 127\.0\.0\.1 and ::1"):
         run_job({**job, "address": "tcp:192.0.2.1:9099"})
     with pytest.raises(ValueError, match="conns"):
         run_job({**job, "address": "tcp:127.0.0.1:9", "conns": 100_000})
@@ -150,19 +155,44 @@ def test_unknown_group_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown group 'nosuch'" in capsys.readouterr().err
 
 
-def test_bench_quick_runs_and_writes_its_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "timer_sdk", "bench", "--quick", "--loop", "asyncio",
-            "--duration", "0.1", "--json", str(out)]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=110, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "| loop | measurement |" in done.stdout
-    document = json.loads(out.read_text())
+@pytest.fixture
+def second_server() -> Iterator[ServerProcess]:
+    """A second instance of our server, in its own process: the "foreign" server."""
+    server = start("ours", "tcp:127.0.0.1:0", "asyncio")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _run_bench(*args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``timer-sdk bench --quick`` with ``args`` in a subprocess; return its table and JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        argv = [sys.executable, "-m", "timer_sdk", "bench", "--quick", "--loop", "asyncio",
+                "--json", str(out), *args]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=110, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, json.loads(out.read_text())
+
+
+def test_bench_quick_runs_against_a_second_server(second_server: ServerProcess) -> None:
+    against = second_server.address
+    table, document = _run_bench("--duration", "0.1", "--against", against)
+    widest = max(table.splitlines(), key=len)
+    assert len(widest) <= 100, widest
+    assert table.index("Targets: ours against the models floor") < table.index("Event loop")
+    assert f"↳ against: {against}" in table
+    assert "skip: tcp address" in table  # on every unix row
+    assert "reference" not in table
     assert document["schema"] == 1
     assert document["quick"] is True
+    assert document["against"] == against
     assert document["settings"]["loops"] == ["asyncio"]
+    assert len(document["machine"]["loadavg"]) == 3
     rows = document["rows"]
-    expected = set(GROUPS) if sys.platform == "linux" else set(GROUPS) - {"memory"}
+    linux = sys.platform == "linux"
+    expected = set(GROUPS) if linux else set(GROUPS) - {"memory"}
     assert {row["group"] for row in rows} == expected
     for row in rows:
         assert set(row) == ROW_KEYS, row
@@ -170,15 +200,64 @@ def test_bench_quick_runs_and_writes_its_json(tmp_path: Path) -> None:
         assert row["unit"] in ("calls/s", "µs", "KiB", "MiB")
         assert row["loop"] in ("asyncio", "none")
         assert row["better"] in ("higher", "lower")
-        assert row["ours"] > 0, row
-        assert row["floor"] > 0, row
+        for who in ("ours", "floor", "models_floor"):
+            assert row[who] > 0, (who, row)
         assert math.isclose(row["ratio"], row["ours"] / row["floor"])
+        assert math.isclose(row["models_ratio"], row["ours"] / row["models_floor"])
+        assert row["reference"] is None
+        assert (row["target"] is None) == (row["name"] not in TARGETS), row
         assert row["met"] is None or isinstance(row["met"], bool)
-    names = {row["name"] for row in rows}
-    assert "ping-pong echo unix p50" in names
-    assert "pipelined echo unix 4x32" in names
-    assert "client gather version" in names
-    assert "workers=2 echo tcp 8x32" in names
+        # The second server speaks tcp: it is measured on every tcp server row, and
+        # every other row says why not.
+        measured = row["group"] in ("ping-pong", "pipelined") and " tcp" in row["name"]
+        assert (row["against"] is not None) == measured, row
+        assert (row["against_skipped"] is None) == measured, row
+        if measured:
+            assert row["against"] > 0, row
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["ping-pong echo unix p50"]["against_skipped"] == "tcp address"
+    assert by_name["workers=2 echo tcp 8x32"]["against_skipped"] == "not ours to start"
+    assert by_name["client gather echo"]["against_skipped"] == "client row"
+    assert by_name["codec echo: all four steps"]["against_skipped"] == "in process"
+    for name in TARGETS:
+        if linux or "CPU" not in name:
+            assert by_name[name]["target"], name
+    if linux:
+        cpu = by_name["server CPU per pipelined echo unix 4x32"]
+        assert cpu["target_basis"] == "value"
+        assert cpu["against_skipped"] == "tcp address"
+        assert cpu["met"] == (cpu["ours"] <= 12)
+        assert by_name["server RSS per idle connection"]["against_skipped"] == "not our process"
+    pipelined = by_name["pipelined echo unix 4x32"]
+    assert pipelined["target_basis"] == "models floor"
+    assert pipelined["met"] == (pipelined["models_ratio"] >= 1.2)
+
+
+def test_bench_against_the_floor_server(tmp_path: Path) -> None:
+    # The floor as a stand-in for another implementation: it shares no code with ours.
+    address = f"unix:{tmp_path / 'foreign.sock'}"
+    foreign = start("floor", address, "asyncio")
+    try:
+        table, document = _run_bench("--only", "ping-pong", "--duration", "0.05",
+                                     "--against", address)  # fmt: skip
+    finally:
+        foreign.stop()
+    rows = document["rows"]
+    assert {row["group"] for row in rows} == {"ping-pong"}
+    for row in rows:
+        if " unix" in row["name"]:
+            assert row["against"] > 0, row
+        else:
+            assert row["against"] is None, row
+            assert row["against_skipped"] == "unix address", row
+    assert "skip: unix address" in table
+
+
+def test_against_refuses_what_it_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--against", "tcp:192.0.2.1:9099", "--only", "codec"]) == 2
+    assert "only loopback (127.0.0.1, ::1), not 192.0.2.1" in capsys.readouterr().err
+    assert main(["--against", "localhost:9099", "--only", "codec"]) == 2
+    assert "--against wants unix:PATH or tcp:127.0.0.1:PORT" in capsys.readouterr().err
 
 
 def test_python_dash_m_bench_has_help() -> None:

@@ -48,7 +48,16 @@ from .floor import (
     serve_floor,
 )
 
-__all__ = ["PROCS", "ModelsFloorClient", "ModelsFloorServer", "Proc", "serve_models_floor"]
+__all__ = [
+    "PROCS",
+    "ModelsFloorClient",
+    "ModelsFloorServer",
+    "Proc",
+    "dump",
+    "load_params",
+    "serve_models_floor",
+    "validate_result",
+]
 
 R = TypeVar("R")
 
@@ -82,10 +91,31 @@ PROCS: dict[bytes, Proc] = {
 }
 
 
+def dump(value: Any) -> bytes:
+    """Encode a model (by its wire names, no ``None`` optionals) or a plain value."""
+    if isinstance(value, BaseModel):
+        value = value.__pydantic_serializer__.to_python(value, by_alias=True, exclude_none=True)
+    return cbor2.dumps(value)
+
+
+def load_params(proc: Proc, payload: bytes) -> Any:
+    """Decode and validate a request payload into the proc's envelope model."""
+    return proc.params.__pydantic_validator__.validate_python(
+        cbor2.loads(payload) if payload else {}
+    )
+
+
+def validate_result(proc: Proc, item: Any) -> Any:
+    """Validate a decoded reply body into the proc's result type."""
+    if proc.result is str:
+        if type(item) is not str:
+            raise FloorError(f"expected a str, got {item!r:.80}")
+        return item
+    return proc.result.__pydantic_validator__.validate_python(item)
+
+
 def _encode(result: Any) -> bytes:
-    if isinstance(result, BaseModel):
-        result = result.__pydantic_serializer__.to_python(result, by_alias=True, exclude_none=True)
-    body = cbor2.dumps(result)
+    body = dump(result)
     return _pack_reply_head(0, len(body)) + body
 
 
@@ -112,9 +142,7 @@ class ModelsFloorServer(FloorServer):
         if proc is None:
             return _error(f"unknown method: {method.decode('utf-8', 'replace')}")
         try:
-            params = proc.params.__pydantic_validator__.validate_python(
-                cbor2.loads(payload) if payload else {}
-            )
+            params = load_params(proc, payload)
             coro = proc.call(self._timer, params)
             if not proc.may_wait(params):
                 return _encode(_run_now(coro))
@@ -143,14 +171,8 @@ class ModelsFloorClient(FloorClient):
 
     async def call_model(self, method: bytes, params: BaseModel) -> Any:
         """Encode ``params``, call ``method``, validate the reply into its result type."""
-        proc = PROCS[method]
         wire = params.__pydantic_serializer__.to_python(params, by_alias=True, exclude_none=True)
-        body = await self.call(method, wire)
-        if proc.result is str:
-            if type(body) is not str:
-                raise FloorError(f"{method.decode()}: expected a str, got {body!r:.80}")
-            return body
-        return proc.result.__pydantic_validator__.validate_python(body)
+        return validate_result(PROCS[method], await self.call(method, wire))
 
 
 async def serve_models_floor(
