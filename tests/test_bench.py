@@ -253,11 +253,15 @@ def test_bench_against_the_floor_server(tmp_path: Path) -> None:
     assert "skip: unix address" in table
 
 
-def test_against_refuses_what_it_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:
+def test_against_refuses_what_it_cannot_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["--against", "tcp:192.0.2.1:9099", "--only", "codec"]) == 2
     assert "only loopback (127.0.0.1, ::1), not 192.0.2.1" in capsys.readouterr().err
     assert main(["--against", "localhost:9099", "--only", "codec"]) == 2
     assert "--against wants unix:PATH or tcp:127.0.0.1:PORT" in capsys.readouterr().err
+    assert main(["--against", f"unix:{tmp_path / 'nothing.sock'}", "--only", "codec"]) == 2
+    assert "nothing.sock: cannot connect" in capsys.readouterr().err
 
 
 def test_python_dash_m_bench_has_help() -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -80,6 +81,24 @@ class Foreign:
 
     def __init__(self, address: str) -> None:
         self.address = address
+
+    def check(self) -> None:
+        """Raise :class:`ValueError` unless something accepts connections at the address."""
+        scheme, _, rest = self.address.partition(":")
+        host, _, port = rest.rpartition(":")
+        try:
+            if scheme == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                target: Any = rest
+            else:
+                host = host.strip("[]")
+                sock = socket.socket(loadgen_module.LOOPBACK[host], socket.SOCK_STREAM)
+                target = (host, int(port))
+            with sock:
+                sock.settimeout(10)
+                sock.connect(target)
+        except OSError as exc:
+            raise ValueError(f"--against {self.address}: cannot connect: {exc}") from None
 
     def stop(self) -> None:
         """Not ours to stop."""

@@ -90,6 +90,8 @@ def run_benchmark(settings: Settings | None = None) -> dict[str, Any]:
     start_progress(settings.progress)
     loadgen_loop = available_loops()[-1]
     against = Foreign(settings.against) if settings.against else None
+    if against is not None:
+        against.check()
     rows: list[Row] = []
     loadavg = _loadavg()
     started = time.perf_counter()

@@ -292,7 +292,7 @@ def _bench_pipelined(
             row = _row(ctx, ("pipelined", name, "calls/s", "higher"), results, _rate,
                        skipped=skipped, detail=cpu)  # fmt: skip
             ctx.add(row)
-            if name == f"pipelined echo unix 4x{DEPTH}" and cpu["ours_cpu_us_per_call"]:
+            if name == f"pipelined echo unix 4x{DEPTH}" and all(cpu.values()):
                 _add_cpu_row(ctx, name, results, skipped)
 
 
