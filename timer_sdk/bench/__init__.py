@@ -10,8 +10,8 @@ process too. ``--against ADDRESS`` adds a server someone else started. The
 table goes to stdout, the results to a JSON file that
 ``notebooks/benchmark.ipynb`` plots.
 
-Run ``timer-sdk bench`` (or ``python -m timer_sdk.bench``); ``--quick`` takes
-well under a minute. ``TIMER_SDK_BENCH_QUICK=1`` makes quick mode the default.
+Run ``timer-sdk bench`` (or ``python -m timer_sdk.bench``); ``--quick`` takes about
+a minute with both event loops. ``TIMER_SDK_BENCH_QUICK=1`` makes it the default.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         default=quick_by_default(),
-        help="short runs, one round each (under a minute)",
+        help="short runs, one round each (about a minute with both event loops)",
     )
     parser.add_argument(
         "--loop",
