@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Server, TimerClient
-from timer_sdk.bench import GROUPS, TARGETS, main
+from timer_sdk.bench import GROUPS, TARGETS, Row, format_table, main
 from timer_sdk.bench.floor import FloorClient, FloorError, serve_floor
 from timer_sdk.bench.loadgen import run_job
 from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
@@ -251,6 +252,39 @@ def test_bench_against_the_floor_server(tmp_path: Path) -> None:
             assert row["against"] is None, row
             assert row["against_skipped"] == "unix address", row
     assert "skip: unix address" in table
+
+
+def test_targets_bound_the_models_ratio_or_the_value() -> None:
+    def row(name: str, ours: float, models: float, unit: str = "calls/s") -> Row:
+        return Row("g", name, unit, ours, 1.0, "asyncio", "higher", models_floor=models)
+
+    assert row("pipelined echo unix 4x32", 120.0, 100.0).met is True
+    assert row("pipelined echo unix 4x32", 119.0, 100.0).met is False
+    assert row("ping-pong echo tcp p50", 50.0, 50.0, "µs").met is True
+    assert row("ping-pong echo tcp p50", 51.0, 50.0, "µs").met is False
+    cpu = row("server CPU per pipelined echo unix 4x32", 12.5, 5.0, "µs")
+    assert (cpu.target, cpu.target_basis, cpu.met) == ("<= 12", "value", False)
+    untargeted = row("pipelined echo tcp 4x32", 1.0, 100.0)
+    assert (untargeted.target, untargeted.met) == (None, None)
+
+
+def test_the_table_fits_100_columns_whatever_the_against_server_says() -> None:
+    rows = [
+        Row("pipelined", "pipelined echo unix 4x32", "calls/s", 123_456.0, 234_567.0, "uvloop",
+            "higher", models_floor=111_111.0, against=1_234_567.0),
+        Row("pipelined", "server CPU per pipelined echo unix 4x32", "µs", 123.0, 4.5, "uvloop",
+            "lower", models_floor=12.0, against_skipped="not our process"),
+        Row("ping-pong", "ping-pong echo tcp p50", "µs", 1_234.0, 50.0, "uvloop", "lower",
+            models_floor=60.0, against_skipped="failed: " + "the server closed the connection" * 9),
+    ]  # fmt: skip
+    document = {"rows": [asdict(r) for r in rows], "against": "tcp:[::1]:65535", "quick": True}
+    table = format_table(document)
+    assert max(len(line) for line in table.splitlines()) <= 100, table
+    assert "skip: failed: the" in table
+    assert "…\n" in table
+    assert "skip: not our process" in table
+    assert "= 10.00 of ours" in table
+    assert table.index("Targets:") < table.index("Event loop uvloop")
 
 
 def test_against_refuses_what_it_cannot_load(

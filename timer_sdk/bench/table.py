@@ -86,8 +86,7 @@ def _against_cells(row: dict[str, Any], label: str) -> list[str]:
     against = row.get("against")
     if against is None:
         skipped = row.get("against_skipped") or "no measurement"
-        note = f"skip: {skipped}"
-        return [label, "", "", "", "", "", note if len(note) <= 30 else f"{note[:29]}…"]
+        return [label, "", "", "", "", "", f"skip: {skipped}"]
     models, floor = row.get("models_floor"), row.get("floor")
     return [
         label,
@@ -112,7 +111,8 @@ def _render(header: list[str], lines: list[list[str] | str]) -> list[str]:
         cells = [line[0].ljust(widths[0])]
         cells += [cell.rjust(width) for cell, width in zip(line[1:-1], widths[1:-1], strict=True)]
         cells.append(line[-1])
-        out.append("  ".join(cells).rstrip())
+        text = "  ".join(cells).rstrip()
+        out.append(text if len(text) <= WIDTH else f"{text[: WIDTH - 1]}…")  # a long note
     return out
 
 
