@@ -1,14 +1,17 @@
-"""``timer-sdk bench``: our server and client measured beside a minimal floor.
+"""``timer-sdk bench``: our server and client measured beside two floors.
 
-Every row is ``ours / floor`` from the same run: the floor (``floor.py``) is
-the least an asyncio server and client can do to speak the protocol, run on
-the same event loop under the same load. Server rows take their load from a
-separate process (``loadgen.py``); the server under test runs in its own
-process too. The table goes to stdout, the results to a JSON file that
+Every row puts ours beside two floors measured in the same run, on the same
+event loop, under the same load: the *models floor* (``models_floor.py``), a
+plain server and client that do the work ours cannot skip (cbor2, pydantic
+into the same models, the same Timer procs) without our strict checks, and
+the *floor* (``floor.py``), cbor2 alone. Server rows take their load from a
+separate process (``loadgen.py``); each server under test runs in its own
+process too. ``--against ADDRESS`` adds a server someone else started. The
+table goes to stdout, the results to a JSON file that
 ``notebooks/benchmark.ipynb`` plots.
 
-Run ``timer-sdk bench`` (or ``python -m timer_sdk.bench``); ``--quick`` takes
-well under a minute. ``TIMER_SDK_BENCH_QUICK=1`` makes quick mode the default.
+Run ``timer-sdk bench`` (or ``python -m timer_sdk.bench``); ``--quick`` takes about
+a minute with both event loops. ``TIMER_SDK_BENCH_QUICK=1`` makes it the default.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .runner import GROUPS, REFERENCE, REFERENCE_NOTE, Row, Settings, format_table, run_benchmark
+from .rows import GROUPS, TARGETS, Row, Settings
+from .runner import run_benchmark
+from .table import format_table
 
 __all__ = [
     "GROUPS",
-    "REFERENCE",
+    "TARGETS",
     "Row",
     "Settings",
     "add_arguments",
@@ -48,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         default=quick_by_default(),
-        help="short runs, one round each (under a minute)",
+        help="short runs, one round each (about a minute with both event loops)",
     )
     parser.add_argument(
         "--loop",
@@ -70,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--duration", type=float, help="seconds per measured run")
     parser.add_argument("--rounds", type=int, help="runs per measurement; the median is kept")
+    parser.add_argument(
+        "--against",
+        metavar="ADDRESS",
+        help="also measure the server already listening at ADDRESS "
+        "(unix:PATH or tcp:127.0.0.1:PORT), under the same load",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -80,12 +91,12 @@ def run_command(args: argparse.Namespace) -> int:
         groups=tuple(group.strip() for group in args.only.split(",") if group.strip()),
         duration=args.duration,
         rounds=args.rounds,
+        against=args.against,
     )
     document = run_benchmark(settings)
     document["argv"] = list(sys.argv)
     print(format_table(document))
-    print(f"\nreference column: {REFERENCE_NOTE}")
-    print(f"ran in {document['seconds']:.1f} s; results written to {args.json}")
+    print(f"\nran in {document['seconds']:.1f} s; results written to {args.json}")
     Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
     return 0
 

@@ -25,11 +25,12 @@ import stat
 import struct
 import sys
 from collections import deque
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Self, cast
 
 import cbor2
 
-__all__ = ["FloorClient", "FloorError", "FloorServer", "serve_floor"]
+__all__ = ["FloorClient", "FloorError", "FloorServer", "run_server", "serve_floor"]
 
 _U32 = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">iI")
@@ -108,7 +109,8 @@ class FloorServer(asyncio.Protocol):
                     slot: list[bytes | None] = [None]
                     self._slots.append(slot)
                     loop = asyncio.get_running_loop()
-                    loop.call_later(delay / 1000, self._fill, slot, body)
+                    frame = _pack_reply_head(0, len(body)) + body
+                    loop.call_later(delay / 1000, self._fill, slot, frame)
                     return None
             elif method == b"version":
                 body = cbor2.dumps(self._version)
@@ -118,8 +120,8 @@ class FloorServer(asyncio.Protocol):
             return _error(f"{method.decode('utf-8', 'replace')}: {exc!r}")
         return _pack_reply_head(0, len(body)) + body
 
-    def _fill(self, slot: list[bytes | None], body: bytes) -> None:
-        slot[0] = _pack_reply_head(0, len(body)) + body
+    def _fill(self, slot: list[bytes | None], frame: bytes) -> None:
+        slot[0] = frame
         slots = self._slots
         out: list[bytes] = []
         while slots and slots[0][0] is not None:
@@ -141,7 +143,7 @@ class FloorClient(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
 
     @classmethod
-    async def connect(cls, address: str) -> FloorClient:
+    async def connect(cls, address: str) -> Self:
         """Connect to ``tcp:HOST:PORT`` or ``unix:PATH``."""
         loop = asyncio.get_running_loop()
         client = cls(loop)
@@ -222,44 +224,63 @@ class FloorClient(asyncio.Protocol):
 
 
 async def serve_floor(
-    address: str, version: str, timer_name: str, *, reuse_port: bool = False
+    address: str,
+    version: str,
+    timer_name: str,
+    *,
+    reuse_port: bool = False,
+    factory: Callable[[], asyncio.Protocol] | None = None,
 ) -> tuple[asyncio.Server, str]:
-    """Start a floor server on the running loop; return it and the address bound."""
+    """Start a floor server on the running loop; return it and the address bound.
+
+    ``factory`` makes each connection's protocol; the default is a :class:`FloorServer`.
+    """
     loop = asyncio.get_running_loop()
     scheme, _, rest = address.partition(":")
-
-    def factory() -> FloorServer:
-        return FloorServer(version, timer_name)
-
+    make = factory or (lambda: FloorServer(version, timer_name))
     if scheme == "unix":
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(rest).st_mode):
                 os.unlink(rest)
-        server = await loop.create_unix_server(factory, rest)
+        server = await loop.create_unix_server(make, rest)
         return server, address
     host, _, port = rest.rpartition(":")
     server = await loop.create_server(
-        factory, host.strip("[]"), int(port), reuse_address=True, reuse_port=reuse_port or None
+        make, host.strip("[]"), int(port), reuse_address=True, reuse_port=reuse_port or None
     )
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     return server, f"tcp:{bound_host}:{bound_port}"
 
 
-async def _main(args: argparse.Namespace) -> None:
-    server, address = await serve_floor(
-        args.address, args.version, args.name, reuse_port=args.reuse_port
-    )
+async def _serve_until_stopped(
+    label: str, start: Callable[[], Awaitable[tuple[asyncio.Server, str]]]
+) -> None:
+    server, address = await start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"floor listening on {address}", flush=True)
+    print(f"{label} listening on {address}", flush=True)
     await stop.wait()
     server.close()
     await server.wait_closed()
     if address.startswith("unix:"):
         with contextlib.suppress(OSError):
             os.unlink(address[5:])
+
+
+def run_server(
+    label: str, start: Callable[[], Awaitable[tuple[asyncio.Server, str]]], loop: str
+) -> int:
+    """Run the server that ``start`` starts until SIGTERM or SIGINT, on a new ``loop``."""
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve_until_stopped(label, start))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,14 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--reuse-port", action="store_true")
     args = parser.parse_args(argv)
-    factory = None
-    if args.loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_main(args))
-    return 0
+    return run_server(
+        "floor",
+        lambda: serve_floor(args.address, args.version, args.name, reuse_port=args.reuse_port),
+        args.loop,
+    )
 
 
 if __name__ == "__main__":

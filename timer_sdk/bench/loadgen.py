@@ -6,13 +6,14 @@ in its own process keeps the client's cost out of the server rows.
 
 Every job first makes one call to learn the reply, then checks every reply of
 the run byte for byte against it, so a server that answers wrongly fails the
-run instead of looking fast. It connects only to ``127.0.0.1`` and Unix
+run instead of looking fast. It connects only to ``127.0.0.1``, ``::1`` and Unix
 sockets, and every job is bounded in connections and in time.
 
 Jobs (``mode``):
 
 - ``pingpong``: one blocking socket, one call at a time; per-call latency.
-- ``pipeline``: ``conns`` connections with ``depth`` calls in flight on each.
+- ``pipeline``: ``conns`` connections with ``depth`` calls in flight on each;
+  with ``cpu_pid``, also the CPU time that process used in the measured window.
 - ``hold``: open ``conns`` connections, make one call on each, keep them open.
 - ``release``: close what ``hold`` opened.
 
@@ -24,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
 from typing import Any, cast
 
-__all__ = ["MAX_CONNECTIONS", "MAX_SECONDS", "main", "run_job"]
+__all__ = ["LOOPBACK", "MAX_CONNECTIONS", "MAX_SECONDS", "cpu_seconds", "main", "run_job"]
 
+LOOPBACK = {"127.0.0.1": socket.AF_INET, "::1": socket.AF_INET6}
 MAX_CONNECTIONS = 2000
 MAX_SECONDS = 120.0
 PERCENTILES = tuple(range(101))
@@ -45,9 +48,10 @@ def _connect(address: str, timeout: float = 10.0) -> socket.socket:
         target: Any = rest
     else:
         host, _, port = rest.rpartition(":")
-        if host != "127.0.0.1":
-            raise ValueError(f"the load generator only targets 127.0.0.1, not {host}")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        host = host.strip("[]")
+        if host not in LOOPBACK:
+            raise ValueError(f"the load generator only targets 127.0.0.1 and ::1, not {host}")
+        sock = socket.socket(LOOPBACK[host], socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target = (host, int(port))
     sock.settimeout(timeout)
@@ -74,6 +78,23 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """Return the CPU time a process has used so far (all its threads), or None.
+
+    ``/proc/PID/task/*/schedstat`` counts in nanoseconds; ``/proc/PID/stat``
+    only in clock ticks (10 ms), too coarse for a short run. Linux only.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        total = 0
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 def _first_reply(address: str, request: bytes) -> bytes:
@@ -204,13 +225,16 @@ async def _pipeline(job: dict[str, Any], request: bytes, reply: bytes) -> dict[s
         blaster = _Blaster(requests, replies, depth)
         blasters.append(blaster)
         await loop.connect_accepted_socket(lambda: blasters[-1], sock)
+    cpu_pid = job.get("cpu_pid")
     try:
         await asyncio.sleep(warmup)
         before = sum(b.count for b in blasters)
+        cpu_before = cpu_seconds(cpu_pid) if cpu_pid else None
         started = time.perf_counter()
         await asyncio.sleep(duration)
         calls = sum(b.count for b in blasters) - before
         seconds = time.perf_counter() - started
+        cpu_after = cpu_seconds(cpu_pid) if cpu_pid else None
         for blaster in blasters:
             blaster.stop()
         async with asyncio.timeout(30):
@@ -224,7 +248,10 @@ async def _pipeline(job: dict[str, Any], request: bytes, reply: bytes) -> dict[s
     if errors:
         raise RuntimeError(errors[0])
     per_conn = [b.count for b in blasters]
-    return {"calls": calls, "seconds": seconds, "per_connection": per_conn}
+    result = {"calls": calls, "seconds": seconds, "per_connection": per_conn}
+    if cpu_before is not None and cpu_after is not None:
+        result["server_cpu_seconds"] = cpu_after - cpu_before
+    return result
 
 
 def _hold(address: str, request: bytes, conns: int) -> dict[str, Any]:
