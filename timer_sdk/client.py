@@ -106,6 +106,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.failure: TimerConnectionError | ProtocolError | None = None
         self.subscriptions: list[Subscription] = []
         self.events_requested = False  # event frames are legal only once we asked
+        # Set by the client: takes the subscriptions of a lost connection, or declines.
+        self.adopt: Callable[[list[Subscription]], bool] | None = None
         self._corked = False
         self._backlog: list[bytes] = []
 
@@ -194,6 +196,9 @@ class _ClientProtocol(asyncio.Protocol):
             if not future.done():
                 future.set_exception(_copy(self.failure))
         subscriptions, self.subscriptions = self.subscriptions, []
+        lost = isinstance(self.failure, ConnectionLost)
+        if lost and self.adopt is not None and self.adopt(subscriptions):
+            subscriptions = []  # the client subscribes them again once it reconnects
         for sub in subscriptions:
             # Closing the client ends the streams; anything else is an error there.
             closed = isinstance(self.failure, ClientClosedError)
@@ -288,6 +293,9 @@ class TimerClient:
         self._redial: asyncio.Task[_ClientProtocol] | None = None
         self._backoff = 0.0
         self._next_dial_at = 0.0
+        protocol.adopt = self._adopt
+        self._orphans: list[Subscription] = []  # kept across a lost connection
+        self._resubscriber: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -452,6 +460,7 @@ class TimerClient:
             protocol.fail(ClientClosedError(f"the client for {self.address} is closed"))
             raise ClientClosedError(f"the client for {self.address} is closed")
         self._backoff = 0.0
+        protocol.adopt = self._adopt
         self._protocol = protocol
         return protocol
 
@@ -467,12 +476,21 @@ class TimerClient:
         entering ``async with`` (or at the first iteration). The stream ends
         when it is closed or the client is closed, and raises
         :class:`~timer_sdk.errors.ConnectionLost` if the connection drops.
+        With ``reconnect=True`` it survives that instead: the client reconnects
+        (with the backoff of :meth:`connect`, until it succeeds or the client
+        is closed), subscribes again, and the stream carries an
+        :class:`~timer_sdk.events.EventsMayHaveBeenMissed` notice at the gap.
         Calls keep working on the same client meanwhile.
         """
         return Subscription(max_queue=max_queue, opener=self._open_events)
 
     async def _open_events(self, sub: Subscription) -> Callable[[], None]:
         protocol = self._protocol
+        failure = protocol.failure
+        if isinstance(failure, ConnectionLost) and self.reconnect and not self._closing:
+            protocol = await self._reopen()  # not the lost one: its events would never come
+            if protocol.failure is not None:
+                raise _copy(protocol.failure)
         first = not protocol.subscriptions
         protocol.subscriptions.append(sub)  # before the request: no event is missed
         protocol.events_requested = True
@@ -483,16 +501,63 @@ class TimerClient:
             except BaseException:
                 if sub in protocol.subscriptions:
                     protocol.subscriptions.remove(sub)
+                if sub in self._orphans:  # lost before it ever started: not ours to keep
+                    self._orphans.remove(sub)
                 raise
 
         def detach() -> None:
+            if sub in self._orphans:
+                self._orphans.remove(sub)
+            protocol = self._protocol  # after a reconnect, not the one it started on
             if sub in protocol.subscriptions:
                 protocol.subscriptions.remove(sub)
-            if not protocol.subscriptions and protocol.failure is None and not self._closing:
-                frame = encode_request(api.UNSUBSCRIBE.encode(), b"\xa0")
-                protocol.send_and_forget(frame, _Raw(api.UNSUBSCRIBE))
+                if not protocol.subscriptions and protocol.failure is None and not self._closing:
+                    frame = encode_request(api.UNSUBSCRIBE.encode(), b"\xa0")
+                    protocol.send_and_forget(frame, _Raw(api.UNSUBSCRIBE))
 
         return detach
+
+    def _adopt(self, subscriptions: list[Subscription]) -> bool:
+        """Keep the subscriptions of a lost connection, if this client reconnects."""
+        if not self.reconnect or self._closing:
+            return False
+        self._orphans.extend(subscriptions)
+        if self._orphans and (self._resubscriber is None or self._resubscriber.done()):
+            reason = str(self._protocol.failure)
+            self._resubscriber = self._loop.create_task(self._resubscribe(reason))
+        return True
+
+    async def _resubscribe(self, reason: str) -> None:
+        """Reconnect until the kept subscriptions are subscribed again, or none is left."""
+        delay = 0.0  # grows while new connections are lost again before they subscribe
+        while self._orphans:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                protocol = await self._reopen()  # with the backoff after each failed dial
+            except ConnectError:
+                continue
+            except ClientClosedError:
+                return  # close() ends the streams
+            if protocol.failure is not None or protocol is not self._protocol:
+                delay = min(max(delay * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+                continue  # lost again already
+            subs, self._orphans = [s for s in self._orphans if not s.closed], []
+            for sub in subs:
+                sub.note_gap(f"{reason}; subscribed again on a new connection")
+            first = not protocol.subscriptions
+            protocol.subscriptions.extend(subs)
+            protocol.events_requested = True
+            if not (first and subs):
+                continue
+            try:
+                frame = encode_request(api.SUBSCRIBE.encode(), b"\xa0")
+                await self._send(frame, _Raw(api.SUBSCRIBE), None)
+            except ConnectionLost:  # the new connection is gone too: its subs came back here
+                delay = min(max(delay * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+            except TimerError as exc:  # refused, timed out or closed: the stream ends with it
+                for sub in subs:
+                    sub.end(exc)
 
     # --- lifetime ------------------------------------------------------------
 
@@ -501,12 +566,19 @@ class TimerClient:
 
         Safe to call more than once; returns once the socket is closed.
         """
+        if self._resubscriber is not None:
+            self._resubscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resubscriber
         if self._redial is not None:
             self._redial.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimerError):
                 await self._redial
         if not self._closing:
             self._closing = True
+            orphans, self._orphans = self._orphans, []
+            for sub in orphans:
+                sub.end()
             count = len(self._protocol.pending)
             self._protocol.fail(
                 ClientClosedError(
