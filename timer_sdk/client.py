@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ssl as _ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, cast
@@ -269,7 +269,8 @@ class TimerClient:
     EchoResponse(echoed='hi', timer_name='ipc-server')
 
     Calls may run concurrently (``asyncio.gather``); they are pipelined on the
-    one connection. A client belongs to the event loop it connected on.
+    one connection, or spread over several (``connect(..., connections=N)``).
+    A client belongs to the event loop it connected on.
     """
 
     def __init__(
@@ -308,6 +309,7 @@ class TimerClient:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        connections: int = 1,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -318,10 +320,37 @@ class TimerClient:
         replayed. A ``tls:`` address uses ``ssl`` or, without it, the system's
         default trust store. Raises :class:`~timer_sdk.errors.ConnectError` if
         the connection cannot be made; cancelling this leaves no connection open.
+
+        ``connections=N`` opens N connections and sends each call on the one
+        with the fewest calls pending, so a call never waits behind a slow one
+        while another connection is idle. Each keeps every guarantee above;
+        a connection lost for good fails only its own calls, and new calls go
+        to the others. The default is one: it costs the server one connection
+        per client, a burst of pipelined calls to one server process is no
+        faster on more, and concurrent calls start on the server in the order
+        they were made. Use 2 to 4 when slow and quick calls share a client
+        (a notebook, threads on the blocking client), or to reach several
+        ``--workers`` of one server.
         """
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
+        if connections > 1:
+            from .pool import connect_pool
+
+            def one() -> Awaitable[TimerClient]:
+                return TimerClient.connect(
+                    parsed,
+                    connect_timeout=connect_timeout,
+                    reconnect=reconnect,
+                    ssl=ssl,
+                    server_hostname=server_hostname,
+                    max_frame_size=max_frame_size,
+                )
+
+            return await connect_pool(connections, one, timeout=timeout, reconnect=reconnect)
         dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout)
         protocol = await dialer.dial(asyncio.get_running_loop())
         return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
