@@ -22,6 +22,7 @@ from timer_sdk import (
     EchoEvent,
     EchoRequest,
     EchoResponse,
+    EventsMayHaveBeenMissed,
     Server,
     Timer,
     TimerClient,
@@ -135,8 +136,8 @@ async def test_a_lost_connection_fails_only_its_own_calls(address: str) -> None:
     ):
         held = asyncio.create_task(client.echo(EchoRequest(message="gated", delay_ms=0)))
         await wait_until(lambda: len(server.tasks) == 1)
-        victim = next(conn for conn in server.connections if conn._tasks)
-        victim.abort()  # the server drops the connection that carries the held call
+        [carrier] = [m for m in client._members if m.pending]  # type: ignore[attr-defined]
+        carrier._protocol.transport.abort()  # the connection that carries the held call is lost
         with pytest.raises(ConnectionLost):
             await held
         for _ in range(4):  # every new call goes to the connection that is left
@@ -184,6 +185,25 @@ async def test_events_use_one_connection(server: Server) -> None:
                 (EchoEvent(message=str(i), echo_count=1) for i in range(6)), key=str
             )
         assert server.subscribers == 1
+
+
+async def test_a_subscription_on_several_connections_survives_a_restart(address: str) -> None:
+    timer = Timer()
+    server = await timer.serve(address)
+    try:
+        client = await TimerClient.connect(
+            server.address, connections=2, reconnect=True, timeout=30
+        )
+        async with client, client.events() as events:
+            await server.close()
+            await wait_until(lambda: client.pending == 0 and "0 of 2" in repr(client))
+            server = await timer.serve(server.address)
+            assert isinstance(await anext(events), EventsMayHaveBeenMissed)
+            await wait_until(lambda: server.subscribers == 1)
+            assert (await client.echo(EchoRequest(message="back", delay_ms=0))).echoed == "back"
+            assert await anext(events) == EchoEvent(message="back", echo_count=1)
+    finally:
+        await server.close()
 
 
 async def test_bad_connection_counts_are_refused(server: Server) -> None:
