@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import struct
 import threading
@@ -23,6 +24,7 @@ from timer_sdk import (
     EchoRequest,
     EchoResponse,
     EventsMayHaveBeenMissed,
+    Limits,
     Server,
     Timer,
     TimerClient,
@@ -167,6 +169,23 @@ async def test_with_reconnect_a_lost_connection_is_reopened(server: Server) -> N
     assert client.closed
     with pytest.raises(ClientClosedError):
         await client.version()
+
+
+async def test_a_connection_dropped_again_and_again_is_reopened_ever_more_slowly() -> None:
+    # A full server accepts the second connection and drops it at once, every time.
+    async with await Timer().serve("tcp:127.0.0.1:0", limits=Limits(max_connections=1)) as server:
+        client = await TimerClient.connect(
+            server.address, connections=2, reconnect=True, timeout=30
+        )
+        async with client:
+            await wait_until(lambda: server.stats.connections_refused == 1)
+            started = time.perf_counter()
+            for _ in range(300):  # every call goes to the one that is left
+                assert await client.version()
+            elapsed = time.perf_counter() - started
+            # Pauses of 50 ms doubling to 5 s between attempts bound them by elapsed time.
+            bound = 3 + math.log2(1 + elapsed / 0.05) + elapsed / 5
+            assert server.stats.connections_refused <= bound, (elapsed, server.stats)
 
 
 async def test_events_use_one_connection(server: Server) -> None:

@@ -19,18 +19,19 @@ A connection lost for good (``reconnect=False``) fails its own pending calls
 with :class:`~timer_sdk.errors.ConnectionLost`, as one connection does today;
 new calls go to the others, as a gRPC channel routes around a failed
 subchannel. The client is ``closed`` once none is left. With ``reconnect=True``
-a lost connection is reopened in the background, once per new call that had
-to go elsewhere and never faster than its backoff, and used again once open.
+a lost connection is reopened in the background, prompted by the calls that
+have to go elsewhere and never faster than its backoff, and takes calls again
+once it has answered a ``version`` call: a server that accepts a connection
+and drops it at once (a full one) then costs no call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import TimerClient, _ReplyDecoder
+from .client import _BACKOFF_FIRST, _BACKOFF_MAX, TimerClient, _ReplyDecoder
 from .errors import ClientClosedError, LoopError, TimerError
 from .events import Subscription
 
@@ -79,6 +80,7 @@ class _PooledClient(TimerClient):
         self._closing = False
         self._next = 0  # where the next search for the least loaded connection starts
         self._healing: dict[TimerClient, asyncio.Task[None]] = {}
+        self._heal_delay: dict[TimerClient, float] = {}
         self._events_member: TimerClient | None = None
 
     @property
@@ -135,6 +137,8 @@ class _PooledClient(TimerClient):
                 if not member.closed:
                     self._heal(member)
                 continue
+            if member in self._healing:
+                continue  # reopened, not yet proven
             load = len(protocol.pending)
             if best < 0 or load < least:
                 best, least = at, load
@@ -152,9 +156,20 @@ class _PooledClient(TimerClient):
             self._healing[member] = self._loop.create_task(self._reopen_member(member))
 
     async def _reopen_member(self, member: TimerClient) -> None:
+        """Reopen a lost connection; it takes calls again once it has answered one."""
+        delay = self._heal_delay.get(member, 0.0)
         try:
-            with contextlib.suppress(TimerError):  # the next call that needs it tries again
-                await member._reopen()
+            await asyncio.sleep(delay)
+            try:
+                await member._reopen()  # waits out its backoff after a failed dial
+            except TimerError:
+                return  # the next call that has to go elsewhere tries again
+            # A full server accepts, then drops: a call sent now would be lost with it.
+            await member.version(timeout=member._dialer.connect_timeout)
+            self._heal_delay.pop(member, None)
+        except TimerError:
+            # Dropped again and again: retried ever more slowly, as the others carry the calls.
+            self._heal_delay[member] = min(max(delay * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
         finally:
             del self._healing[member]
 
