@@ -112,6 +112,26 @@ async def test_closing_the_client_in_the_gap_ends_the_stream(tmp_path: object) -
         assert client._resubscriber is not None and client._resubscriber.done()
 
 
+async def test_a_subscription_closed_in_the_gap_is_not_renewed(tmp_path: object) -> None:
+    timer = Timer()
+    server = await timer.serve(f"unix:{tmp_path}/gone.sock")
+    try:
+        async with await TimerClient.connect(server.address, reconnect=True) as client:
+            events = client.events()
+            await events.__aenter__()
+            await server.close()
+            await wait_until(lambda: client._protocol.failure is not None)
+            await events.aclose()  # nobody wants it any more
+            server = await timer.serve(server.address)
+            assert await client.version()  # the client is back on a new connection
+            resubscriber = client._resubscriber
+            await wait_until(lambda: resubscriber is not None and resubscriber.done())
+            assert server.stats.requests == 1  # the version call, and no subscribe
+            assert server.subscribers == 0
+    finally:
+        await server.close()
+
+
 async def test_without_reconnect_the_stream_still_ends_with_connection_lost(
     tmp_path: object,
 ) -> None:
