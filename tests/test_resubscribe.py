@@ -158,3 +158,21 @@ async def test_a_gap_notice_keeps_its_place_and_is_never_dropped() -> None:
         _event("d"),
     ]
     assert sub.dropped == 2
+
+
+async def test_gaps_merge_when_the_events_between_them_are_dropped() -> None:
+    sub = Subscription(max_queue=1)
+    sub.publish(_event("a"))
+    sub.note_gap("first")
+    sub.publish(_event("b"))  # "a" goes
+    sub.note_gap("second")
+    sub.publish(_event("c"))  # "b" goes: nothing is left between the two gaps
+    sub.publish(_event("d"))  # "c" goes
+    assert [await anext(sub) for _ in range(3)] == [
+        EventsDropped(3),
+        EventsMayHaveBeenMissed("first"),
+        _event("d"),
+    ]
+    sub.publish(_event("e"))
+    assert await anext(sub) == _event("e")
+    assert sub._gaps == 0

@@ -118,6 +118,9 @@ class Subscription:
         head = queue.popleft()
         if isinstance(head, EventsMayHaveBeenMissed):  # a gap notice is never dropped
             queue.popleft()  # notices are never adjacent, so this is an event
+            if queue and isinstance(queue[0], EventsMayHaveBeenMissed):
+                queue.popleft()  # now they would be: one gap
+                self._gaps -= 1
             queue.appendleft(head)
 
     def note_gap(self, reason: str) -> None:
