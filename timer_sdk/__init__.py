@@ -29,7 +29,7 @@ from .errors import (
     TimerConnectionError,
     TimerError,
 )
-from .events import EventsDropped, Subscription
+from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -59,6 +59,7 @@ __all__ = [
     "EchoRequest",
     "EchoResponse",
     "EventsDropped",
+    "EventsMayHaveBeenMissed",
     "FrameTooLarge",
     "JobSpec",
     "Limits",

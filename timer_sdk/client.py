@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import ssl as _ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, cast
@@ -106,6 +106,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.failure: TimerConnectionError | ProtocolError | None = None
         self.subscriptions: list[Subscription] = []
         self.events_requested = False  # event frames are legal only once we asked
+        # Set by the client: takes the subscriptions of a lost connection, or declines.
+        self.adopt: Callable[[list[Subscription]], bool] | None = None
         self._corked = False
         self._backlog: list[bytes] = []
 
@@ -194,6 +196,9 @@ class _ClientProtocol(asyncio.Protocol):
             if not future.done():
                 future.set_exception(_copy(self.failure))
         subscriptions, self.subscriptions = self.subscriptions, []
+        lost = isinstance(self.failure, ConnectionLost)
+        if lost and self.adopt is not None and self.adopt(subscriptions):
+            subscriptions = []  # the client subscribes them again once it reconnects
         for sub in subscriptions:
             # Closing the client ends the streams; anything else is an error there.
             closed = isinstance(self.failure, ClientClosedError)
@@ -264,7 +269,8 @@ class TimerClient:
     EchoResponse(echoed='hi', timer_name='ipc-server')
 
     Calls may run concurrently (``asyncio.gather``); they are pipelined on the
-    one connection. A client belongs to the event loop it connected on.
+    one connection, or spread over several (``connect(..., connections=N)``).
+    A client belongs to the event loop it connected on.
     """
 
     def __init__(
@@ -288,6 +294,9 @@ class TimerClient:
         self._redial: asyncio.Task[_ClientProtocol] | None = None
         self._backoff = 0.0
         self._next_dial_at = 0.0
+        protocol.adopt = self._adopt
+        self._orphans: list[Subscription] = []  # kept across a lost connection
+        self._resubscriber: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -300,6 +309,7 @@ class TimerClient:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        connections: int = 1,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -310,10 +320,37 @@ class TimerClient:
         replayed. A ``tls:`` address uses ``ssl`` or, without it, the system's
         default trust store. Raises :class:`~timer_sdk.errors.ConnectError` if
         the connection cannot be made; cancelling this leaves no connection open.
+
+        ``connections=N`` opens N connections and sends each call on the one
+        with the fewest calls pending, so a call never waits behind a slow one
+        while another connection is idle. Each keeps every guarantee above;
+        a connection lost for good fails only its own calls, and new calls go
+        to the others. The default is one: it costs the server one connection
+        per client, a burst of pipelined calls to one server process is no
+        faster on more, and concurrent calls start on the server in the order
+        they were made. Use 2 to 4 when slow and quick calls share a client
+        (a notebook, threads on the blocking client), or to reach several
+        ``--workers`` of one server.
         """
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
+        if connections > 1:
+            from .pool import connect_pool
+
+            def one() -> Awaitable[TimerClient]:
+                return TimerClient.connect(
+                    parsed,
+                    connect_timeout=connect_timeout,
+                    reconnect=reconnect,
+                    ssl=ssl,
+                    server_hostname=server_hostname,
+                    max_frame_size=max_frame_size,
+                )
+
+            return await connect_pool(connections, one, timeout=timeout, reconnect=reconnect)
         dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout)
         protocol = await dialer.dial(asyncio.get_running_loop())
         return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
@@ -452,6 +489,7 @@ class TimerClient:
             protocol.fail(ClientClosedError(f"the client for {self.address} is closed"))
             raise ClientClosedError(f"the client for {self.address} is closed")
         self._backoff = 0.0
+        protocol.adopt = self._adopt
         self._protocol = protocol
         return protocol
 
@@ -467,12 +505,21 @@ class TimerClient:
         entering ``async with`` (or at the first iteration). The stream ends
         when it is closed or the client is closed, and raises
         :class:`~timer_sdk.errors.ConnectionLost` if the connection drops.
+        With ``reconnect=True`` it survives that instead: the client reconnects
+        (with the backoff of :meth:`connect`, until it succeeds or the client
+        is closed), subscribes again, and the stream carries an
+        :class:`~timer_sdk.events.EventsMayHaveBeenMissed` notice at the gap.
         Calls keep working on the same client meanwhile.
         """
         return Subscription(max_queue=max_queue, opener=self._open_events)
 
     async def _open_events(self, sub: Subscription) -> Callable[[], None]:
         protocol = self._protocol
+        failure = protocol.failure
+        if isinstance(failure, ConnectionLost) and self.reconnect and not self._closing:
+            protocol = await self._reopen()  # not the lost one: its events would never come
+            if protocol.failure is not None:
+                raise _copy(protocol.failure)
         first = not protocol.subscriptions
         protocol.subscriptions.append(sub)  # before the request: no event is missed
         protocol.events_requested = True
@@ -483,16 +530,63 @@ class TimerClient:
             except BaseException:
                 if sub in protocol.subscriptions:
                     protocol.subscriptions.remove(sub)
+                if sub in self._orphans:  # lost before it ever started: not ours to keep
+                    self._orphans.remove(sub)
                 raise
 
         def detach() -> None:
+            if sub in self._orphans:
+                self._orphans.remove(sub)
+            protocol = self._protocol  # after a reconnect, not the one it started on
             if sub in protocol.subscriptions:
                 protocol.subscriptions.remove(sub)
-            if not protocol.subscriptions and protocol.failure is None and not self._closing:
-                frame = encode_request(api.UNSUBSCRIBE.encode(), b"\xa0")
-                protocol.send_and_forget(frame, _Raw(api.UNSUBSCRIBE))
+                if not protocol.subscriptions and protocol.failure is None and not self._closing:
+                    frame = encode_request(api.UNSUBSCRIBE.encode(), b"\xa0")
+                    protocol.send_and_forget(frame, _Raw(api.UNSUBSCRIBE))
 
         return detach
+
+    def _adopt(self, subscriptions: list[Subscription]) -> bool:
+        """Keep the subscriptions of a lost connection, if this client reconnects."""
+        if not self.reconnect or self._closing:
+            return False
+        self._orphans.extend(subscriptions)
+        if self._orphans and (self._resubscriber is None or self._resubscriber.done()):
+            reason = str(self._protocol.failure)
+            self._resubscriber = self._loop.create_task(self._resubscribe(reason))
+        return True
+
+    async def _resubscribe(self, reason: str) -> None:
+        """Reconnect until the kept subscriptions are subscribed again, or none is left."""
+        delay = 0.0  # grows while new connections are lost again before they subscribe
+        while self._orphans:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                protocol = await self._reopen()  # with the backoff after each failed dial
+            except ConnectError:
+                continue
+            except ClientClosedError:
+                return  # close() ends the streams
+            if protocol.failure is not None or protocol is not self._protocol:
+                delay = min(max(delay * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+                continue  # lost again already
+            subs, self._orphans = [s for s in self._orphans if not s.closed], []
+            for sub in subs:
+                sub.note_gap(f"{reason}; subscribed again on a new connection")
+            first = not protocol.subscriptions
+            protocol.subscriptions.extend(subs)
+            protocol.events_requested = True
+            if not (first and subs):
+                continue
+            try:
+                frame = encode_request(api.SUBSCRIBE.encode(), b"\xa0")
+                await self._send(frame, _Raw(api.SUBSCRIBE), None)
+            except ConnectionLost:  # the new connection is gone too: its subs came back here
+                delay = min(max(delay * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+            except TimerError as exc:  # refused, timed out or closed: the stream ends with it
+                for sub in subs:
+                    sub.end(exc)
 
     # --- lifetime ------------------------------------------------------------
 
@@ -501,12 +595,19 @@ class TimerClient:
 
         Safe to call more than once; returns once the socket is closed.
         """
+        if self._resubscriber is not None:
+            self._resubscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resubscriber
         if self._redial is not None:
             self._redial.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimerError):
                 await self._redial
         if not self._closing:
             self._closing = True
+            orphans, self._orphans = self._orphans, []
+            for sub in orphans:
+                sub.end()
             count = len(self._protocol.pending)
             self._protocol.fail(
                 ClientClosedError(

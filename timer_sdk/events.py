@@ -3,7 +3,9 @@
 A :class:`Subscription` is what ``timer.events()`` and ``client.events()``
 return. Publishing never blocks and never waits for the subscriber: when its
 queue is full the oldest waiting event is dropped, and the next item the
-subscriber gets is an :class:`EventsDropped` notice with the count.
+subscriber gets is an :class:`EventsDropped` notice with the count. Where
+the count cannot be known (a client's connection was lost and reopened), the
+stream carries an :class:`EventsMayHaveBeenMissed` notice at the gap instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from types import TracebackType
 
 from .models import EchoEvent
 
-__all__ = ["EventsDropped", "Subscription"]
+__all__ = ["EventsDropped", "EventsMayHaveBeenMissed", "Subscription"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,19 +28,39 @@ class EventsDropped:
     count: int
 
 
-class Subscription:
-    """An async iterator of :class:`EchoEvent` and :class:`EventsDropped`.
+@dataclass(frozen=True, slots=True)
+class EventsMayHaveBeenMissed:
+    """Events fired in a gap may be missing here; how many, nobody knows.
 
+    A client's subscription yields this where its connection was lost and,
+    with ``reconnect=True``, reopened and subscribed again: events before it
+    came over the old connection, events after it over the new one. Unlike
+    :class:`EventsDropped` it has no count, and it is not added to
+    :attr:`Subscription.dropped`. ``reason`` says what happened, for logs.
+    """
+
+    reason: str
+
+
+_Item = EchoEvent | EventsMayHaveBeenMissed
+
+
+class Subscription:
+    """An async iterator of :class:`EchoEvent` and the notices about gaps in it.
+
+    The notices are :class:`EventsDropped` and :class:`EventsMayHaveBeenMissed`.
     Use it as ``async with timer.events() as events: async for item in events:``.
     The iteration ends when the subscription is closed (by :meth:`aclose`,
     by closing its client, or by the server shutting down); a lost connection
-    raises :class:`~timer_sdk.errors.ConnectionLost` instead.
+    raises :class:`~timer_sdk.errors.ConnectionLost` instead, unless the client
+    reconnects (``reconnect=True``), which subscribes again by itself.
     """
 
     __slots__ = (
         "_closed",
         "_dropped",
         "_error",
+        "_gaps",
         "_on_close",
         "_opener",
         "_queue",
@@ -63,7 +85,8 @@ class Subscription:
         self.max_queue = max_queue
         self.dropped = 0
         """How many events this subscription has dropped in all."""
-        self._queue: deque[EchoEvent] = deque()
+        self._queue: deque[_Item] = deque()
+        self._gaps = 0  # gap notices in the queue; they do not count against max_queue
         self._dropped = 0  # dropped since the last notice
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -84,10 +107,31 @@ class Subscription:
         """Queue ``event``; drop the oldest waiting one if the queue is full."""
         if self._closed:
             return
-        if len(self._queue) >= self.max_queue:
-            self._queue.popleft()
+        if len(self._queue) - self._gaps >= self.max_queue:
+            self._drop_oldest_event()
             self.note_dropped(1)
         self._queue.append(event)
+        self._wake()
+
+    def _drop_oldest_event(self) -> None:
+        queue = self._queue
+        head = queue.popleft()
+        if isinstance(head, EventsMayHaveBeenMissed):  # a gap notice is never dropped
+            queue.popleft()  # notices are never adjacent, so this is an event
+            if queue and isinstance(queue[0], EventsMayHaveBeenMissed):
+                queue.popleft()  # now they would be: one gap
+                self._gaps -= 1
+            queue.appendleft(head)
+
+    def note_gap(self, reason: str) -> None:
+        """Mark a gap in the stream here: events may have been missed, how many is unknown."""
+        if self._closed:
+            return
+        queue = self._queue
+        if queue and isinstance(queue[-1], EventsMayHaveBeenMissed):
+            return  # two gaps with nothing between them are one gap
+        queue.append(EventsMayHaveBeenMissed(reason))
+        self._gaps += 1
         self._wake()
 
     def note_dropped(self, count: int) -> None:
@@ -110,6 +154,7 @@ class Subscription:
         """Unsubscribe. Events queued but not read are discarded."""
         self._opener = None
         self._queue.clear()
+        self._gaps = 0
         self._dropped = 0
         self.end()
 
@@ -121,7 +166,7 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> EchoEvent | EventsDropped:
+    async def __anext__(self) -> EchoEvent | EventsDropped | EventsMayHaveBeenMissed:
         """Return the next item; cancelling this loses nothing queued."""
         if self._opener is not None:
             await self._open()
@@ -130,7 +175,10 @@ class Subscription:
                 count, self._dropped = self._dropped, 0
                 return EventsDropped(count)
             if self._queue:
-                return self._queue.popleft()
+                item = self._queue.popleft()
+                if type(item) is EventsMayHaveBeenMissed:
+                    self._gaps -= 1
+                return item
             if self._closed:
                 if self._error is not None:
                     raise self._error

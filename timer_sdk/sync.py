@@ -210,7 +210,8 @@ class TimerClient:
     'timer-sdk v0.1.0'
 
     Safe to use from several threads at once: their calls are pipelined on
-    the one connection, as concurrent calls of the async client are.
+    the one connection, as concurrent calls of the async client are, or
+    spread over several with ``connect(..., connections=N)``.
     """
 
     def __init__(self, client: AsyncTimerClient, portal: _Portal) -> None:
@@ -231,11 +232,14 @@ class TimerClient:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        connections: int = 1,
     ) -> TimerClient:
         """Connect to the server at ``address``; see the async ``TimerClient.connect``.
 
         Raises :class:`~timer_sdk.errors.ConnectError` if the connection cannot
-        be made. Interrupting it leaves no connection open.
+        be made. Interrupting it leaves no connection open. With
+        ``connections=N``, one thread's slow call holds up another's only when
+        all N connections are busy.
         """
         portal = _get_portal()
         client = portal.run(
@@ -247,6 +251,7 @@ class TimerClient:
                 ssl=ssl,
                 server_hostname=server_hostname,
                 max_frame_size=max_frame_size,
+                connections=connections,
             ),
             _close,
         )
