@@ -195,6 +195,12 @@ class Connection(asyncio.Protocol):
                 self._stats.protocol_violations += 1
                 logger.warning("%s: closing: %s", self._peer, event.message)
                 # Answer the whole frames before the bad one, then close.
+                if event.answer:
+                    frame = _error_frame(event.message)
+                    if slots:
+                        slots.append(_Slot(frame))
+                    else:
+                        out.append(frame)
                 self._shutting_down = True
                 if not self._reading_paused:
                     self._reading_paused = True
