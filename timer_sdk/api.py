@@ -91,6 +91,10 @@ class Method(Generic[P, R]):
             item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid request: {exc}") from None
+        return self.validate_params(item)
+
+    def validate_params(self, item: object) -> P:
+        """Validate a decoded payload by its wire names, as the server does."""
         params: P = codec.validate(self._params_adapter, item, f"{self.name}: invalid request")
         return params
 
