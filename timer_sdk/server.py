@@ -18,11 +18,13 @@ import stat
 from collections.abc import Callable
 from ssl import SSLContext
 from types import TracebackType
+from typing import Any
 
 from .address import Address
 from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
 from .models import EchoEvent
+from .shutdown import serve_until_signal
 from .timer import Timer
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
@@ -82,6 +84,16 @@ class Server:
         except asyncio.CancelledError:
             await asyncio.shield(self.close())
             raise
+
+    async def serve_until_signal(
+        self, *, shutdown_timeout: float | None = 10.0, report: Callable[[str], Any] | None = None
+    ) -> bool:
+        """Serve until Ctrl-C or SIGTERM, then close gracefully, without a traceback.
+
+        A second signal is acknowledged, a third stops at once; see
+        :func:`timer_sdk.shutdown.serve_until_signal`. Main thread only.
+        """
+        return await serve_until_signal(self, shutdown_timeout=shutdown_timeout, report=report)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` has finished."""
