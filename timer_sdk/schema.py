@@ -15,6 +15,7 @@ Sans-I/O: nothing here touches a socket or a loop.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Any
@@ -147,6 +148,10 @@ def json_schema() -> dict[str, Any]:
     entries += [(model, "serialization") for model in EVENTS.values()]
     refs, document = models_json_schema(entries, by_alias=True, ref_template="#/$defs/{model}")
     defs: dict[str, Any] = document["$defs"]
+    for definition in defs.values():  # docstrings are reST; readers of a schema want text
+        if "description" in definition:
+            text = re.sub(r":\w+:`~?([^`]+)`", r"\1", definition["description"])
+            definition["description"] = text.replace("``", "`")
     for method in METHODS.values():
         defs[f"{method.name}-request"] = refs[(method.params, "validation")]
         if _is_model(method.result):
