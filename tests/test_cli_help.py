@@ -218,10 +218,28 @@ async def test_a_refused_client_certificate_is_hinted_at() -> None:
 # --- signals -------------------------------------------------------------------------
 
 
-async def test_second_ctrl_c_is_heard_and_a_third_stops_at_once() -> None:
+ONE_PROCESS = [
+    "timer-sdk: shutting down, finishing 1 request in flight\n",
+    "timer-sdk: still finishing 1 request in flight; signal once more to stop at once\n",
+    "timer-sdk: stopping at once, abandoning 1 request in flight\n",
+]
+WORKERS = [
+    "timer-sdk: shutting down 2 workers\n",  # once the idle worker has stopped
+    "timer-sdk: still waiting for the workers to finish requests in flight; "
+    "signal once more to stop at once\n",
+    "timer-sdk: stopping at once\n",
+]
+
+
+@pytest.mark.parametrize(
+    ("workers", "lines"), [("1", ONE_PROCESS), ("2", WORKERS)], ids=["one-process", "workers"]
+)
+async def test_second_ctrl_c_is_heard_and_a_third_stops_at_once(
+    workers: str, lines: list[str]
+) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0",
-        "--shutdown-timeout", "100",
+        "--shutdown-timeout", "100", "--workers", workers,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
@@ -241,14 +259,12 @@ async def test_second_ctrl_c_is_heard_and_a_third_stops_at_once() -> None:
             first = await asyncio.wait_for(anext(events), 30)
             assert isinstance(first, EchoEvent) and first.message == "marker"
             proc.send_signal(signal.SIGINT)
-            assert await line() == "timer-sdk: shutting down, finishing 1 request in flight\n"
+            assert await line() == lines[0]
             proc.send_signal(signal.SIGINT)
-            assert await line() == (
-                "timer-sdk: still finishing 1 request in flight; signal once more to stop at once\n"
-            )
+            assert await line() == lines[1]
             assert proc.returncode is None  # heard, and still finishing
             proc.send_signal(signal.SIGINT)
-            assert await line() == "timer-sdk: stopping at once, abandoning 1 request in flight\n"
+            assert await line() == lines[2]
             assert await line() == "timer-sdk: stopped at once\n"
             assert await asyncio.wait_for(proc.wait(), 30) == 1
             for call in (slow, marker):

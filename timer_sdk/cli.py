@@ -199,10 +199,23 @@ def _serve_workers(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
 
+    heard = 0  # signals: the first stops gracefully, a second is acknowledged, a third kills
+
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, heard
         stopping = True
-        stop_workers()
+        heard += 1
+        if heard == 1:
+            stop_workers()
+        elif heard == 2:  # os.write: a print here could re-enter one in progress
+            os.write(sys.stdout.fileno(), b"timer-sdk: still waiting for the workers to finish "
+                     b"requests in flight; signal once more to stop at once\n")  # fmt: skip
+        elif heard == 3:
+            os.write(sys.stdout.fileno(), b"timer-sdk: stopping at once\n")
+            for proc in workers:
+                if proc.pid is not None and proc.exitcode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     pipes: list[multiprocessing.connection.Connection] = []
@@ -237,6 +250,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
     # A worker may finish before the forwarded SIGTERM arrives, and then dies of
     # it: with nothing left to serve, that is a clean stop too.
     clean = (0, -signal.SIGTERM)
+    if heard >= 3:
+        print("timer-sdk: stopped at once", flush=True)
+        return 1
     if not stopping or any(proc.exitcode not in clean for proc in workers):
         codes = ", ".join(str(proc.exitcode) for proc in workers)
         print(f"timer-sdk serve: workers exited with codes {codes}", file=sys.stderr)
