@@ -68,6 +68,9 @@ def test_top_level_help_is_plain_text_and_lists_every_command() -> None:
     assert "``" not in out.stdout and ":mod:" not in out.stdout
     for command in ("serve", "call", "example", "schema", "demo", "bench"):
         assert re.search(rf"^\s+{command}\s+\w", out.stdout, re.MULTILINE), command
+        text = run(command, "--help").stdout
+        assert text.startswith(f"usage: timer-sdk {command}"), command
+        assert not re.search(r"``|:(mod|class|func|meth):`", text), f"reST in {command} --help"
 
 
 def test_call_help_lists_every_method_with_its_json_shape() -> None:
