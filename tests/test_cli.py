@@ -87,8 +87,14 @@ def test_call_errors_are_readable_and_exit_non_zero(
     assert "error reply: schedule: job name must not be empty" in out.stderr
 
     out = run("call", address, "nosuch")
+    assert out.returncode == 2  # refused before connecting: a usage error
+    assert "unknown method 'nosuch'; the methods are: version, echo, complex, schedule" in (
+        out.stderr
+    )
+
+    out = run("call", address, "nosuch", "--raw")  # sent as is: the server answers
     assert out.returncode == 1
-    assert "unknown method: nosuch" in out.stderr
+    assert out.stderr == "timer-sdk call: error reply: unknown method: nosuch\n"
 
     out = run("call", address, "echo", "{not json")
     assert out.returncode == 2
@@ -96,7 +102,7 @@ def test_call_errors_are_readable_and_exit_non_zero(
 
     out = run("call", address, "echo", '{"req": {"message": 5}}')
     assert out.returncode == 2
-    assert "bad parameters for echo" in out.stderr
+    assert "echo: invalid request: req.message: Input should be a valid string" in out.stderr
 
 
 def test_call_to_nothing_fails_cleanly(tmp_path: Path) -> None:

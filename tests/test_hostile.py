@@ -251,7 +251,9 @@ CASES = {
     "two items in one payload": Case(
         encode_request(b"version", b"\xa0\xa0"), reply="exactly one CBOR item"
     ),
-    "TLS ClientHello": Case(bytes.fromhex("16030100f4010000f00303") + b"\x00" * 64, closes=True),
+    "TLS ClientHello": Case(  # told in plain bytes, so that a TLS client says "not TLS"
+        bytes.fromhex("16030100f4010000f00303") + b"\x00" * 64, reply="not TLS", closes=True
+    ),
     "HTTP/2 preface": Case(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", closes=True),
 }
 

@@ -1,15 +1,22 @@
-"""Every notebook in notebooks/ runs top to bottom on a real kernel.
+"""Every notebook in notebooks/ runs top to bottom on a real kernel, as stored.
 
 Each notebook is executed with nbclient on the ``python3`` kernel (this
-interpreter). Every notebook must be stored without outputs and run without
-an error; one with a checker below also has the values that came back
-checked, cell by cell, through the cells' tags.
+interpreter). Notebooks are committed executed, so that a reader sees values
+and plots without running them. A fresh run must reproduce the stored
+outputs, as nbval checks them: the same outputs cell by cell, once ports,
+timings and (for the benchmark) every number are sanitized; plots are
+compared by kind, not by pixel. One with a checker below also has the values
+that came back checked, cell by cell, through the cells' tags, in the fresh
+run and in the stored copy alike.
+
+To store a notebook after changing it: ``python -m tests.test_notebooks``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,14 +68,22 @@ def read(path: Path, as_version: object = 4) -> Any:
 
 
 def execute(path: Path) -> Any:
-    """Run the notebook at ``path`` in a fresh kernel; return it with its outputs."""
+    """Run the notebook at ``path`` in a fresh kernel; return it with its outputs.
+
+    The last cell is the leak check, which is not part of the stored notebook.
+    """
     nb = read(path)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
     leak_check = nbformat.v4.new_code_cell(LEAK_CHECK)  # type: ignore[no-untyped-call]
     nb.cells.append(leak_check)
     client = NotebookClient(
         nb,
         timeout=60,  # per cell
         kernel_name="python3",
+        record_timing=False,
         resources={"metadata": {"path": str(path.parent)}},
     )
     env = {**os.environ, "PYTHONWARNINGS": "default::ResourceWarning"}
@@ -171,24 +186,83 @@ QUIET = {"quickstart.ipynb"}
 """Notebooks that must run without stderr and with short outputs."""
 
 
+SANITIZE_NUMBERS = {"benchmark.ipynb"}
+"""Notebooks whose every number is a measurement."""
+
+_SANITIZERS = [
+    (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:PORT"),
+    (re.compile(r"\b\d+(\.\d+)? ?(ms|s|µs)\b"), "N ms"),
+    (re.compile(r"\b0x[0-9a-f]+\b"), "0xADDRESS"),
+]
+
+
+def sanitize(text: str, numbers: bool) -> str:
+    for pattern, replacement in _SANITIZERS:
+        text = pattern.sub(replacement, text)
+    if numbers:
+        text = re.sub(r"\b(met|MISSED)\b", "RESULT", text)
+        text = re.sub(r"\d[\d,.]*", "N", text)
+        text = re.sub(r"[ \t]+", " ", text)
+    return text
+
+
+def comparable(nb: Any, numbers: bool) -> list[list[tuple[str, ...]]]:
+    """Each code cell's outputs as nbval compares them: kind, stream, sanitized text.
+
+    Images are compared by kind only (nbval skips their bytes too).
+    """
+    cells = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs: list[tuple[str, ...]] = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                # How a stream is cut into messages depends on timing: join them, as nbval does.
+                if outputs and outputs[-1][:2] == ("stream", out.name):
+                    outputs[-1] = ("stream", out.name, outputs[-1][2] + out.text)
+                else:
+                    outputs.append(("stream", out.name, out.text))
+            elif out.output_type in ("execute_result", "display_data"):
+                data = out.data
+                texts = [
+                    sanitize(data[k], numbers) for k in ("text/plain", "text/markdown") if k in data
+                ]
+                outputs.append((out.output_type, ",".join(sorted(data)), *texts))
+            else:
+                outputs.append((out.output_type, out.get("ename", ""), out.get("evalue", "")))
+        cells.append(
+            [(*o[:2], sanitize(o[2], numbers)) if o[0] == "stream" else o for o in outputs]
+        )
+    return cells
+
+
 def test_the_quickstart_is_there() -> None:
     assert NOTEBOOKS / "quickstart.ipynb" in PATHS
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
-def test_notebook_is_stored_clean_and_valid(path: Path) -> None:
+def test_notebook_is_stored_executed_and_valid(path: Path) -> None:
     nb = read(path, as_version=nbformat.NO_CONVERT)
     assert nb.nbformat == 4
     nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [], "saved with outputs: clear them before committing"
-            assert cell.execution_count is None, "saved with execution counts"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), "not stored as one run from the top"
+    for cell in code:
+        assert cell.outputs or not cell.source.strip(), "a cell is stored without its outputs"
+        assert not any(out.output_type == "error" for out in cell.outputs), "stored with an error"
+    check = CHECKS.get(path.name)
+    if check is not None:
+        check(nb)  # what a reader sees is right, not only what a fresh run gives
+    if path.name in QUIET:
+        check_quiet(nb)
+    assert path.stat().st_size < 300_000, "keep the stored notebook small"
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
-def test_notebook_runs(path: Path) -> None:
+def test_notebook_runs_and_reproduces_its_stored_outputs(path: Path) -> None:
     nb = execute(path)  # raises CellExecutionError if a cell raises
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -198,3 +272,25 @@ def test_notebook_runs(path: Path) -> None:
         check(nb)
     if path.name in QUIET:
         check_quiet(nb)
+    nb.cells.pop()  # the leak check: its outputs were checked above, if quiet
+    numbers = path.name in SANITIZE_NUMBERS
+    fresh = comparable(nb, numbers)
+    stored = comparable(read(path), numbers)
+    assert len(fresh) == len(stored), "cells added or removed: store the notebook again"
+    for i, (new, old) in enumerate(zip(fresh, stored, strict=True)):
+        assert new == old, f"code cell {i + 1} differs from the stored outputs"
+
+
+def store(path: Path) -> None:
+    """Execute the notebook at ``path`` and store it with its outputs."""
+    nb = execute(path)
+    nb.cells.pop()  # the leak check
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+    nbformat.write(nb, path)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or [p.name for p in PATHS]:
+        store(NOTEBOOKS / name)
+        print("stored", name)

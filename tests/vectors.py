@@ -1,4 +1,4 @@
-"""The byte vectors captured from the reference implementation (shared/protocol.md)."""
+"""The byte vectors captured from the reference implementation (docs/protocol.md)."""
 
 VERSION_REQUEST = bytes.fromhex("0000000776657273696f6e00000001a0")
 VERSION_REPLY_OF_REFERENCE = bytes.fromhex(

@@ -105,6 +105,10 @@ class Method(Generic[P, R]):
                 codec.check_items(item, max_items)
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid request: {exc}") from None
+        return self.validate_params(item)
+
+    def validate_params(self, item: object) -> P:
+        """Validate a decoded payload by its wire names, as the server does."""
         params: P = codec.validate(self._params_adapter, item, f"{self.name}: invalid request")
         return params
 

@@ -1,11 +1,14 @@
-"""The ``timer-sdk`` command: serve, call, demo, bench.
+"""The ``timer-sdk`` command: serve, call, example, schema, demo, bench.
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
 SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
 call ADDRESS METHOD [JSON]`` calls any method and prints the reply as JSON, as
-grpcurl does for gRPC. ``timer-sdk demo`` starts a server process and makes a
-round trip of every method against it. ``timer-sdk bench`` measures the server
-and client beside a minimal floor (see :mod:`timer_sdk.bench`).
+grpcurl does for gRPC; ``timer-sdk example METHOD`` prints a payload to start
+from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema.
+``timer-sdk demo`` starts a server process and makes a round trip of every
+method against it. ``timer-sdk bench`` measures the server and client beside a
+minimal floor (see :mod:`timer_sdk.bench`). Help texts and errors are in
+:mod:`timer_sdk.cli_help`.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from . import api
+from . import schema
 from ._version import __version__
 from .address import Address
+from .cli_help import (
+    DEFAULT_ADDRESS,
+    UsageError,
+    build_parser,
+    check_payload,
+    find_method,
+    limits_from_args,
+)
 from .client import TimerClient
 from .codec import decode_item, encode_item
-from .errors import CallError, TimerError
+from .errors import CallError, RemoteCallError, TimerError
 from .models import (
     ComplexRequest,
     EchoRequest,
@@ -43,13 +54,12 @@ from .models import (
     ScheduleConfig,
     TimerConfig,
 )
-from .server import Limits
 from .timer import Timer
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
 
-DEFAULT_ADDRESS = "tcp:127.0.0.1:9099"
 LISTENING = re.compile(r"listening on (\S+)")
+_parser = build_parser  # the name tests and tools know
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -100,13 +110,7 @@ async def _serve(
     reuse_port: bool = False,
     ready: multiprocessing.connection.Connection | None = None,
 ) -> int:
-    limits = Limits(
-        max_frame_size=args.max_frame_size,
-        max_in_flight=args.max_in_flight,
-        max_connections=args.max_connections,
-        frame_timeout=args.frame_timeout or None,
-        idle_timeout=args.idle_timeout or None,
-    )
+    limits = limits_from_args(args)
     timer = Timer(TimerConfig(name=args.name))
     server = await timer.serve(
         args.address,
@@ -115,12 +119,11 @@ async def _serve(
         unix_mode=int(args.unix_mode, 8),
         reuse_port=reuse_port,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # A worker leaves Ctrl-C to its parent, which forwards it as SIGTERM.
-    for sig in (signal.SIGTERM,) if ready is not None else (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     if ready is not None:  # a worker: the parent speaks for all of them
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # A worker leaves Ctrl-C to its parent, which forwards it as SIGTERM.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
         ready.send(server.address)
         # EOF on the pipe means the parent is gone, even if it was killed: stop too.
         loop.add_reader(ready.fileno(), stop.set)
@@ -132,11 +135,13 @@ async def _serve(
         f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
         flush=True,
     )
-    await stop.wait()
-    print("timer-sdk: shutting down, finishing requests in flight", flush=True)
-    await server.close(timeout=args.shutdown_timeout)
-    print("timer-sdk: stopped", flush=True)
-    return 0
+    # Same task step as the print: the handlers are in place before any request is read.
+    graceful = await server.serve_until_signal(
+        shutdown_timeout=args.shutdown_timeout,
+        report=lambda message: print(f"timer-sdk: {message}", flush=True),
+    )
+    print("timer-sdk: stopped" if graceful else "timer-sdk: stopped at once", flush=True)
+    return 0 if graceful else 1
 
 
 def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
@@ -194,10 +199,23 @@ def _serve_workers(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
 
+    heard = 0  # signals: the first stops gracefully, a second is acknowledged, a third kills
+
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, heard
         stopping = True
-        stop_workers()
+        heard += 1
+        if heard == 1:
+            stop_workers()
+        elif heard == 2:  # os.write: a print here could re-enter one in progress
+            os.write(sys.stdout.fileno(), b"timer-sdk: still waiting for the workers to finish "
+                     b"requests in flight; signal once more to stop at once\n")  # fmt: skip
+        elif heard == 3:
+            os.write(sys.stdout.fileno(), b"timer-sdk: stopping at once\n")
+            for proc in workers:
+                if proc.pid is not None and proc.exitcode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     pipes: list[multiprocessing.connection.Connection] = []
@@ -232,6 +250,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
     # A worker may finish before the forwarded SIGTERM arrives, and then dies of
     # it: with nothing left to serve, that is a clean stop too.
     clean = (0, -signal.SIGTERM)
+    if heard >= 3:
+        print("timer-sdk: stopped at once", flush=True)
+        return 1
     if not stopping or any(proc.exitcode not in clean for proc in workers):
         codes = ", ".join(str(proc.exitcode) for proc in workers)
         print(f"timer-sdk serve: workers exited with codes {codes}", file=sys.stderr)
@@ -282,18 +303,15 @@ def _to_json(value: object) -> str:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    try:
-        params_json = json.loads(args.json)
-    except json.JSONDecodeError as exc:
-        print(f"timer-sdk call: JSON argument is not valid JSON: {exc}", file=sys.stderr)
-        return 2
-    method = api.METHODS.get(args.method)
+    # Checked before connecting, with the server's own validation: nothing bad is sent.
+    method = None if args.raw else find_method(args.method)
     if method is not None:
+        params = check_payload(method, args.json)
+    else:
         try:
-            params = method.params.model_validate(params_json)
-        except ValidationError as exc:
-            print(f"timer-sdk call: bad parameters for {args.method}:\n{exc}", file=sys.stderr)
-            return 2
+            params_json = json.loads(args.json)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"the payload is not valid JSON: {exc}") from None
     try:
         async with await TimerClient.connect(
             args.address, timeout=args.timeout, ssl=_client_ssl(args)
@@ -304,7 +322,9 @@ async def _call(args: argparse.Namespace) -> int:
                 body = await client.call_raw(args.method, encode_item(params_json))
                 result = decode_item(body)
     except CallError as exc:
-        print(f"timer-sdk call: error reply: {exc}", file=sys.stderr)
+        # An unknown method's reply names it already: do not say it twice.
+        message = exc.message if isinstance(exc, RemoteCallError) and method is None else exc
+        print(f"timer-sdk call: error reply: {message}", file=sys.stderr)
         return 1
     except TimerError as exc:
         print(f"timer-sdk call: {exc}", file=sys.stderr)
@@ -364,57 +384,24 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0 if proc.returncode == 0 and ok else 1
 
 
-# --- argument parsing --------------------------------------------------------
+# --- example, schema ----------------------------------------------------------
 
 
-def _add_tls(parser: argparse.ArgumentParser, *, server: bool) -> None:
-    parser.add_argument("--tls-cert", help="certificate chain (PEM) to present")
-    parser.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
-    if server:
-        parser.add_argument("--tls-client-ca", help="require client certificates from this CA")
+def _example(args: argparse.Namespace) -> int:
+    method = find_method(args.method)
+    print(json.dumps(schema.example(method.params)))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.format == "cddl":
+        print(schema.cddl(), end="")
     else:
-        parser.add_argument("--tls-ca", help="trust this CA (PEM) for the server's certificate")
+        print(json.dumps(schema.json_schema(), indent=2))
+    return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="timer-sdk", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"timer-sdk {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="serve a timer until Ctrl-C or SIGTERM")
-    where = f"tcp:HOST:PORT, tls:HOST:PORT or unix:PATH (default {DEFAULT_ADDRESS})"
-    serve.add_argument("address", nargs="?", default=DEFAULT_ADDRESS, help=where)
-    serve.add_argument("--name", default=TimerConfig().name, help="the timer's name")
-    defaults = Limits()
-    serve.add_argument("--max-frame-size", type=int, default=defaults.max_frame_size)
-    serve.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
-    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
-    serve.add_argument("--frame-timeout", type=float, default=defaults.frame_timeout,
-                       help="seconds to finish a frame once started (0: no limit)")  # fmt: skip
-    serve.add_argument("--idle-timeout", type=float, default=0,
-                       help="close connections idle this many seconds (0: never)")  # fmt: skip
-    serve.add_argument("--shutdown-timeout", type=float, default=10.0)
-    serve.add_argument("--unix-mode", default="600", help="octal mode of a unix: socket")
-    serve.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="server processes sharing one TCP port (SO_REUSEPORT)")  # fmt: skip
-    _add_tls(serve, server=True)
-
-    call = commands.add_parser("call", help="call a method and print the reply as JSON")
-    call.add_argument("address")
-    call.add_argument("method")
-    example = '{"req": {"message": "hi", "delayMs": 5}}'
-    call.add_argument("json", nargs="?", default="{}", help=f"the request envelope, e.g. {example}")
-    call.add_argument("--timeout", type=float, default=30.0)
-    _add_tls(call, server=False)
-
-    commands.add_parser("demo", help="start a server process and call every method on it")
-
-    from .bench import add_arguments as add_bench_arguments
-
-    bench = commands.add_parser("bench", help="measure the server and client beside a floor")
-    add_bench_arguments(bench)
-    return parser
+# --- argument parsing --------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,11 +416,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_serve(args), args.loop)
         if args.command == "call":
             return _run(_call(args))
+        if args.command == "example":
+            return _example(args)
+        if args.command == "schema":
+            return _schema(args)
         if args.command == "bench":
             from .bench import run_command
 
             return run_command(args)
         return _run(_demo(args))
+    except UsageError as exc:
+        print(f"timer-sdk {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (OSError, TimerError, ValueError) as exc:
         print(f"timer-sdk {args.command}: {exc}", file=sys.stderr)
         return 1

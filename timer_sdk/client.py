@@ -251,10 +251,27 @@ class _Dialer:
             raise ConnectError(f"cannot connect to {address}: timed out") from None
         except OSError as exc:  # includes ssl.SSLError
             reason = exc.strerror or str(exc) or type(exc).__name__
-            if self.ssl is not None and isinstance(exc, ConnectionResetError):
-                reason += " during the TLS handshake (is a client certificate required?)"
+            if self.ssl is not None:
+                reason = _tls_reason(exc, reason)
             raise ConnectError(f"cannot connect to {address}: {reason}") from exc
         return protocol
+
+
+# What OpenSSL says when the first bytes back are not a TLS record.
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+def _tls_reason(exc: OSError, reason: str) -> str:
+    """Explain a failed TLS handshake as far as the error allows."""
+    if isinstance(exc, _ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
+        return f"the server does not speak TLS ({exc.reason}); use tcp: instead of tls:"
+    if isinstance(exc, ConnectionResetError):
+        # A server refusing our certificate (TLS 1.2) closes the handshake like this.
+        return (
+            "the server closed the connection during the TLS handshake "
+            "(is a client certificate required?)"
+        )
+    return reason
 
 
 _BACKOFF_FIRST = 0.05

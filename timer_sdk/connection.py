@@ -244,6 +244,12 @@ class Connection(asyncio.Protocol):
                 self._stats.protocol_violations += 1
                 logger.warning("%s: closing: %s", self._peer, event.message)
                 # Answer the whole frames before the bad one, then close.
+                if event.answer:
+                    frame = _error_frame(event.message)
+                    if slots:
+                        slots.append(_Slot(frame))
+                    else:
+                        out.append(frame)
                 self._shutting_down = True
                 break
             if frame is None:

@@ -68,6 +68,10 @@ def encode_reply(ret: int, body: bytes) -> bytes:
     return _pack_reply_head(ret, len(body)) + body
 
 
+NOT_TLS = "this server speaks the plain timer protocol, not TLS: use tcp:, not tls:"
+"""Why a plain listener closes a connection that opened with a TLS handshake."""
+
+
 class Request(NamedTuple):
     """A whole request frame."""
 
@@ -98,6 +102,8 @@ class Broken:
     """The stream can no longer be trusted; the driver closes the connection."""
 
     message: str
+    answer: bool = False
+    """Send ``message`` to the peer as an error reply before closing."""
 
 
 class _Reader:
@@ -135,11 +141,11 @@ class _Reader:
         """Bytes received and not yet returned as frames."""
         return len(self._buf) - self._pos
 
-    def _break(self, message: str) -> Broken:
+    def _break(self, message: str, *, answer: bool = False) -> Broken:
         self._broken = True
         self._buf.clear()
         self._pos = 0
-        return Broken(message)
+        return Broken(message, answer)
 
 
 class RequestReader(_Reader):
@@ -167,6 +173,10 @@ class RequestReader(_Reader):
             return None
         (method_len,) = _unpack_u32(buf, pos)
         if method_len > self.max_method_length:
+            if method_len >> 16 == 0x1603:  # a TLS record: handshake (22), version 3.x
+                # Answered in plain bytes, so that the client's TLS layer fails with
+                # "wrong version number" rather than a reset it cannot tell apart.
+                return self._break(NOT_TLS, answer=True)
             # Nothing past this can be trusted: an HTTP client's "GET " lands here.
             return self._break(
                 f"method name of {method_len} bytes exceeds the limit of "

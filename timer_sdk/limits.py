@@ -1,8 +1,12 @@
 """What a server bounds, and what it counts.
 
-:class:`Limits` is the one place every bound lives; the CLI's ``serve``
-flags and the README's table follow it. :class:`ServerStats` counts what
-the bounds did, for operators and tests.
+:class:`Limits` is the one place every bound lives. Each field says what it
+bounds in its ``metadata``: ``help`` (one line, what happens over it) and
+``unit``. The CLI makes a ``timer-sdk serve`` flag of every field from that
+(``--max-frame-size`` for ``max_frame_size``), and a test checks that the
+README's table lists every field. A field typed ``X | None`` can be switched
+off: ``None`` in Python, ``off`` (or ``0``) on the command line.
+:class:`ServerStats` counts what the bounds did, for operators and tests.
 """
 
 from __future__ import annotations
@@ -19,30 +23,85 @@ __all__ = ["Limits", "ServerStats"]
 class Limits:
     """Every bound the server enforces. All are per server."""
 
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    """Largest request payload in bytes; a larger one gets an error reply."""
-    max_method_length: int = DEFAULT_MAX_METHOD_LENGTH
-    """Longest method name in bytes; a longer prefix closes the connection."""
-    max_in_flight: int = 128
-    """Requests per connection being handled at once; reading pauses at this bound."""
-    max_connections: int = 1024
-    """Open connections; one more is closed as soon as it is accepted."""
-    max_depth: int = DEFAULT_MAX_DEPTH
-    """Deepest CBOR nesting in a payload."""
-    frame_timeout: float | None = 10.0
-    """Seconds to finish a frame once its first byte arrived (defeats slowloris)."""
-    idle_timeout: float | None = None
-    """Close a connection with nothing in flight after this many quiet seconds."""
-    max_event_queue: int = 1024
-    """Events queued per remote subscriber before the oldest are dropped."""
-    memory_budget: int = 64 << 20
-    """Bytes held for all peers together: partial frames, requests in flight, unsent
-    replies, event backlogs. When it is spent, connections stop reading until bytes
-    are freed, taking turns."""
-    max_items: int = DEFAULT_MAX_ITEMS
-    """Array and map entries in one request, all levels together; checked before validation."""
-    max_event_backlog: int = 4 << 20
-    """Bytes of events held per subscriber that is not reading; the oldest go first."""
+    max_frame_size: int = field(
+        default=DEFAULT_MAX_FRAME_SIZE,
+        metadata={
+            "help": "largest request payload; a larger one gets an error reply",
+            "unit": "bytes",
+        },
+    )
+    max_method_length: int = field(
+        default=DEFAULT_MAX_METHOD_LENGTH,
+        metadata={
+            "help": "longest method name; a longer length prefix closes the connection",
+            "unit": "bytes",
+        },
+    )
+    max_in_flight: int = field(
+        default=128,
+        metadata={
+            "help": "requests per connection handled at once; reading pauses at this bound",
+            "unit": "requests",
+        },
+    )
+    max_connections: int = field(
+        default=1024,
+        metadata={
+            "help": "open connections; one more is closed as soon as it is accepted",
+            "unit": "connections",
+        },
+    )
+    max_depth: int = field(
+        default=DEFAULT_MAX_DEPTH,
+        metadata={
+            "help": "deepest CBOR nesting in a payload; deeper gets an error reply",
+            "unit": "levels",
+        },
+    )
+    frame_timeout: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "time to finish a frame once its first byte arrived, against slowloris",
+            "unit": "seconds",
+        },
+    )
+    idle_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "close a connection with nothing in flight after this long quiet",
+            "unit": "seconds",
+        },
+    )
+    max_event_queue: int = field(
+        default=1024,
+        metadata={
+            "help": "events held per remote subscriber that is not reading; oldest dropped",
+            "unit": "events",
+        },
+    )
+    memory_budget: int = field(
+        default=64 << 20,
+        metadata={
+            "help": "bytes held for all peers together (partial frames, requests in flight, "
+            "unsent replies, event backlogs); when spent, connections stop reading and take turns",
+            "unit": "bytes",
+        },
+    )
+    max_items: int = field(
+        default=DEFAULT_MAX_ITEMS,
+        metadata={
+            "help": "array and map entries in one request, all levels together; more gets an "
+            "error reply before validation",
+            "unit": "entries",
+        },
+    )
+    max_event_backlog: int = field(
+        default=4 << 20,
+        metadata={
+            "help": "bytes of events held per subscriber that is not reading; oldest dropped",
+            "unit": "bytes",
+        },
+    )
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Callable
 from ssl import SSLContext
 from types import TracebackType
+from typing import Any
 
 from .address import Address
 from .backlog import event_size
@@ -27,6 +28,7 @@ from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
 from .listener import Acceptor
 from .models import EchoEvent
+from .shutdown import serve_until_signal
 from .timer import Timer
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
@@ -89,6 +91,16 @@ class Server:
         except asyncio.CancelledError:
             await asyncio.shield(self.close())
             raise
+
+    async def serve_until_signal(
+        self, *, shutdown_timeout: float | None = 10.0, report: Callable[[str], Any] | None = None
+    ) -> bool:
+        """Serve until Ctrl-C or SIGTERM, then close gracefully, without a traceback.
+
+        A second signal is acknowledged, a third stops at once; see
+        :func:`timer_sdk.shutdown.serve_until_signal`. Main thread only.
+        """
+        return await serve_until_signal(self, shutdown_timeout=shutdown_timeout, report=report)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` has finished."""
