@@ -247,7 +247,8 @@ class Connection(asyncio.Protocol):
                 if event.answer:
                     frame = _error_frame(event.message)
                     if slots:
-                        slots.append(_Slot(frame))
+                        slots.append(_Slot(frame, len(frame)))
+                        self._slot_bytes += len(frame)
                     else:
                         out.append(frame)
                 self._shutting_down = True
