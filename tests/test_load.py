@@ -19,6 +19,7 @@ KINDS = {
     "complex",
     "schedule",
     "schedule-empty-name",
+    "schedule-overflow",
     "schedule-no-attempts",
     "unknown-method",
     "unknown-field",
