@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
+from timer_sdk.connection import Connection
 
 
 @pytest.fixture(params=["tcp", "unix"])
@@ -93,6 +94,52 @@ async def raw(server: Server) -> AsyncIterator[RawConnection]:
     conn = await RawConnection.open(server.address)
     yield conn
     await conn.close()
+
+
+class Reads:
+    """The sizes of the reads a server protocol got, so a test can wait for one.
+
+    A split sent in two writes can still arrive in one read; a test that means to split
+    waits until the server consumed the first piece before it sends the rest.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._grew = asyncio.Event()
+
+    def record(self, size: int) -> None:
+        self.sizes.append(size)
+        self._grew.set()
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    async def until(self, total: int, timeout: float = 30.0) -> None:
+        """Wait until the server has read ``total`` bytes in all."""
+        async with asyncio.timeout(timeout):
+            while self.total < total:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+def probe_reads(monkeypatch: pytest.MonkeyPatch, protocol: type[asyncio.Protocol]) -> Reads:
+    """Record every ``data_received`` of ``protocol`` (all its connections) in a :class:`Reads`."""
+    reads = Reads()
+    real = protocol.data_received
+
+    def data_received(self: asyncio.Protocol, data: bytes) -> None:
+        reads.record(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(protocol, "data_received", data_received)
+    return reads
+
+
+@pytest.fixture
+def server_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """The reads of every server connection in this test."""
+    return probe_reads(monkeypatch, Connection)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
