@@ -22,6 +22,7 @@ import pytest
 
 from timer_sdk import (
     CallError,
+    CallTimeout,
     ClientClosedError,
     ComplexRequest,
     ComplexResponse,
@@ -32,6 +33,7 @@ from timer_sdk import (
     EchoResponse,
     EventsDropped,
     JobSpec,
+    Limits,
     ProtocolError,
     RemoteCallError,
     RetryPolicy,
@@ -41,9 +43,11 @@ from timer_sdk import (
     TimerClient,
     TimerConfig,
 )
+from timer_sdk.connection import event_frame
 from timer_sdk.framing import encode_reply, encode_request
 
 from .conftest import RawConnection, wait_until
+from .vectors import ECHO_REPLY, ECHO_REQUEST
 
 SERVER_LOG = "timer_sdk.server"
 INT64_MAX = 9_223_372_036_854_775_807
@@ -251,6 +255,145 @@ async def test_events_subscribe_with_invalid_cbor_is_refused(server: Server) -> 
         await raw.close()
 
 
+async def test_close_waits_for_a_proc_whose_caller_reset_the_connection() -> None:
+    timer = FaultyTimer()
+    async with await timer.serve("tcp:127.0.0.1:0") as server:
+        raw = await RawConnection.open(server.address)
+        request = {"req": {"message": "stubborn", "delayMs": 0}}
+        await raw.send(encode_request(b"echo", cbor2.dumps(request)))
+        await timer.stubborn_started.wait()
+        [task] = server.tasks
+        # A reset, not a FIN (a FIN is a half-close: the server would still answer).
+        sock = raw.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await raw.close()
+        await wait_until(lambda: not server.connections)
+        assert server.tasks == {task}  # the caller is gone; its proc still runs
+        closing = asyncio.create_task(server.close(timeout=0.2))
+        await asyncio.sleep(0)
+        assert not closing.done()  # it waits for the proc, and cancels it at the timeout
+        await closing
+        assert task.done()
+        assert not server.tasks
+
+
+async def test_close_keeps_a_file_that_replaced_its_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "replaced.sock"
+    server = await Timer().serve(f"unix:{path}")
+    path.unlink()
+    path.write_text("someone else's")
+    await server.close()
+    assert path.read_text() == "someone else's"
+
+
+async def test_a_tls_address_without_a_context_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"a tls: address needs an ssl\.SSLContext"):
+        await Timer().serve("tls:127.0.0.1:0")
+
+
+async def test_subscribers_share_one_encoding_of_each_event(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[EchoEvent] = []
+    real = event_frame
+
+    def counting(event: EchoEvent) -> bytes:
+        encoded.append(event)
+        return real(event)
+
+    monkeypatch.setattr("timer_sdk.server.event_frame", counting)
+    async with (
+        await TimerClient.connect(server.address) as first,
+        await TimerClient.connect(server.address) as second,
+        first.events() as one,
+        second.events() as two,
+    ):
+        await first.echo(EchoRequest(message="shared", delay_ms=0))
+        expected = EchoEvent(message="shared", echo_count=1)
+        assert (await anext(one), await anext(two)) == (expected, expected)
+    assert encoded == [expected]
+
+
+async def test_a_client_that_pauses_the_server_then_reads_gets_every_reply(
+    server: Server,
+) -> None:
+    raw = await RawConnection.open(server.address)
+    try:
+        n = 10_000
+        frames = [
+            encode_request(
+                b"echo", cbor2.dumps({"req": {"message": f"{i:04}" * 250, "delayMs": 0}})
+            )
+            for i in range(n)
+        ]  # ~10 MB of replies: more than the socket buffers hold (TCP autotunes to 4 MB)
+        raw.writer.write(b"".join(frames))
+        await wait_until(lambda: len(server.connections) == 1)
+        [conn] = server.connections
+        await wait_until(lambda: conn._writing_paused)
+        for i in range(n):  # reading lets the server resume writing
+            ret, body = await raw.recv_reply()
+            assert (ret, cbor2.loads(body)["echoed"]) == (0, f"{i:04}" * 250)
+        assert not conn._writing_paused
+    finally:
+        await raw.close()
+
+
+async def test_a_broken_frame_behind_the_in_flight_bound_closes_after_the_answer(
+    address: str,
+) -> None:
+    async with await Timer().serve(address, limits=Limits(max_in_flight=1)) as server:
+        raw = await RawConnection.open(server.address)
+        try:
+            slow = encode_request(b"echo", cbor2.dumps({"req": {"message": "s", "delayMs": 50}}))
+            await raw.send(slow + b"\xff\xff\xff\xff")
+            await wait_until(lambda: len(server.connections) == 1)
+            [conn] = server.connections
+            await wait_until(lambda: conn._reading_paused)  # at the bound, before the bad prefix
+            ret, body = await raw.recv_reply()
+            assert (ret, cbor2.loads(body)["echoed"]) == (0, "s")
+            assert await raw.at_eof()
+        finally:
+            await raw.close()
+        assert server.stats.protocol_violations == 1
+
+
+async def test_close_while_reading_is_paused_answers_what_was_read(address: str) -> None:
+    server = await Timer().serve(address, limits=Limits(max_in_flight=1))
+    raw = await RawConnection.open(server.address)
+    try:
+        slow = encode_request(b"echo", cbor2.dumps({"req": {"message": "s", "delayMs": 50}}))
+        await raw.send(slow + slow)
+        await wait_until(lambda: bool(server.connections))
+        [conn] = server.connections
+        await wait_until(lambda: conn._reading_paused)
+        await server.close()
+        ret, _ = await raw.recv_reply()
+        assert ret == 0  # the first, in flight; the second was read but not dispatched
+        rest = await asyncio.wait_for(raw.reader.read(), 30)
+        assert rest in (
+            b"",
+            encode_reply(0, cbor2.dumps({"echoed": "s", "timerName": "ipc-server"})),
+        )
+    finally:
+        await raw.close()
+
+
+async def test_no_frame_deadline_when_it_is_off(address: str) -> None:
+    limits = Limits(frame_timeout=None)
+    async with await Timer().serve(address, limits=limits) as server:
+        raw = await RawConnection.open(server.address)
+        try:
+            await raw.send(ECHO_REQUEST[:5])
+            await wait_until(lambda: len(server.connections) == 1)
+            [conn] = server.connections
+            await wait_until(lambda: conn._reader.in_frame)
+            assert conn._frame_deadline is None
+            await raw.send(ECHO_REQUEST[5:])
+            assert await raw.recv_exactly(len(ECHO_REPLY)) == ECHO_REPLY
+        finally:
+            await raw.close()
+
+
 # --- the client against a fake server ------------------------------------------------
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -383,6 +526,55 @@ async def test_close_during_a_reconnect_ends_the_waiting_call(tmp_path: Path) ->
         assert client.closed
     finally:
         await client.close()
+
+
+async def test_close_after_a_timed_out_call_skips_its_finished_slot(server: Server) -> None:
+    client = await TimerClient.connect(server.address)
+    with pytest.raises(CallTimeout):
+        await client.echo(EchoRequest(message="slow", delay_ms=60_000), timeout=0.05)
+    slow_pending = client.pending
+    waiting = asyncio.create_task(client.echo(EchoRequest(message="w", delay_ms=60_000)))
+    await wait_until(lambda: client.pending == slow_pending + 1)
+    await client.close()
+    with pytest.raises(ClientClosedError):
+        await waiting
+
+
+async def test_a_subscribe_cut_short_by_the_server_leaves_no_subscription() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.transport.abort()
+
+    async with fake_server(hang_up) as address, await TimerClient.connect(address) as client:
+        stream = client.events()
+        with pytest.raises(ConnectionLost):
+            async with stream:
+                pass
+        assert client._protocol.subscriptions == []
+
+
+async def test_iterating_opens_the_subscription_without_async_with(server: Server) -> None:
+    async with await TimerClient.connect(server.address) as client:
+        stream = client.events()
+        first = asyncio.create_task(anext(stream))
+        await wait_until(lambda: server.subscribers == 1)  # opened by the first iteration
+        await client.echo(EchoRequest(message="it", delay_ms=0))
+        assert await first == EchoEvent(message="it", echo_count=1)
+        await stream.aclose()
+        assert stream.closed
+
+
+def test_a_subscription_needs_room_for_one_event() -> None:
+    with pytest.raises(ValueError, match="max_queue must be at least 1"):
+        Timer().events(max_queue=0)
+
+
+async def test_a_closed_subscription_ignores_late_events() -> None:
+    stream = Timer().events()
+    await stream.aclose()
+    stream.publish(EchoEvent(message="late", echo_count=1))
+    assert repr(stream) == "<Subscription closed, 0 queued, 0 dropped>"
+    assert [item async for item in stream] == []
 
 
 # --- the timer ---------------------------------------------------------------------

@@ -452,7 +452,10 @@ def test_a_caller_who_leaves_before_the_call_starts_starts_nothing() -> None:
     assert made == []  # it saw the caller gone and never made the call
 
 
-def test_a_result_produced_after_the_caller_left_is_disposed_on_the_loop() -> None:
+@pytest.mark.parametrize("with_dispose", [True, False])
+def test_a_result_produced_after_the_caller_left_is_disposed_on_the_loop(
+    with_dispose: bool,
+) -> None:
     portal = _get_portal()
     started = threading.Event()
     left = threading.Event()
@@ -467,16 +470,23 @@ def test_a_result_produced_after_the_caller_left_is_disposed_on_the_loop() -> No
     async def dispose(value: object) -> None:
         disposed.append(value)
 
+    tasks_before = asyncio.run_coroutine_threadsafe(_all_tasks(), portal.loop).result(30)
     interrupter = interrupt_main_thread_when(lambda: started.wait(30))
     try:
         with pytest.raises(KeyboardInterrupt):
-            portal.run(produce, dispose)
+            portal.run(produce, dispose if with_dispose else None)
     finally:
         interrupter.join()
         left.set()
     for _ in range(3):
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), portal.loop).result(timeout=30)
-    assert disposed == [thing]
+    assert disposed == ([thing] if with_dispose else [])
+    # Nothing is left running on the loop either way.
+    assert asyncio.run_coroutine_threadsafe(_all_tasks(), portal.loop).result(30) == tasks_before
+
+
+async def _all_tasks() -> int:
+    return len(asyncio.all_tasks()) - 1  # not counting this one
 
 
 # --- misuse --------------------------------------------------------------------
