@@ -8,6 +8,9 @@ checked, cell by cell, through the cells' tags.
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -60,9 +63,26 @@ def read(path: Path, as_version: object = 4) -> Any:
     return nbformat.read(path, as_version=as_version)  # type: ignore[no-untyped-call]
 
 
+# Run after the benchmark notebook's cells: prints, as JSON, what its table and plots
+# were drawn from. The notebook file itself is left as it is.
+BENCHMARK_PROBE = """import json as _json
+print(_json.dumps({
+    "rows": rows,
+    "latency": [row["name"] for row in latency_rows],
+    "rate": [row["name"] for row in rate_rows],
+    "codec": [row["name"] for row in codec_rows],
+}, default=str))"""
+PROBES = {"benchmark.ipynb": BENCHMARK_PROBE}
+
+
 def execute(path: Path) -> Any:
     """Run the notebook at ``path`` in a fresh kernel; return it with its outputs."""
     nb = read(path)
+    probe = PROBES.get(path.name)
+    if probe is not None:
+        cell = nbformat.v4.new_code_cell(probe)  # type: ignore[no-untyped-call]
+        cell.metadata["tags"] = ["probe"]
+        nb.cells.append(cell)
     leak_check = nbformat.v4.new_code_cell(LEAK_CHECK)  # type: ignore[no-untyped-call]
     nb.cells.append(leak_check)
     client = NotebookClient(
@@ -161,9 +181,60 @@ def check_events(nb: Any) -> None:
     assert out.stdout("close").strip() == "closed"
 
 
+def check_benchmark(nb: Any) -> None:
+    """The values the table and the three plots are drawn from, not only that cells ran."""
+    drawn = json.loads(Outputs(nb).stdout("probe"))
+    rows = drawn["rows"]
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        assert row["ours"] > 0, row
+        assert row["floor"] > 0, row
+        assert math.isclose(row["ratio"], row["ours"] / row["floor"]), row
+    # Ping-pong: one latency curve per transport, from 100 rising percentiles each.
+    assert sorted(drawn["latency"]) == [
+        f"ping-pong {method} {transport} p50"
+        for method in ("echo", "version")
+        for transport in ("tcp", "unix")
+    ]
+    for name in drawn["latency"]:
+        for who in ("ours", "floor"):
+            curve = by_name[name]["detail"][f"{who}_percentiles_us"]
+            assert len(curve) >= 100
+            assert all(0 < a <= b for a, b in itertools.pairwise(curve[:100])), curve[:100]
+    # Throughput bars: every calls/s row outside ping-pong, pipelined and workers included.
+    assert drawn["rate"] == [
+        row["name"] for row in rows if row["unit"] == "calls/s" and row["group"] != "ping-pong"
+    ]
+    assert {"pipelined echo unix 4x32", "client gather version"} <= set(drawn["rate"])
+    assert any(name.startswith("workers=2 ") for name in drawn["rate"])
+    # Codec bars: four steps of a call per method, and their sum, which the bars add up to.
+    steps = ("client encodes the request", "server decodes + validates the request",
+             "server encodes the reply", "client decodes + validates the reply")  # fmt: skip
+    for method in ("echo", "version"):
+        names = [f"codec {method}: {step}" for step in steps]
+        assert set(names) <= set(drawn["codec"])
+        total = by_name[f"codec {method}: all four steps of one call"]
+        for who in ("ours", "floor"):
+            assert math.isclose(sum(by_name[n][who] for n in names), total[who])
+    assert len(drawn["codec"]) == 10
+    # The first cell's summary and the table describe the same rows, and each plot drew.
+    first = nb.cells[1]
+    assert first.outputs[0]["text"].startswith(f"{len(rows)} rows in ")
+    table = nb.cells[2].outputs[0]["data"]["text/markdown"]
+    for row in rows:
+        assert row["name"] in table
+    images = [
+        cell
+        for cell in nb.cells
+        if any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+    ]
+    assert len(images) == 3
+
+
 CHECKS: dict[str, Callable[[Any], None]] = {
     "quickstart.ipynb": check_quickstart,
     "events.ipynb": check_events,
+    "benchmark.ipynb": check_benchmark,
 }
 """Per-notebook checks of the values that came back."""
 
