@@ -4,13 +4,87 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import json
+import tempfile
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
 from timer_sdk.connection import Connection
+
+CORE_MODULES = ("framing", "codec", "api", "server", "connection", "client", "sync", "events",
+                "timer")  # fmt: skip
+BRANCH_FLOOR = 95.0
+"""Branch coverage the core modules must reach when the whole suite ran."""
+
+
+def _whole_suite(session: pytest.Session) -> bool:
+    """Whether this run is the plain ``pytest``: every test path, nothing deselected."""
+    config = session.config
+    opt = config.option
+    return (
+        config.args_source is pytest.Config.ArgsSource.TESTPATHS
+        and not opt.keyword
+        and not opt.markexpr
+        and not opt.deselect
+        and not opt.lf
+        and not opt.collectonly
+    )
+
+
+def _core_branch_coverage(session: pytest.Session) -> tuple[int, int, list[str]] | None:
+    """Return (covered, total) branches of the core modules, and the files short of the floor."""
+    plugin = session.config.pluginmanager.getplugin("_cov")
+    controller = getattr(plugin, "cov_controller", None)
+    if controller is None or controller.cov is None:
+        return None  # --no-cov
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "core.json")
+        include = [f"*/timer_sdk/{name}.py" for name in CORE_MODULES]
+        controller.cov.json_report(outfile=str(out), include=include)
+        files = json.loads(out.read_text())["files"]
+    covered = total = 0
+    short = []
+    for path, data in sorted(files.items()):
+        summary = data["summary"]
+        covered += summary["covered_branches"]
+        total += summary["num_branches"]
+        if summary["covered_branches"] < summary["num_branches"] * BRANCH_FLOOR / 100:
+            short.append(
+                f"{Path(path).name} {summary['covered_branches']}/{summary['num_branches']}"
+            )
+    return covered, total, short
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """After a full run, fail it if the core modules are below the branch-coverage floor.
+
+    Outermost wrapper, so pytest-cov has combined the data of every process by now. A
+    run of one file or one test measures and reports, but never fails on the floor.
+    """
+    result = yield
+    if session.testsfailed or not _whole_suite(session):
+        return result
+    measured = _core_branch_coverage(session)
+    if measured is None:
+        return result
+    covered, total, short = measured
+    percent = 100 * covered / total if total else 100.0
+    writer = session.config.pluginmanager.getplugin("terminalreporter")
+    writer.ensure_newline()
+    line = (
+        f"core modules ({', '.join(CORE_MODULES)}): {covered} of {total} branches "
+        f"covered, {percent:.1f}% (floor {BRANCH_FLOOR:.0f}%)"
+    )
+    if percent < BRANCH_FLOOR:
+        writer.write_line(f"ERROR: {line}; below it: {', '.join(short)}", red=True, bold=True)
+        session.testsfailed += 1
+    else:
+        writer.write_line(line + (f"; lowest: {', '.join(short)}" if short else ""), green=True)
+    return result
 
 
 @pytest.fixture(params=["tcp", "unix"])
