@@ -46,7 +46,7 @@ from timer_sdk import (
 from timer_sdk.connection import event_frame
 from timer_sdk.framing import encode_reply, encode_request
 
-from .conftest import RawConnection, wait_until
+from .conftest import RawConnection, Reads, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST
 
 SERVER_LOG = "timer_sdk.server"
@@ -357,23 +357,28 @@ async def test_a_broken_frame_behind_the_in_flight_bound_closes_after_the_answer
         assert server.stats.protocol_violations == 1
 
 
-async def test_close_while_reading_is_paused_answers_what_was_read(address: str) -> None:
+async def test_close_while_reading_is_paused_answers_what_was_read(
+    address: str, server_reads: Reads
+) -> None:
     server = await Timer().serve(address, limits=Limits(max_in_flight=1))
     raw = await RawConnection.open(server.address)
     try:
-        slow = encode_request(b"echo", cbor2.dumps({"req": {"message": "s", "delayMs": 50}}))
-        await raw.send(slow + slow)
-        await wait_until(lambda: bool(server.connections))
+        slow = [
+            encode_request(b"echo", cbor2.dumps({"req": {"message": m, "delayMs": 50}}))
+            for m in ("first", "second")
+        ]
+        await raw.send(b"".join(slow))
+        await server_reads.until(len(slow[0]) + len(slow[1]))  # both read; one dispatched
         [conn] = server.connections
-        await wait_until(lambda: conn._reading_paused)
+        assert conn._reading_paused
+        assert server.stats.requests == 1
         await server.close()
-        ret, _ = await raw.recv_reply()
-        assert ret == 0  # the first, in flight; the second was read but not dispatched
-        rest = await asyncio.wait_for(raw.reader.read(), 30)
-        assert rest in (
-            b"",
-            encode_reply(0, cbor2.dumps({"echoed": "s", "timerName": "ipc-server"})),
-        )
+        replies = [await raw.recv_reply() for _ in slow]
+        assert [(ret, cbor2.loads(body)["echoed"]) for ret, body in replies] == [
+            (0, "first"),
+            (0, "second"),
+        ]
+        assert await raw.at_eof()
     finally:
         await raw.close()
 
