@@ -4,12 +4,98 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import json
+import tempfile
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
+from timer_sdk.connection import Connection
+
+CORE_MODULES = ("framing", "codec", "api", "server", "connection", "client", "sync", "events",
+                "timer")  # fmt: skip
+BRANCH_FLOOR = 95.0
+"""Branch coverage the core modules must reach when the whole suite ran."""
+
+
+_FLOOR_LINE = pytest.StashKey[tuple[str, bool]]()
+
+
+def _whole_suite(session: pytest.Session) -> bool:
+    """Whether this run is the plain ``pytest``: every test path, nothing deselected."""
+    config = session.config
+    opt = config.option
+    return (
+        config.args_source is pytest.Config.ArgsSource.TESTPATHS
+        and not opt.keyword
+        and not opt.markexpr
+        and not opt.deselect
+        and not opt.lf
+        and not opt.collectonly
+    )
+
+
+def _core_branch_coverage(session: pytest.Session) -> tuple[int, int, list[str]] | None:
+    """Return (covered, total) branches of the core modules, and the files short of the floor."""
+    plugin = session.config.pluginmanager.getplugin("_cov")
+    controller = getattr(plugin, "cov_controller", None)
+    if controller is None or controller.cov is None:
+        return None  # --no-cov
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "core.json")
+        include = [f"*/timer_sdk/{name}.py" for name in CORE_MODULES]
+        controller.cov.json_report(outfile=str(out), include=include)
+        files = json.loads(out.read_text())["files"]
+    covered = total = 0
+    short = []
+    for path, data in sorted(files.items()):
+        summary = data["summary"]
+        covered += summary["covered_branches"]
+        total += summary["num_branches"]
+        if summary["covered_branches"] < summary["num_branches"] * BRANCH_FLOOR / 100:
+            short.append(
+                f"{Path(path).name} {summary['covered_branches']}/{summary['num_branches']}"
+            )
+    return covered, total, short
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """After a full run, fail it if the core modules are below the branch-coverage floor.
+
+    Outermost wrapper, so pytest-cov has combined the data of every process by now. A
+    run of one file or one test measures and reports, but never fails on the floor.
+    """
+    result = yield
+    if not _whole_suite(session):
+        return result
+    measured = _core_branch_coverage(session)
+    if measured is None:
+        return result
+    covered, total, short = measured
+    percent = 100 * covered / total if total else 100.0
+    line = (
+        f"core modules ({', '.join(CORE_MODULES)}): {covered} of {total} branches "
+        f"covered, {percent:.1f}% (floor {BRANCH_FLOOR:.0f}%)"
+    )
+    if percent < BRANCH_FLOOR:
+        session.testsfailed += 1
+        line = f"ERROR: {line}; below it: {', '.join(short)}"
+    elif short:
+        line += f"; under it alone: {', '.join(short)}"
+    session.config.stash[_FLOOR_LINE] = (line, percent < BRANCH_FLOOR)
+    return result
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the floor's verdict with the coverage report."""
+    verdict = terminalreporter.config.stash.get(_FLOOR_LINE, None)
+    if verdict is not None:
+        line, failed = verdict
+        terminalreporter.write_line(line, red=failed, green=not failed, bold=failed)
 
 
 @pytest.fixture(params=["tcp", "unix"])
@@ -93,6 +179,52 @@ async def raw(server: Server) -> AsyncIterator[RawConnection]:
     conn = await RawConnection.open(server.address)
     yield conn
     await conn.close()
+
+
+class Reads:
+    """The sizes of the reads a server protocol got, so a test can wait for one.
+
+    A split sent in two writes can still arrive in one read; a test that means to split
+    waits until the server consumed the first piece before it sends the rest.
+    """
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._grew = asyncio.Event()
+
+    def record(self, size: int) -> None:
+        self.sizes.append(size)
+        self._grew.set()
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    async def until(self, total: int, timeout: float = 30.0) -> None:
+        """Wait until the server has read ``total`` bytes in all."""
+        async with asyncio.timeout(timeout):
+            while self.total < total:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+def probe_reads(monkeypatch: pytest.MonkeyPatch, protocol: type[asyncio.Protocol]) -> Reads:
+    """Record every ``data_received`` of ``protocol`` (all its connections) in a :class:`Reads`."""
+    reads = Reads()
+    real = protocol.data_received
+
+    def data_received(self: asyncio.Protocol, data: bytes) -> None:
+        reads.record(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(protocol, "data_received", data_received)
+    return reads
+
+
+@pytest.fixture
+def server_reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
+    """The reads of every server connection in this test."""
+    return probe_reads(monkeypatch, Connection)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

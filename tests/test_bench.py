@@ -20,14 +20,15 @@ import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Server, TimerClient
 from timer_sdk.bench import GROUPS, TARGETS, Row, format_table, main
-from timer_sdk.bench.floor import FloorClient, FloorError, serve_floor
+from timer_sdk.bench.floor import FloorClient, FloorError, FloorServer, serve_floor
 from timer_sdk.bench.loadgen import run_job
 from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
 from timer_sdk.bench.processes import ServerProcess, start
+from timer_sdk.connection import Connection
 from timer_sdk.framing import encode_request
 from timer_sdk.models import EchoParams, VersionParams
 
-from .conftest import RawConnection
+from .conftest import RawConnection, probe_reads
 
 VERSION = encode_request(b"version", b"\xa0")
 ECHO = encode_request(b"echo", cbor2.dumps({"req": {"message": "hello", "delayMs": 0}}))
@@ -52,7 +53,9 @@ ROW_KEYS = {"group", "name", "unit", "ours", "floor", "ratio", "loop", "better",
             "against_skipped"}  # fmt: skip
 
 
-async def test_floor_answers_the_same_bytes_as_ours(server: Server, tmp_path: Path) -> None:
+async def test_floor_answers_the_same_bytes_as_ours(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     floor_address = (
         f"unix:{tmp_path / 'floor.sock'}"
         if server.address.startswith("unix:")
@@ -62,12 +65,19 @@ async def test_floor_answers_the_same_bytes_as_ours(server: Server, tmp_path: Pa
     floor, floor_address = await serve_floor(floor_address, version, server.timer.name)
     try:
         replies: dict[str, list[tuple[int, bytes]]] = {}
+        reads = {
+            "ours": probe_reads(monkeypatch, Connection),
+            "floor": probe_reads(monkeypatch, FloorServer),
+        }
         for name, address in (("ours", server.address), ("floor", floor_address)):
             conn = await RawConnection.open(address)
             try:
-                # Split mid-frame, pipelined, and a delayed echo ahead of a quick one.
+                # Split mid-frame (each server reads the 3 bytes alone), pipelined, and a
+                # delayed echo ahead of a quick one.
                 data = VERSION + ECHO + SLOW_ECHO + ECHO
                 await conn.send(data[:3])
+                await reads[name].until(3)
+                assert reads[name].sizes == [3]
                 await conn.send(data[3:])
                 replies[name] = [await conn.recv_reply() for _ in range(4)]
             finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,10 +131,14 @@ def test_serve_shuts_down_gracefully(
         assert not Path(address[5:]).exists()
 
 
-def test_serve_defaults_to_loopback() -> None:
-    from timer_sdk.cli import DEFAULT_ADDRESS
-
-    assert DEFAULT_ADDRESS.startswith("tcp:127.0.0.1:")
+def test_serve_without_an_address_binds_loopback_port_9099() -> None:
+    # Hold the port (or find it held), so the attempt fails at once and says where it was.
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            stack.enter_context(socket.create_server(("127.0.0.1", 9099)))
+        out = run("serve", timeout=30)
+    assert out.returncode == 1
+    assert "('127.0.0.1', 9099): address already in use" in out.stderr
 
 
 def test_demo_round_trip() -> None:

@@ -122,5 +122,5 @@ def test_a_failed_decode_leaves_nothing_behind_for_the_next() -> None:
     for bad in (b"\x81" * 40 + b"\x01", b"\x82\x81\xc2\x41\x05", b"\x82\x81\x9f", b"\xa1\x61a"):
         with pytest.raises(DecodeError):
             decode_item(bad)
-    assert decode_item(b"\x81" * 16 + b"\x01") is not None
+    assert decode_item(b"\x81" * 16 + b"\x01") == [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]
     assert api.ECHO.decode_params(ECHO_PAYLOAD).req.delay_ms == 5

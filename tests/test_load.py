@@ -19,6 +19,7 @@ KINDS = {
     "complex",
     "schedule",
     "schedule-empty-name",
+    "schedule-overflow",
     "schedule-no-attempts",
     "unknown-method",
     "unknown-field",
@@ -45,10 +46,12 @@ async def test_load_in_process(server: Server) -> None:
 async def test_load_against_a_server_process() -> None:
     async with ServerProcess() as server:
         rss_start, _ = server.rss_kib()
-        report = await run_load(server.address, connections=250, seconds=4, seed=2)
+        # Bounded by count, not time: a loaded machine (or coverage in the server
+        # process) makes fewer calls in 4 s, and speed is the benchmark's business.
+        report = await run_load(server.address, connections=250, calls=12, seed=2)
         rss_end, _ = server.rss_kib()
         assert report.clean, report.summary()
-        assert report.calls > 2000, report.summary()
+        assert report.calls == 250 * 12, report.summary()
         assert set(report.by_kind) == KINDS, report.by_kind
         assert rss_end - rss_start < 64 * 1024, (rss_start, rss_end)
         assert await server.stop() == 0

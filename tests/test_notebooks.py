@@ -14,6 +14,9 @@ To store a notebook after changing it: ``python -m tests.test_notebooks``.
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import os
 import re
 import sys
@@ -26,6 +29,7 @@ import pytest
 from nbclient import NotebookClient
 
 import timer_sdk
+from timer_sdk.bench.table import _label
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -67,16 +71,34 @@ def read(path: Path, as_version: object = 4) -> Any:
     return nbformat.read(path, as_version=as_version)  # type: ignore[no-untyped-call]
 
 
+# Run after the benchmark notebook's cells: prints, as JSON, what its table and plots
+# were drawn from. The notebook file itself is left as it is.
+BENCHMARK_PROBE = """import json as _json
+print(_json.dumps({
+    "rows": rows,
+    "latency": [row["name"] for row in latency_rows],
+    "rate": [row["name"] for row in rate_rows],
+    "codec": [row["name"] for row in codec_rows],
+}, default=str))"""
+PROBES = {"benchmark.ipynb": BENCHMARK_PROBE}
+
+
 def execute(path: Path) -> Any:
     """Run the notebook at ``path`` in a fresh kernel; return it with its outputs.
 
-    The last cell is the leak check, which is not part of the stored notebook.
+    The last cell is the leak check and, for a notebook in PROBES, the one
+    before it is its probe; neither is part of the stored notebook.
     """
     nb = read(path)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
+    probe = PROBES.get(path.name)
+    if probe is not None:
+        cell = nbformat.v4.new_code_cell(probe)  # type: ignore[no-untyped-call]
+        cell.metadata["tags"] = ["probe"]
+        nb.cells.append(cell)
     leak_check = nbformat.v4.new_code_cell(LEAK_CHECK)  # type: ignore[no-untyped-call]
     nb.cells.append(leak_check)
     client = NotebookClient(
@@ -176,9 +198,59 @@ def check_events(nb: Any) -> None:
     assert out.stdout("close").strip() == "closed"
 
 
+def check_benchmark(nb: Any) -> None:
+    """The values the table and the three plots are drawn from, not only that cells ran."""
+    drawn = json.loads(Outputs(nb).stdout("probe"))
+    rows = drawn["rows"]
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        assert row["ours"] > 0, row
+        assert row["floor"] > 0, row
+        assert math.isclose(row["ratio"], row["ours"] / row["floor"]), row
+    # Ping-pong: one latency curve per transport, from 100 rising percentiles each.
+    assert sorted(drawn["latency"]) == [
+        f"ping-pong {method} {transport} p50"
+        for method in ("echo", "version")
+        for transport in ("tcp", "unix")
+    ]
+    for name in drawn["latency"]:
+        for who in ("ours", "floor"):
+            curve = by_name[name]["detail"][f"{who}_percentiles_us"]
+            assert len(curve) >= 100
+            assert all(0 < a <= b for a, b in itertools.pairwise(curve[:100])), curve[:100]
+    # Throughput bars: every calls/s row outside ping-pong, pipelined and workers included.
+    assert drawn["rate"] == [
+        row["name"] for row in rows if row["unit"] == "calls/s" and row["group"] != "ping-pong"
+    ]
+    assert {"pipelined echo unix 4x32", "client gather version"} <= set(drawn["rate"])
+    assert any(name.startswith("workers=2 ") for name in drawn["rate"])
+    # Codec bars: four steps of a call per method, and their sum, which the bars add up to.
+    steps = ("client encode", "server decode", "server encode", "client decode")
+    for method in ("echo", "version"):
+        names = [f"codec {method}: {step}" for step in steps]
+        assert set(names) <= set(drawn["codec"])
+        total = by_name[f"codec {method}: all four steps"]
+        for who in ("ours", "floor"):
+            assert math.isclose(sum(by_name[n][who] for n in names), total[who])
+    assert len(drawn["codec"]) == 10
+    # The first cell's summary and the table describe the same rows, and each plot drew.
+    first = nb.cells[1]
+    assert first.outputs[0]["text"].startswith(f"{len(rows)} rows in ")
+    table = nb.cells[2].outputs[0]["data"]["text/markdown"]
+    for row in rows:
+        assert _label(row) in table, _label(row)
+    images = [
+        cell
+        for cell in nb.cells
+        if any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+    ]
+    assert len(images) == 3
+
+
 CHECKS: dict[str, Callable[[Any], None]] = {
     "quickstart.ipynb": check_quickstart,
     "events.ipynb": check_events,
+    "benchmark.ipynb": check_benchmark,
 }
 """Per-notebook checks of the values that came back."""
 
@@ -253,7 +325,7 @@ def test_notebook_is_stored_executed_and_valid(path: Path) -> None:
         assert cell.outputs or not cell.source.strip(), "a cell is stored without its outputs"
         assert not any(out.output_type == "error" for out in cell.outputs), "stored with an error"
     check = CHECKS.get(path.name)
-    if check is not None:
+    if check is not None and path.name not in PROBES:  # a probe runs only in a fresh kernel
         check(nb)  # what a reader sees is right, not only what a fresh run gives
     if path.name in QUIET:
         check_quiet(nb)
@@ -273,6 +345,8 @@ def test_notebook_runs_and_reproduces_its_stored_outputs(path: Path) -> None:
     if path.name in QUIET:
         check_quiet(nb)
     nb.cells.pop()  # the leak check: its outputs were checked above, if quiet
+    if path.name in PROBES:
+        nb.cells.pop()
     numbers = path.name in SANITIZE_NUMBERS
     fresh = comparable(nb, numbers)
     stored = comparable(read(path), numbers)
@@ -285,6 +359,8 @@ def store(path: Path) -> None:
     """Execute the notebook at ``path`` and store it with its outputs."""
     nb = execute(path)
     nb.cells.pop()  # the leak check
+    if path.name in PROBES:
+        nb.cells.pop()
     for cell in nb.cells:
         cell.get("metadata", {}).pop("execution", None)
     nbformat.write(nb, path)  # type: ignore[no-untyped-call]

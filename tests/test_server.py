@@ -8,10 +8,12 @@ import socket
 import stat
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from timer_sdk import (
     EchoRequest,
+    EchoResponse,
     Limits,
     RemoteCallError,
     Server,
@@ -22,8 +24,6 @@ from timer_sdk import (
 from timer_sdk.framing import encode_request
 
 from .conftest import RawConnection, wait_until
-
-ECHO_SLOW = encode_request(b"echo", b"\xa1\x63req\xa2\x67message\x61s\x67delayMs\x18\x64")  # 100 ms
 
 
 async def test_close_answers_calls_in_flight(address: str) -> None:
@@ -57,19 +57,42 @@ async def test_close_timeout_cancels_with_an_error_reply(address: str) -> None:
     await client.close()
 
 
+class GatedTimer(Timer):
+    """Echoes that wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def echo(self, req: EchoRequest) -> EchoResponse:
+        await self.gate.wait()
+        return await super().echo(req)
+
+
 async def test_in_flight_bound_pauses_reading(address: str) -> None:
     limits = Limits(max_in_flight=4)
-    async with await Timer().serve(address, limits=limits) as server:
+    timer = GatedTimer()
+    async with await timer.serve(address, limits=limits) as server:
         raw = await RawConnection.open(server.address)
         try:
-            await raw.send(ECHO_SLOW * 10)
+            frames = [
+                encode_request(b"echo", cbor2.dumps({"req": {"message": f"m{i}", "delayMs": 0}}))
+                for i in range(10)
+            ]
+            await raw.send(b"".join(frames))
             await wait_until(lambda: len(server.tasks) == 4)
             [conn] = server.connections
             assert conn._reading_paused
-            assert len(server.tasks) == 4  # the other six wait in the buffer
-            for _ in range(10):
-                ret, _body = await raw.recv_reply()
-                assert ret == 0
+            # The gate holds the four: a few loop turns later the other six are still not
+            # dispatched, whatever the server read.
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert server.stats.requests == 4
+            timer.gate.set()
+            for i in range(10):
+                ret, body = await raw.recv_reply()
+                assert (ret, cbor2.loads(body)["echoed"]) == (0, f"m{i}")
+            assert server.stats.requests == 10
         finally:
             await raw.close()
 

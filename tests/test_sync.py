@@ -382,6 +382,113 @@ def test_a_result_produced_as_the_caller_leaves_is_disposed_once() -> None:
     assert disposed == [thing]
 
 
+def test_a_sliced_wait_is_renewed_until_the_outcome(
+    monkeypatch: pytest.MonkeyPatch, tcp_served: ThreadServer, sync_client: TimerClient
+) -> None:
+    monkeypatch.setattr(sync, "_POLL", 0.01)
+    slices: list[float | None] = []
+    real_result = concurrent.futures.Future.result
+
+    def result(self: concurrent.futures.Future[Any], timeout: float | None = None) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            slices.append(timeout)
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", result)
+
+    def release_a_moment_after_it_started() -> None:
+        if next_started(tcp_served.timer) == "gated":
+            threading.Event().wait(0.2)
+            tcp_served.open_gate()
+
+    releaser = threading.Thread(target=release_a_moment_after_it_started)
+    releaser.start()
+    try:
+        reply = sync_client.echo(EchoRequest(message="gated", delay_ms=0))
+    finally:
+        tcp_served.open_gate()
+        releaser.join()
+    assert reply.echoed == "gated"
+    assert len(slices) > 5  # the gate held it for 0.2 s: many 10 ms slices, each renewed
+    assert set(slices) == {0.01}
+
+
+def main_thread_waits_in_the_portal() -> bool:
+    """Wait until the main thread blocks in a wait inside ``_Portal.run``."""
+    main = threading.main_thread().ident
+    assert main is not None
+    for _ in range(30_000):
+        frame = sys._current_frames().get(main)
+        if frame is not None and frame.f_code.co_name == "wait":
+            names = set()
+            while frame is not None:
+                names.add((Path(frame.f_code.co_filename).name, frame.f_code.co_name))
+                frame = frame.f_back
+            if ("sync.py", "run") in names:
+                return True
+        threading.Event().wait(0.001)
+    return False
+
+
+def test_a_caller_who_leaves_before_the_call_starts_starts_nothing() -> None:
+    portal = _get_portal()
+    release = threading.Event()
+    made: list[str] = []
+
+    async def make() -> str:
+        made.append("made")
+        return "value"
+
+    portal.loop.call_soon_threadsafe(release.wait, 30)  # the loop is busy: nothing starts
+    interrupter = interrupt_main_thread_when(main_thread_waits_in_the_portal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            portal.run(make)
+    finally:
+        interrupter.join()
+        release.set()
+    for _ in range(3):
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), portal.loop).result(timeout=30)
+    assert made == []  # it saw the caller gone and never made the call
+
+
+@pytest.mark.parametrize("with_dispose", [True, False])
+def test_a_result_produced_after_the_caller_left_is_disposed_on_the_loop(
+    with_dispose: bool,
+) -> None:
+    portal = _get_portal()
+    started = threading.Event()
+    left = threading.Event()
+    disposed: list[object] = []
+    thing = object()
+
+    async def produce() -> object:
+        started.set()
+        left.wait(30)  # holds the loop: the caller's cancel cannot land before we return
+        return thing
+
+    async def dispose(value: object) -> None:
+        disposed.append(value)
+
+    tasks_before = asyncio.run_coroutine_threadsafe(_all_tasks(), portal.loop).result(30)
+    interrupter = interrupt_main_thread_when(lambda: started.wait(30))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            portal.run(produce, dispose if with_dispose else None)
+    finally:
+        interrupter.join()
+        left.set()
+    for _ in range(3):
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), portal.loop).result(timeout=30)
+    assert disposed == ([thing] if with_dispose else [])
+    # Nothing is left running on the loop either way.
+    assert asyncio.run_coroutine_threadsafe(_all_tasks(), portal.loop).result(30) == tasks_before
+
+
+async def _all_tasks() -> int:
+    return len(asyncio.all_tasks()) - 1  # not counting this one
+
+
 # --- misuse --------------------------------------------------------------------
 
 

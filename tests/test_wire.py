@@ -11,7 +11,7 @@ import pytest
 from timer_sdk import EchoRequest, Server, TimerClient
 from timer_sdk.framing import encode_request
 
-from .conftest import RawConnection
+from .conftest import RawConnection, Reads
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REPLY_OF_REFERENCE, VERSION_REQUEST
 
 COMPLEX_FULL = {
@@ -152,21 +152,31 @@ async def test_error_replies_keep_the_connection_and_others_alive(
         await other.close()
 
 
-async def test_frame_split_at_every_byte(raw: RawConnection) -> None:
-    # Two frames back to back, split into two writes at every position.
+async def test_frame_split_at_every_byte(
+    server: Server, raw: RawConnection, server_reads: Reads
+) -> None:
+    # Two frames back to back, split into two writes at every position; the server
+    # reads the first piece alone (it holds a partial frame) before the rest is sent.
     stream = VERSION_REQUEST + ECHO_REQUEST
     for cut in range(1, len(stream)):
+        server_reads.sizes.clear()
         await raw.send(stream[:cut])
-        await asyncio.sleep(0)  # let the server see the first piece on its own
+        await server_reads.until(cut)
+        assert server_reads.sizes == [cut]
+        [conn] = server.connections
+        assert conn._reader.in_frame == (cut != len(VERSION_REQUEST))
         await raw.send(stream[cut:])
         assert (await raw.recv_reply())[0] == 0
         assert await raw.recv_exactly(len(ECHO_REPLY)) == ECHO_REPLY
+        assert server_reads.total == len(stream)
 
 
-async def test_byte_by_byte_writes(raw: RawConnection) -> None:
-    for byte in ECHO_REQUEST:
+async def test_byte_by_byte_writes(raw: RawConnection, server_reads: Reads) -> None:
+    for sent, byte in enumerate(ECHO_REQUEST, 1):
         await raw.send(bytes([byte]))
+        await server_reads.until(sent)
     assert await raw.recv_exactly(len(ECHO_REPLY)) == ECHO_REPLY
+    assert server_reads.sizes == [1] * len(ECHO_REQUEST)  # one read per byte, as sent
 
 
 async def test_oversized_frame_gets_an_error_and_the_stream_stays_in_sync(

@@ -490,6 +490,12 @@ class TimerClient:
         redial = self._redial
         try:
             return await asyncio.shield(redial)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if redial.cancelled() and (task is None or not task.cancelling()):
+                # close() cancelled the redial, not our caller: say so, not CancelledError.
+                raise ClientClosedError(f"the client for {self.address} is closed") from None
+            raise
         finally:
             if redial.done() and self._redial is redial:
                 self._redial = None

@@ -119,7 +119,9 @@ def start(kind: str, address: str, loop: str, *, workers: int = 1) -> ServerProc
         if workers > 1:
             argv += ["--workers", str(workers)]
     elif kind == "models floor":
-        argv = [sys.executable, "-m", "timer_sdk.bench.models_floor", address, "--loop", loop]
+        # Not ``-m``: the bench package imports models_floor, and runpy warns about that.
+        run = "import sys; from timer_sdk.bench.models_floor import main; sys.exit(main())"
+        argv = [sys.executable, "-c", run, address, "--loop", loop]
         argv += ["--name", TIMER_NAME]
     elif kind == "floor":
         argv = [sys.executable, floor_module.__file__, address, "--loop", loop]
