@@ -5,7 +5,8 @@ The client keeps a FIFO of pending calls; writing a request and queueing its
 slot happen with no ``await`` between them, so concurrent calls cannot
 interleave wrongly. A call that is cancelled or times out after its request
 was written leaves its slot in the FIFO; its reply is read and dropped, and
-every later call still gets its own reply.
+every later call still gets its own reply. A write error does not lose
+replies that had already arrived.
 """
 
 from __future__ import annotations
@@ -92,11 +93,20 @@ class _Raw:
 
 _Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]"]
 
+_DRAIN_CHUNK = 256 * 1024
+
 
 class _ClientProtocol(asyncio.Protocol):
     """The connection under a :class:`TimerClient`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, max_frame_size: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: str,
+        max_frame_size: int,
+        *,
+        drainable: bool = True,
+    ) -> None:
         self.loop = loop
         self.address = address
         self.reader = ReplyReader(max_frame_size=max_frame_size)
@@ -108,6 +118,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.events_requested = False  # event frames are legal only once we asked
         self._corked = False
         self._backlog: list[bytes] = []
+        self._drainable = drainable  # a plain socket: bytes left in it are replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -202,11 +213,39 @@ class _ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.pending and self.failure is None and self._drainable:
+            self._drain()
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLost(f"connection to {self.address} lost{reason}"))
         self.transport = None
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _drain(self) -> None:
+        """Deliver the replies that arrived before the connection broke.
+
+        A write error (EPIPE, ECONNRESET: the server closed with requests of
+        ours unread) stops the transport before it read what the server sent
+        first. Those bytes are still in the socket, which is open until this
+        callback returns: read them through a duplicate, up to EOF or reset.
+        """
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return
+        try:
+            dup = sock.dup()
+        except OSError:
+            return
+        with dup:
+            dup.setblocking(False)
+            while self.pending and self.failure is None:
+                try:
+                    data = dup.recv(_DRAIN_CHUNK)
+                except OSError:  # reset, or nothing more (EAGAIN)
+                    return
+                if not data:
+                    return
+                self.data_received(data)
 
 
 _EVENT_RETS = (RET_EVENT, RET_EVENTS_DROPPED)
@@ -229,7 +268,9 @@ class _Dialer:
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
         address = self.address
-        protocol = _ClientProtocol(loop, str(address), self.max_frame_size)
+        protocol = _ClientProtocol(
+            loop, str(address), self.max_frame_size, drainable=self.ssl is None
+        )
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if address.scheme == "unix":
