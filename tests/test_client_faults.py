@@ -9,10 +9,11 @@ and uvloop, because the two transports fail in different places.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,13 @@ import pytest
 import uvloop
 
 from timer_sdk import (
+    CallTimeout,
     ConnectionLost,
+    EchoRequest,
+    Timer,
     TimerClient,
 )
+from timer_sdk.client import DEFAULT_MAX_PENDING
 from timer_sdk.framing import encode_reply, encode_request
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -135,3 +140,143 @@ def test_replies_before_a_reset_are_delivered(
 
     with server:
         run(body())
+
+
+# --- item 9: backpressure ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def deaf_server(transport: str, tmp_path: Path) -> AsyncIterator[tuple[str, Any]]:
+    """A server that accepts one connection and reads nothing until asked.
+
+    Yields the address and ``drain()``, which reads to EOF and returns the
+    number of bytes the client wrote in all.
+    """
+    server, address = listener(transport, tmp_path)
+    server.setblocking(False)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Task[tuple[socket.socket, Any]] = asyncio.create_task(
+        loop.sock_accept(server)
+    )
+
+    async def drain() -> int:
+        conn, _ = await accepted
+        total = 0
+        while chunk := await loop.sock_recv(conn, 1 << 20):
+            total += len(chunk)
+        return total
+
+    try:
+        yield address, drain
+    finally:
+        if accepted.done():
+            accepted.result()[0].close()
+        accepted.cancel()
+        server.close()
+
+
+async def flood(
+    client: TimerClient, payload: bytes, *, waves: int, per_wave: int
+) -> tuple[int, int]:
+    """Make waves of 1 ms calls to a server that does not read.
+
+    Return the most pending calls and write-buffer bytes seen after any
+    wave; fail fast, in the wave where either grows past what the test allows.
+    """
+    transport = client._protocol.transport
+    assert transport is not None
+    most_pending = most_buffered = 0
+    for _ in range(waves):
+        results = await asyncio.gather(
+            *(client.call_raw("echo", payload, timeout=0.001) for _ in range(per_wave)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, CallTimeout) for r in results), {type(r) for r in results}
+        assert not client._protocol._queue  # calls that gave up left nothing queued
+        most_pending = max(most_pending, client.pending)
+        most_buffered = max(most_buffered, transport.get_write_buffer_size())
+        assert most_pending <= client._protocol.max_pending
+        assert most_buffered <= 1 << 20, f"{most_buffered} bytes buffered"
+    return most_pending, most_buffered
+
+
+def test_calls_to_a_stopped_server_hold_bounded_slots(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+    loop_name: str,
+    transport: str,
+    tmp_path: Path,
+) -> None:
+    payload = request_payload(0)
+    frame_len = len(encode_request(b"echo", payload))
+    # The issue's 100,000 calls once; a tenth of that shows the bound elsewhere.
+    waves = 100 if (loop_name, transport) == ("asyncio", "tcp") else 10
+
+    async def body() -> None:
+        async with deaf_server(transport, tmp_path) as (address, drain):
+            client = await TimerClient.connect(address)
+            assert client._protocol.max_pending == DEFAULT_MAX_PENDING
+            most_pending, _ = await flood(client, payload, waves=waves, per_wave=1000)
+            assert most_pending == DEFAULT_MAX_PENDING  # it filled up, and no further
+            # Every request the server will ever see holds a slot; the calls
+            # that timed out waiting for one wrote nothing.
+            held = client.pending
+            received = asyncio.create_task(drain())
+            await client.close()
+            assert await received == held * frame_len
+
+    run(body())
+
+
+def test_a_full_write_buffer_holds_new_calls(
+    run: Callable[[Coroutine[Any, Any, None]], None], transport: str, tmp_path: Path
+) -> None:
+    payload = cbor2.dumps(b"x" * 16384)
+    frame_len = len(encode_request(b"echo", payload))
+
+    async def body() -> None:
+        async with deaf_server(transport, tmp_path) as (address, drain):
+            # Slots do not bind here: only the write buffer does.
+            client = await TimerClient.connect(address, max_pending=200_000)
+            most_pending, _ = await flood(client, payload, waves=20, per_wave=500)
+            assert client._protocol.blocked  # paused by a full buffer
+            # The kernel's socket buffers hold some MB; without backpressure
+            # these 10,000 calls would have queued 160 MB.
+            assert most_pending * frame_len < 64 << 20
+            held = client.pending
+            received = asyncio.create_task(drain())
+            while client._protocol.transport.get_write_buffer_size():  # type: ignore[union-attr]
+                await asyncio.sleep(0.001)
+            await client.close()
+            assert await received == held * frame_len
+
+    run(body())
+
+
+async def test_waiting_calls_take_free_slots_in_order() -> None:
+    timer = Timer()
+    seen: list[str] = []
+    timer.add_echo_listener(lambda e: seen.append(e.message))
+    async with (
+        await timer.serve("tcp:127.0.0.1:0") as server,
+        await TimerClient.connect(server.address, max_pending=2) as client,
+    ):
+        calls = [
+            asyncio.create_task(client.echo(EchoRequest(message=f"m{i}", delay_ms=20)))
+            for i in range(10)
+        ]
+        await asyncio.sleep(0)
+        assert client.pending == 2
+        for i in (3, 5, 7):  # cancelled while waiting for a slot: never sent
+            calls[i].cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        kept = [i for i in range(10) if i not in (3, 5, 7)]
+        assert [r.echoed for r in results if not isinstance(r, BaseException)] == [
+            f"m{i}" for i in kept
+        ]
+        assert seen == [f"m{i}" for i in kept]
+        assert client.pending == 0
+
+
+async def test_connect_refuses_bad_backpressure_settings() -> None:
+    with pytest.raises(ValueError, match="max_pending must be a positive int, not 0"):
+        await TimerClient.connect("tcp:127.0.0.1:1", max_pending=0)

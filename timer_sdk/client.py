@@ -5,8 +5,11 @@ The client keeps a FIFO of pending calls; writing a request and queueing its
 slot happen with no ``await`` between them, so concurrent calls cannot
 interleave wrongly. A call that is cancelled or times out after its request
 was written leaves its slot in the FIFO; its reply is read and dropped, and
-every later call still gets its own reply. A write error does not lose
-replies that had already arrived.
+every later call still gets its own reply.
+
+Backpressure: a call that finds ``max_pending`` slots taken, or the socket's
+write buffer full, waits unsent in a queue; if it gives up there, it sent
+nothing. A write error does not lose replies that had already arrived.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -93,6 +96,9 @@ class _Raw:
 
 _Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]"]
 
+DEFAULT_MAX_PENDING = 1024
+"""Calls one connection keeps in flight; more wait for a slot (``max_pending``)."""
+_CORK_LIMIT = 64 * 1024  # bytes of small frames batched into one write
 _DRAIN_CHUNK = 256 * 1024
 
 
@@ -105,6 +111,7 @@ class _ClientProtocol(asyncio.Protocol):
         address: str,
         max_frame_size: int,
         *,
+        max_pending: int = DEFAULT_MAX_PENDING,
         drainable: bool = True,
     ) -> None:
         self.loop = loop
@@ -118,6 +125,14 @@ class _ClientProtocol(asyncio.Protocol):
         self.events_requested = False  # event frames are legal only once we asked
         self._corked = False
         self._backlog: list[bytes] = []
+        self._backlog_size = 0
+        # Backpressure: a new call is written at once only while `blocked` is
+        # false (writing not paused, no call queued before it) and a slot is
+        # free; otherwise it queues, unsent, until both hold.
+        self.max_pending = max_pending
+        self.blocked = False
+        self._paused = False
+        self._queue: OrderedDict[asyncio.Future[Any], tuple[bytes, _ReplyDecoder]] = OrderedDict()
         self._drainable = drainable  # a plain socket: bytes left in it are replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +144,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.pending.append((method, future))
         if self._corked:
             self._backlog.append(frame)
+            self._backlog_size += len(frame)
+            if self._backlog_size > _CORK_LIMIT:
+                self._uncork()  # write now, so that pause_writing can hold the next call
             return
         assert self.transport is not None
         self.transport.write(frame)
@@ -138,6 +156,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _uncork(self) -> None:
         self._corked = False
+        self._backlog_size = 0
         backlog = self._backlog
         if backlog and self.transport is not None:
             self.transport.write(b"".join(backlog))
@@ -174,6 +193,8 @@ class _ClientProtocol(asyncio.Protocol):
                 future.set_exception(ProtocolError(f"{method.name}: unexpected return code {ret}"))
                 self.fail(ProtocolError(f"{self.address}: unexpected return code {ret}"))
                 return
+        if self._queue:
+            self._admit()
 
     def _on_event(self, ret: int, body: bytes) -> bool:
         try:
@@ -196,12 +217,58 @@ class _ClientProtocol(asyncio.Protocol):
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.send(frame, method, future)
 
+    # --- backpressure ------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._paused = self.blocked = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self.blocked = bool(self._queue)
+        self._admit()
+
+    def enqueue(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
+        """Hold a call, unsent, until there is room for it (see :meth:`_admit`)."""
+        self._queue[future] = (frame, method)
+        self.blocked = True
+        self._admit()
+
+    def unqueue(self, future: asyncio.Future[Any]) -> None:
+        """Forget a call that gave up; if it was still queued, it sent nothing."""
+        queue = self._queue
+        if queue.pop(future, None) is not None and not queue:
+            self.blocked = self._paused
+
+    def _admit(self) -> None:
+        """Send queued calls, first come first, while a slot is free and writing is on."""
+        queue = self._queue
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # failing: the queued calls will fail with the rest
+        room = self.max_pending - len(self.pending)
+        while room > 0 and queue and not self._paused and self.failure is None:
+            future, (frame, method) = queue.popitem(last=False)
+            self.send(frame, method, future)  # may pause writing
+            room -= 1
+        self.blocked = self._paused or bool(queue)
+
+    # --- the end -------------------------------------------------------------
+
     def fail(self, error: TimerConnectionError | ProtocolError) -> None:
-        """Make the connection unusable: fail every pending call and close."""
+        """Make the connection unusable: fail every pending call and close.
+
+        Requests still in the write buffer are dropped with their calls (the
+        socket is aborted) rather than left for a peer that may never read.
+        """
         if self.failure is None:
             self.failure = error
         while self.pending:
             _, future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(_copy(self.failure))
+        queue = self._queue
+        while queue:
+            future, _ = queue.popitem(last=False)
             if not future.done():
                 future.set_exception(_copy(self.failure))
         subscriptions, self.subscriptions = self.subscriptions, []
@@ -209,8 +276,12 @@ class _ClientProtocol(asyncio.Protocol):
             # Closing the client ends the streams; anything else is an error there.
             closed = isinstance(self.failure, ClientClosedError)
             sub.end(None if closed else _copy(self.failure))
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.pending and self.failure is None and self._drainable:
@@ -265,11 +336,16 @@ class _Dialer:
     server_hostname: str | None
     max_frame_size: int
     connect_timeout: float | None
+    max_pending: int = DEFAULT_MAX_PENDING
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
         address = self.address
         protocol = _ClientProtocol(
-            loop, str(address), self.max_frame_size, drainable=self.ssl is None
+            loop,
+            str(address),
+            self.max_frame_size,
+            max_pending=self.max_pending,
+            drainable=self.ssl is None,
         )
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -341,6 +417,7 @@ class TimerClient:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -351,11 +428,20 @@ class TimerClient:
         replayed. A ``tls:`` address uses ``ssl`` or, without it, the system's
         default trust store. Raises :class:`~timer_sdk.errors.ConnectError` if
         the connection cannot be made; cancelling this leaves no connection open.
+
+        ``max_frame_size`` caps the body of a reply or event (a default server
+        never sends more than its own 1 MiB limit). Backpressure: at most
+        ``max_pending`` calls are in flight, abandoned ones included until
+        their replies arrive, and while the socket's write buffer is full a
+        new call writes nothing; either way it waits its turn, and the wait
+        counts against its timeout.
         """
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, not {max_pending!r}")
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
-        dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout)
+        dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending)
         protocol = await dialer.dial(asyncio.get_running_loop())
         return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
 
@@ -375,7 +461,10 @@ class TimerClient:
 
     @property
     def pending(self) -> int:
-        """Calls whose replies have not arrived yet, abandoned ones included."""
+        """Calls written whose replies have not arrived yet, abandoned ones included.
+
+        At most ``max_pending``; calls waiting for room are not counted.
+        """
         return len(self._protocol.pending)
 
     def __repr__(self) -> str:
@@ -452,21 +541,38 @@ class TimerClient:
         if failure is not None and not (self.reconnect and isinstance(failure, ConnectionLost)):
             raise _copy(failure)
         future: asyncio.Future[Any] | None = None
-        if timeout is None and failure is None:  # the hot path: nothing to bound
+        if timeout is None and failure is None:
             future = self._loop.create_future()
-            protocol.send(frame, method, future)
-            return await future
+            if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
+                protocol.send(frame, method, future)  # the hot path
+                return await future
+            return await self._queued(protocol, frame, method, future)
         try:
-            async with asyncio.timeout(timeout):  # a reconnect counts against it too
+            # A reconnect and a wait for room count against the timeout too.
+            async with asyncio.timeout(timeout):
                 if failure is not None:
                     protocol = await self._reopen()
                 future = self._loop.create_future()
-                protocol.send(frame, method, future)
-                return await future
+                if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
+                    protocol.send(frame, method, future)
+                    return await future
+                return await self._queued(protocol, frame, method, future)
         except TimeoutError:
             if future is not None and future.done() and not future.cancelled():
                 return future.result()  # the reply won the race with the deadline
             raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
+
+    @staticmethod
+    async def _queued(
+        protocol: _ClientProtocol, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]
+    ) -> Any:
+        """Wait for room (backpressure), then for the reply, as one wait."""
+        protocol.enqueue(frame, method, future)
+        try:
+            return await future
+        except BaseException:
+            protocol.unqueue(future)  # timed out or cancelled: send nothing
+            raise
 
     async def _reopen(self) -> _ClientProtocol:
         """Reconnect once, after the backoff; concurrent callers share the attempt."""

@@ -39,7 +39,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from . import api
 from .address import Address
-from .client import P, R
+from .client import DEFAULT_MAX_PENDING, P, R
 from .client import TimerClient as AsyncTimerClient
 from .errors import LoopError
 from .framing import DEFAULT_MAX_FRAME_SIZE
@@ -231,6 +231,7 @@ class TimerClient:
         ssl: _ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> TimerClient:
         """Connect to the server at ``address``; see the async ``TimerClient.connect``.
 
@@ -247,6 +248,7 @@ class TimerClient:
                 ssl=ssl,
                 server_hostname=server_hostname,
                 max_frame_size=max_frame_size,
+                max_pending=max_pending,
             ),
             _close,
         )
@@ -264,7 +266,7 @@ class TimerClient:
 
     @property
     def pending(self) -> int:
-        """Calls whose replies have not arrived yet, abandoned ones included."""
+        """Calls written whose replies have not arrived yet, abandoned ones included."""
         return self._client.pending
 
     @property
