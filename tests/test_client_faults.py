@@ -13,13 +13,13 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-import uvloop
 
 from timer_sdk import (
     CallTimeout,
@@ -29,13 +29,14 @@ from timer_sdk import (
     TimerClient,
 )
 from timer_sdk.client import DEFAULT_MAX_PENDING
-from timer_sdk.framing import encode_reply, encode_request
+from timer_sdk.framing import RequestReader, encode_reply, encode_request
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-LOOPS: dict[str, LoopFactory] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
+LOOPS: dict[str, LoopFactory] = {"asyncio": asyncio.new_event_loop}
+with contextlib.suppress(ImportError):  # the fast extra
+    import uvloop
+
+    LOOPS["uvloop"] = uvloop.new_event_loop
 
 
 @pytest.fixture(params=sorted(LOOPS))
@@ -280,3 +281,70 @@ async def test_waiting_calls_take_free_slots_in_order() -> None:
 async def test_connect_refuses_bad_backpressure_settings() -> None:
     with pytest.raises(ValueError, match="max_pending must be a positive int, not 0"):
         await TimerClient.connect("tcp:127.0.0.1:1", max_pending=0)
+    with pytest.raises(ValueError, match="dead_after must be a positive number"):
+        await TimerClient.connect("tcp:127.0.0.1:1", dead_after=-1)
+
+
+# --- item 9: liveness ---------------------------------------------------------------
+
+
+def test_a_black_holed_connection_is_declared_dead(
+    run: Callable[[Coroutine[Any, Any, None]], None], transport: str, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        path = str(tmp_path / "hole.sock")
+        connections = 0
+        hole_closed = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            if connections == 1:  # the black hole: reads everything, answers nothing
+                with contextlib.suppress(ConnectionError):
+                    while await reader.read(65536):
+                        pass
+                hole_closed.set()
+            else:  # the reconnection: answers every request
+                frames = RequestReader()
+                while data := await reader.read(65536):
+                    frames.receive_data(data)
+                    while frames.next_event() is not None:
+                        writer.write(encode_reply(0, cbor2.dumps("alive")))
+            writer.close()
+
+        if transport == "unix":
+            srv = await asyncio.start_unix_server(serve, path)
+            address = f"unix:{path}"
+        else:
+            srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+            address = f"tcp:127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        async with srv:
+            client = await TimerClient.connect(address, dead_after=0.2, reconnect=True)
+            started = time.monotonic()
+            calls = [asyncio.create_task(client.version()) for _ in range(3)]
+            for call in calls:
+                with pytest.raises(ConnectionLost, match=r"declared dead: nothing received"):
+                    await call
+            waited = time.monotonic() - started
+            assert 0.15 <= waited < 10  # uvloop's clock ticks in ms
+            await asyncio.wait_for(hole_closed.wait(), 10)  # the socket was aborted
+            assert await client.version() == "alive"  # reconnected
+            await client.close()
+            srv.close()
+
+    run(body())
+
+
+async def test_a_slow_connection_that_makes_progress_lives(tmp_path: Path) -> None:
+    async with (
+        await Timer().serve(f"unix:{tmp_path}/t.sock") as server,
+        await TimerClient.connect(server.address, dead_after=1.0) as client,
+    ):
+        # Each reply comes 0.1 s after the last one: 2 s in all, never 1 s of silence.
+        replies = await asyncio.gather(
+            *(client.echo(EchoRequest(message=str(i), delay_ms=100 * i)) for i in range(21))
+        )
+        assert [r.echoed for r in replies] == [str(i) for i in range(21)]
+        await asyncio.sleep(1.5)  # idle: no call waits, so no silence counts
+        assert await client.version()
+        assert not client.closed

@@ -112,6 +112,7 @@ class _ClientProtocol(asyncio.Protocol):
         max_frame_size: int,
         *,
         max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
         drainable: bool = True,
     ) -> None:
         self.loop = loop
@@ -133,6 +134,10 @@ class _ClientProtocol(asyncio.Protocol):
         self.blocked = False
         self._paused = False
         self._queue: OrderedDict[asyncio.Future[Any], tuple[bytes, _ReplyDecoder]] = OrderedDict()
+        # Liveness: one timer, armed while calls are pending.
+        self.dead_after = dead_after
+        self._progress_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._drainable = drainable  # a plain socket: bytes left in it are replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,7 +146,10 @@ class _ClientProtocol(asyncio.Protocol):
 
     def send(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
         """Queue the call's slot and write its frame, with nothing in between."""
-        self.pending.append((method, future))
+        pending = self.pending
+        if not pending and self.dead_after is not None:
+            self._watch()
+        pending.append((method, future))
         if self._corked:
             self._backlog.append(frame)
             self._backlog_size += len(frame)
@@ -163,6 +171,8 @@ class _ClientProtocol(asyncio.Protocol):
         backlog.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.dead_after is not None:
+            self._progress_at = self.loop.time()
         reader = self.reader
         reader.receive_data(data)
         pending = self.pending
@@ -252,9 +262,35 @@ class _ClientProtocol(asyncio.Protocol):
             room -= 1
         self.blocked = self._paused or bool(queue)
 
+    # --- liveness ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """A call starts waiting on an idle connection: the silence starts now."""
+        self._progress_at = now = self.loop.time()
+        if self._watchdog is None:
+            assert self.dead_after is not None
+            self._watchdog = self.loop.call_at(now + self.dead_after, self._check_alive)
+
+    def _check_alive(self) -> None:
+        self._watchdog = None
+        if not self.pending or self.failure is not None or self.dead_after is None:
+            return  # disarmed until the next call
+        due = self._progress_at + self.dead_after
+        if self.loop.time() < due:
+            self._watchdog = self.loop.call_at(due, self._check_alive)
+            return
+        count = len(self.pending)
+        self.fail(
+            ConnectionLost(
+                f"connection to {self.address} declared dead: nothing received for "
+                f"{self.dead_after} s while {count} calls waited (dead_after)"
+            ),
+            abort=True,
+        )
+
     # --- the end -------------------------------------------------------------
 
-    def fail(self, error: TimerConnectionError | ProtocolError) -> None:
+    def fail(self, error: TimerConnectionError | ProtocolError, *, abort: bool = False) -> None:
         """Make the connection unusable: fail every pending call and close.
 
         Requests still in the write buffer are dropped with their calls (the
@@ -262,6 +298,9 @@ class _ClientProtocol(asyncio.Protocol):
         """
         if self.failure is None:
             self.failure = error
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.pending:
             _, future = self.pending.popleft()
             if not future.done():
@@ -278,7 +317,7 @@ class _ClientProtocol(asyncio.Protocol):
             sub.end(None if closed else _copy(self.failure))
         transport = self.transport
         if transport is not None:
-            if transport.get_write_buffer_size():
+            if abort or transport.get_write_buffer_size():
                 transport.abort()
             else:
                 transport.close()
@@ -337,6 +376,7 @@ class _Dialer:
     max_frame_size: int
     connect_timeout: float | None
     max_pending: int = DEFAULT_MAX_PENDING
+    dead_after: float | None = None
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
         address = self.address
@@ -345,6 +385,7 @@ class _Dialer:
             str(address),
             self.max_frame_size,
             max_pending=self.max_pending,
+            dead_after=self.dead_after,
             drainable=self.ssl is None,
         )
         try:
@@ -418,6 +459,7 @@ class TimerClient:
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -434,14 +476,24 @@ class TimerClient:
         ``max_pending`` calls are in flight, abandoned ones included until
         their replies arrive, and while the socket's write buffer is full a
         new call writes nothing; either way it waits its turn, and the wait
-        counts against its timeout.
+        counts against its timeout. ``dead_after`` (seconds, off by default)
+        declares the connection dead when nothing arrives for that long while
+        calls wait: they fail with ConnectionLost, and ``reconnect`` applies.
+        It is off because silence can be a slow call; set it above your
+        longest call.
         """
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, not {max_pending!r}")
+        if dead_after is not None and not dead_after > 0:
+            raise ValueError(
+                f"dead_after must be a positive number of seconds or None, not {dead_after!r}"
+            )
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
-        dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending)
+        dialer = _Dialer(
+            parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
+        )
         protocol = await dialer.dial(asyncio.get_running_loop())
         return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
 

@@ -232,6 +232,7 @@ class TimerClient:
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
     ) -> TimerClient:
         """Connect to the server at ``address``; see the async ``TimerClient.connect``.
 
@@ -249,6 +250,7 @@ class TimerClient:
                 server_hostname=server_hostname,
                 max_frame_size=max_frame_size,
                 max_pending=max_pending,
+                dead_after=dead_after,
             ),
             _close,
         )
