@@ -25,11 +25,17 @@ from timer_sdk import (
     CallTimeout,
     ConnectionLost,
     EchoRequest,
+    ProtocolError,
     Timer,
     TimerClient,
 )
 from timer_sdk.client import DEFAULT_MAX_PENDING
-from timer_sdk.framing import RequestReader, encode_reply, encode_request
+from timer_sdk.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    RequestReader,
+    encode_reply,
+    encode_request,
+)
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 LOOPS: dict[str, LoopFactory] = {"asyncio": asyncio.new_event_loop}
@@ -348,3 +354,28 @@ async def test_a_slow_connection_that_makes_progress_lives(tmp_path: Path) -> No
         await asyncio.sleep(1.5)  # idle: no call waits, so no silence counts
         assert await client.version()
         assert not client.closed
+
+
+# --- item 7: the reply size limit --------------------------------------------------
+
+
+async def test_reply_body_limit_is_the_default_frame_size() -> None:
+    sizes = [DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE + 1]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = RequestReader()
+        while data := await reader.read(65536):
+            frames.receive_data(data)
+            while frames.next_event() is not None:
+                writer.write(encode_reply(0, b"\x00" * sizes.pop(0)))
+        writer.close()
+
+    async with await asyncio.start_server(serve, "127.0.0.1", 0) as srv:
+        address = f"tcp:127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        async with await TimerClient.connect(address) as client:
+            body = await client.call_raw("version", timeout=30)
+            assert len(body) == DEFAULT_MAX_FRAME_SIZE  # the most a default server sends
+            with pytest.raises(
+                ProtocolError, match=r"reply body of 1048577 bytes exceeds the limit of 1048576"
+            ):
+                await client.call_raw("version", timeout=30)
