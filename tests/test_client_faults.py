@@ -325,8 +325,11 @@ def test_a_black_holed_connection_is_declared_dead(
             srv = await asyncio.start_server(serve, "127.0.0.1", 0)
             address = f"tcp:127.0.0.1:{srv.sockets[0].getsockname()[1]}"
         async with srv:
-            client = await TimerClient.connect(address, dead_after=0.2, reconnect=True)
+            client = await TimerClient.connect(
+                address, dead_after=0.2, reconnect=True, max_pending=2
+            )
             started = time.monotonic()
+            # Two calls are written; the third waits for a slot and fails with them.
             calls = [asyncio.create_task(client.version()) for _ in range(3)]
             for call in calls:
                 with pytest.raises(ConnectionLost, match=r"declared dead: nothing received"):

@@ -698,7 +698,9 @@ class TimerClient:
     async def close(self) -> None:
         """Close the connection; pending calls fail with ClientClosedError.
 
-        Safe to call more than once; returns once the socket is closed.
+        Requests still in the write buffer are dropped, not left for a
+        server that may never read them. Safe to call more than once;
+        returns once the socket is closed.
         """
         if self._redial is not None:
             self._redial.cancel()
