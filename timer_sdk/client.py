@@ -6,6 +6,10 @@ slot happen with no ``await`` between them, so concurrent calls cannot
 interleave wrongly. A call that is cancelled or times out after its request
 was written leaves its slot in the FIFO; its reply is read and dropped, and
 every later call still gets its own reply.
+
+Backpressure: a call that finds ``max_pending`` slots taken, or the socket's
+write buffer full, waits unsent in a queue; if it gives up there, it sent
+nothing. A write error does not lose replies that had already arrived.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -92,11 +96,25 @@ class _Raw:
 
 _Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]"]
 
+DEFAULT_MAX_PENDING = 1024
+"""Calls one connection keeps in flight; more wait for a slot (``max_pending``)."""
+_CORK_LIMIT = 64 * 1024  # bytes of small frames batched into one write
+_DRAIN_CHUNK = 256 * 1024
+
 
 class _ClientProtocol(asyncio.Protocol):
     """The connection under a :class:`TimerClient`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, max_frame_size: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: str,
+        max_frame_size: int,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
+        drainable: bool = True,
+    ) -> None:
         self.loop = loop
         self.address = address
         self.reader = ReplyReader(max_frame_size=max_frame_size)
@@ -110,6 +128,19 @@ class _ClientProtocol(asyncio.Protocol):
         self.adopt: Callable[[list[Subscription]], bool] | None = None
         self._corked = False
         self._backlog: list[bytes] = []
+        self._backlog_size = 0
+        # Backpressure: a new call is written at once only while `blocked` is
+        # false (writing not paused, no call queued before it) and a slot is
+        # free; otherwise it queues, unsent, until both hold.
+        self.max_pending = max_pending
+        self.blocked = False
+        self._paused = False
+        self._queue: OrderedDict[asyncio.Future[Any], tuple[bytes, _ReplyDecoder]] = OrderedDict()
+        # Liveness: one timer, armed while calls are pending.
+        self.dead_after = dead_after
+        self._progress_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._drainable = drainable  # a plain socket: bytes left in it are replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -117,9 +148,15 @@ class _ClientProtocol(asyncio.Protocol):
 
     def send(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
         """Queue the call's slot and write its frame, with nothing in between."""
-        self.pending.append((method, future))
+        pending = self.pending
+        if not pending and self.dead_after is not None:
+            self._watch()
+        pending.append((method, future))
         if self._corked:
             self._backlog.append(frame)
+            self._backlog_size += len(frame)
+            if self._backlog_size > _CORK_LIMIT:
+                self._uncork()  # write now, so that pause_writing can hold the next call
             return
         assert self.transport is not None
         self.transport.write(frame)
@@ -129,12 +166,15 @@ class _ClientProtocol(asyncio.Protocol):
 
     def _uncork(self) -> None:
         self._corked = False
+        self._backlog_size = 0
         backlog = self._backlog
         if backlog and self.transport is not None:
             self.transport.write(b"".join(backlog))
         backlog.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.dead_after is not None:
+            self._progress_at = self.loop.time()
         reader = self.reader
         reader.receive_data(data)
         pending = self.pending
@@ -165,6 +205,8 @@ class _ClientProtocol(asyncio.Protocol):
                 future.set_exception(ProtocolError(f"{method.name}: unexpected return code {ret}"))
                 self.fail(ProtocolError(f"{self.address}: unexpected return code {ret}"))
                 return
+        if self._queue:
+            self._admit()
 
     def _on_event(self, ret: int, body: bytes) -> bool:
         try:
@@ -187,12 +229,87 @@ class _ClientProtocol(asyncio.Protocol):
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.send(frame, method, future)
 
-    def fail(self, error: TimerConnectionError | ProtocolError) -> None:
-        """Make the connection unusable: fail every pending call and close."""
+    # --- backpressure ------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._paused = self.blocked = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self.blocked = bool(self._queue)
+        self._admit()
+
+    def enqueue(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
+        """Hold a call, unsent, until there is room for it (see :meth:`_admit`)."""
+        self._queue[future] = (frame, method)
+        self.blocked = True
+        self._admit()
+
+    def unqueue(self, future: asyncio.Future[Any]) -> None:
+        """Forget a call that gave up; if it was still queued, it sent nothing."""
+        queue = self._queue
+        if queue.pop(future, None) is not None and not queue:
+            self.blocked = self._paused
+
+    def _admit(self) -> None:
+        """Send queued calls, first come first, while a slot is free and writing is on."""
+        queue = self._queue
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # failing: the queued calls will fail with the rest
+        room = self.max_pending - len(self.pending)
+        while room > 0 and queue and not self._paused and self.failure is None:
+            future, (frame, method) = queue.popitem(last=False)
+            self.send(frame, method, future)  # may pause writing
+            room -= 1
+        self.blocked = self._paused or bool(queue)
+
+    # --- liveness ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """A call starts waiting on an idle connection: the silence starts now."""
+        self._progress_at = now = self.loop.time()
+        if self._watchdog is None:
+            assert self.dead_after is not None
+            self._watchdog = self.loop.call_at(now + self.dead_after, self._check_alive)
+
+    def _check_alive(self) -> None:
+        self._watchdog = None
+        if not self.pending or self.failure is not None or self.dead_after is None:
+            return  # disarmed until the next call
+        due = self._progress_at + self.dead_after
+        if self.loop.time() < due:
+            self._watchdog = self.loop.call_at(due, self._check_alive)
+            return
+        count = len(self.pending)
+        self.fail(
+            ConnectionLost(
+                f"connection to {self.address} declared dead: nothing received for "
+                f"{self.dead_after} s while {count} calls waited (dead_after)"
+            ),
+            abort=True,
+        )
+
+    # --- the end -------------------------------------------------------------
+
+    def fail(self, error: TimerConnectionError | ProtocolError, *, abort: bool = False) -> None:
+        """Make the connection unusable: fail every pending call and close.
+
+        Requests still in the write buffer are dropped with their calls (the
+        socket is aborted) rather than left for a peer that may never read.
+        """
         if self.failure is None:
             self.failure = error
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.pending:
             _, future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(_copy(self.failure))
+        queue = self._queue
+        while queue:
+            future, _ = queue.popitem(last=False)
             if not future.done():
                 future.set_exception(_copy(self.failure))
         subscriptions, self.subscriptions = self.subscriptions, []
@@ -203,15 +320,47 @@ class _ClientProtocol(asyncio.Protocol):
             # Closing the client ends the streams; anything else is an error there.
             closed = isinstance(self.failure, ClientClosedError)
             sub.end(None if closed else _copy(self.failure))
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if abort or transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.pending and self.failure is None and self._drainable:
+            self._drain()
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLost(f"connection to {self.address} lost{reason}"))
         self.transport = None
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _drain(self) -> None:
+        """Deliver the replies that arrived before the connection broke.
+
+        A write error (EPIPE, ECONNRESET: the server closed with requests of
+        ours unread) stops the transport before it read what the server sent
+        first. Those bytes are still in the socket, which is open until this
+        callback returns: read them through a duplicate, up to EOF or reset.
+        """
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return
+        try:
+            dup = sock.dup()
+        except OSError:
+            return
+        with dup:
+            dup.setblocking(False)
+            while self.pending and self.failure is None:
+                try:
+                    data = dup.recv(_DRAIN_CHUNK)
+                except OSError:  # reset, or nothing more (EAGAIN)
+                    return
+                if not data:
+                    return
+                self.data_received(data)
 
 
 _EVENT_RETS = (RET_EVENT, RET_EVENTS_DROPPED)
@@ -231,10 +380,19 @@ class _Dialer:
     server_hostname: str | None
     max_frame_size: int
     connect_timeout: float | None
+    max_pending: int = DEFAULT_MAX_PENDING
+    dead_after: float | None = None
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
         address = self.address
-        protocol = _ClientProtocol(loop, str(address), self.max_frame_size)
+        protocol = _ClientProtocol(
+            loop,
+            str(address),
+            self.max_frame_size,
+            max_pending=self.max_pending,
+            dead_after=self.dead_after,
+            drainable=self.ssl is None,
+        )
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if address.scheme == "unix":
@@ -327,6 +485,8 @@ class TimerClient:
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
     ) -> TimerClient:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -348,9 +508,26 @@ class TimerClient:
         they were made. Use 2 to 4 when slow and quick calls share a client
         (a notebook, threads on the blocking client), or to reach several
         ``--workers`` of one server.
+
+        ``max_frame_size`` caps the body of a reply or event (a default server
+        never sends more than its own 1 MiB limit). Backpressure: at most
+        ``max_pending`` calls are in flight, abandoned ones included until
+        their replies arrive, and while the socket's write buffer is full a
+        new call writes nothing; either way it waits its turn, and the wait
+        counts against its timeout. ``dead_after`` (seconds, off by default)
+        declares the connection dead when nothing arrives for that long while
+        calls wait: they fail with ConnectionLost, and ``reconnect`` applies.
+        It is off because silence can be a slow call; set it above your
+        longest call.
         """
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, not {max_pending!r}")
+        if dead_after is not None and not dead_after > 0:
+            raise ValueError(
+                f"dead_after must be a positive number of seconds or None, not {dead_after!r}"
+            )
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
@@ -365,10 +542,14 @@ class TimerClient:
                     ssl=ssl,
                     server_hostname=server_hostname,
                     max_frame_size=max_frame_size,
+                    max_pending=max_pending,
+                    dead_after=dead_after,
                 )
 
             return await connect_pool(connections, one, timeout=timeout, reconnect=reconnect)
-        dialer = _Dialer(parsed, ssl, server_hostname, max_frame_size, connect_timeout)
+        dialer = _Dialer(
+            parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
+        )
         protocol = await dialer.dial(asyncio.get_running_loop())
         return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
 
@@ -388,7 +569,10 @@ class TimerClient:
 
     @property
     def pending(self) -> int:
-        """Calls whose replies have not arrived yet, abandoned ones included."""
+        """Calls written whose replies have not arrived yet, abandoned ones included.
+
+        At most ``max_pending``; calls waiting for room are not counted.
+        """
         return len(self._protocol.pending)
 
     def __repr__(self) -> str:
@@ -465,21 +649,38 @@ class TimerClient:
         if failure is not None and not (self.reconnect and isinstance(failure, ConnectionLost)):
             raise _copy(failure)
         future: asyncio.Future[Any] | None = None
-        if timeout is None and failure is None:  # the hot path: nothing to bound
+        if timeout is None and failure is None:
             future = self._loop.create_future()
-            protocol.send(frame, method, future)
-            return await future
+            if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
+                protocol.send(frame, method, future)  # the hot path
+                return await future
+            return await self._queued(protocol, frame, method, future)
         try:
-            async with asyncio.timeout(timeout):  # a reconnect counts against it too
+            # A reconnect and a wait for room count against the timeout too.
+            async with asyncio.timeout(timeout):
                 if failure is not None:
                     protocol = await self._reopen()
                 future = self._loop.create_future()
-                protocol.send(frame, method, future)
-                return await future
+                if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
+                    protocol.send(frame, method, future)
+                    return await future
+                return await self._queued(protocol, frame, method, future)
         except TimeoutError:
             if future is not None and future.done() and not future.cancelled():
                 return future.result()  # the reply won the race with the deadline
             raise CallTimeout(f"{method.name}: no reply within {timeout} s") from None
+
+    @staticmethod
+    async def _queued(
+        protocol: _ClientProtocol, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]
+    ) -> Any:
+        """Wait for room (backpressure), then for the reply, as one wait."""
+        protocol.enqueue(frame, method, future)
+        try:
+            return await future
+        except BaseException:
+            protocol.unqueue(future)  # timed out or cancelled: send nothing
+            raise
 
     async def _reopen(self) -> _ClientProtocol:
         """Reconnect once, after the backoff; concurrent callers share the attempt."""
@@ -616,7 +817,9 @@ class TimerClient:
     async def close(self) -> None:
         """Close the connection; pending calls fail with ClientClosedError.
 
-        Safe to call more than once; returns once the socket is closed.
+        Requests still in the write buffer are dropped, not left for a
+        server that may never read them. Safe to call more than once;
+        returns once the socket is closed.
         """
         if self._resubscriber is not None:
             self._resubscriber.cancel()

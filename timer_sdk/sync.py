@@ -39,7 +39,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from . import api
 from .address import Address
-from .client import P, R
+from .client import DEFAULT_MAX_PENDING, P, R
 from .client import TimerClient as AsyncTimerClient
 from .errors import LoopError
 from .framing import DEFAULT_MAX_FRAME_SIZE
@@ -233,6 +233,8 @@ class TimerClient:
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        dead_after: float | None = None,
     ) -> TimerClient:
         """Connect to the server at ``address``; see the async ``TimerClient.connect``.
 
@@ -252,6 +254,8 @@ class TimerClient:
                 server_hostname=server_hostname,
                 max_frame_size=max_frame_size,
                 connections=connections,
+                max_pending=max_pending,
+                dead_after=dead_after,
             ),
             _close,
         )
@@ -269,7 +273,7 @@ class TimerClient:
 
     @property
     def pending(self) -> int:
-        """Calls whose replies have not arrived yet, abandoned ones included."""
+        """Calls written whose replies have not arrived yet, abandoned ones included."""
         return self._client.pending
 
     @property
