@@ -305,6 +305,10 @@ class Connection(asyncio.Protocol):
                 f"{SUBSCRIBE}: invalid request: expected {{}} or {{events: [names]}} with names "
                 f"from: {known}"
             )
+        bus = self._server.bus
+        if bus is not None and bus.refusal is not None:
+            self._stats.error_replies += 1
+            return _error_frame(f"{SUBSCRIBE}: {bus.refusal}")
         self._server.subscribe(self)
         return encode_reply(RET_OK, encode_item({"events": names}))
 
@@ -321,6 +325,14 @@ class Connection(asyncio.Protocol):
             self._events_dropped += 1
             self._stats.events_dropped += 1
         backlog.append(event)
+
+    def note_dropped(self, count: int) -> None:
+        """Tell the peer that ``count`` events were lost before they reached this server."""
+        if self._writing_paused:
+            self._events_dropped += count  # sent first when the peer reads again
+        elif self._transport is not None:
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, encode_events_dropped(count)))
+            self._schedule_flush()
 
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
