@@ -47,6 +47,10 @@ class BusError(TimerError):
 class EventSink(Protocol):
     """What a bus delivers other servers' events to."""
 
+    @property
+    def subscribers(self) -> int:
+        """How many connections want events; with none, a bus need not decode them."""
+
     def deliver_echo(self, event: EchoEvent) -> None:
         """Fan out an event another server published."""
 

@@ -225,8 +225,8 @@ class NatsBus(EventBus):
             if missed:
                 self.gaps += missed
                 sink.deliver_dropped(missed)
-        if not msg.data:
-            return
+        if not msg.data or not sink.subscribers:
+            return  # a marker, or no one here to tell
         try:
             event = decode_event(msg.data)
         except DecodeError as exc:
