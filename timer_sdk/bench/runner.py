@@ -495,29 +495,37 @@ def _bench_workers(ctx: _Context, one_ours: _Server, one_floor: _Server) -> None
     ours_r, floor_r = _paired(ctx, one_ours, one_floor, job)
     one = (_rate(ours_r), _rate(floor_r))
     ctx.add(Row("workers", f"workers=1 {name}", "calls/s", *one, ctx.loop, "higher"))
+    for n in (2, 4):
+        _bench_n_workers(ctx, job, name, one, n)
+
+
+def _bench_n_workers(
+    ctx: _Context, job: dict[str, Any], name: str, one: tuple[float, float], n: int
+) -> None:
     servers: list[_Server] = []
     try:
-        servers.append(_ours("ours x2", "tcp:127.0.0.1:0", ctx.loop, workers=2))
-        first = _floor("floor x2", "tcp:127.0.0.1:0", ctx.loop, reuse_port=True)
+        servers.append(_ours(f"ours x{n}", "tcp:127.0.0.1:0", ctx.loop, workers=n))
+        first = _floor(f"floor x{n}", "tcp:127.0.0.1:0", ctx.loop, reuse_port=True)
         servers.append(first)
-        servers.append(_floor("floor x2 (2)", first.address, ctx.loop, reuse_port=True))
-        _progress(f"{ctx.loop}: workers=2, pipelined {name}")
+        for i in range(2, n + 1):
+            servers.append(_floor(f"floor x{n} ({i})", first.address, ctx.loop, reuse_port=True))
+        _progress(f"{ctx.loop}: workers={n}, pipelined {name}")
         ours_r, floor_r = _paired(ctx, servers[0], first, job)
     finally:
         for server in servers:
             server.stop()
-    two = (_rate(ours_r), _rate(floor_r))
+    rates = (_rate(ours_r), _rate(floor_r))
     ctx.add(
         Row(
             "workers",
-            f"workers=2 {name}",
+            f"workers={n} {name}",
             "calls/s",
-            *two,
+            *rates,
             ctx.loop,
             "higher",
             detail={
-                "ours_scaling": two[0] / one[0],
-                "floor_scaling": two[1] / one[1],
+                "ours_scaling": rates[0] / one[0],
+                "floor_scaling": rates[1] / one[1],
                 "ours_per_connection": ours_r[-1]["per_connection"],
             },
         )
