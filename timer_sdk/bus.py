@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import TimerError
@@ -71,6 +72,13 @@ class EventBus(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop publishing and delivering. Safe to call more than once."""
+
+    def listen(self, wanted: bool) -> None:  # noqa: B027 (most buses always listen)
+        """Start or stop receiving others' events: whether anyone here subscribes."""
+
+    def ready(self) -> Awaitable[None] | None:
+        """What a new subscription must wait for to miss nothing; ``None``: nothing."""
+        return None
 
 
 class Unshared(EventBus):

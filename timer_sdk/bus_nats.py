@@ -33,6 +33,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from .api import decode_event, encode_event
 from .bus import BusError, EventBus, EventSink, subject_for
@@ -80,6 +81,10 @@ class NatsBus(EventBus):
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
         self._seen: OrderedDict[str, int] = OrderedDict()  # publisher -> last seq
+        self._wanted = False  # whether anyone here subscribes
+        self._events_sub: Subscription | None = None
+        self._listening: asyncio.Future[None] | None = None  # done once events flow in
+        self._reconciler: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
         self.gaps = 0
@@ -129,9 +134,7 @@ class NatsBus(EventBus):
         except (OSError, nats.errors.Error) as exc:
             await self._nc.close()
             raise BusError(f"cannot reach the event bus at {self.url}: {exc}") from exc
-        await self._nc.subscribe(self.subject, cb=self._on_message)
         await self._nc.subscribe(f"{self.subject}.sync", cb=self._on_sync)
-        await self._nc.flush()  # the subscriptions are in place before any event
         self._connected.set()
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
         self._stop_listening.append(timer.add_echo_listener(self._on_local))
@@ -144,6 +147,10 @@ class NatsBus(EventBus):
         for remove in self._stop_listening:
             remove()
         self._stop_listening.clear()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
         if self._pump_task is not None:
             self._pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,6 +207,52 @@ class NatsBus(EventBus):
         self._mark()
 
     # --- receiving ------------------------------------------------------------
+
+    def listen(self, wanted: bool) -> None:
+        # Receive others' events only while someone here subscribes: with
+        # workers, every worker would otherwise parse every other's events.
+        self._wanted = wanted
+        listening = self._listening
+        settled = self._events_sub is not None and self._reconciler is None
+        if wanted and not settled and (listening is None or listening.done()):
+            self._listening = asyncio.get_running_loop().create_future()
+        elif not wanted and listening is not None and not listening.done():
+            listening.set_result(None)  # whoever waited has left
+        if self._reconciler is None:
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
+
+    def ready(self) -> asyncio.Future[None] | None:
+        listening = self._listening
+        return None if listening is None or listening.done() else listening
+
+    async def _reconcile(self) -> None:
+        """Subscribe or unsubscribe until NATS matches what is wanted."""
+        try:
+            while True:
+                if self._wanted and self._events_sub is None:
+                    self._seen.clear()  # gaps from before are no one's loss
+                    self._events_sub = await self._nc.subscribe(self.subject, cb=self._on_message)
+                    await self._confirm()
+                elif not self._wanted and self._events_sub is not None:
+                    sub, self._events_sub = self._events_sub, None
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
+                else:
+                    break
+            if self._wanted and self._listening is not None and not self._listening.done():
+                self._listening.set_result(None)
+        finally:
+            self._reconciler = None
+
+    async def _confirm(self) -> None:
+        """Wait until NATS has the subscription: a round trip, once connected."""
+        while True:
+            await self._connected.wait()
+            try:
+                await self._nc.flush(timeout=5)
+            except (nats.errors.Error, TimeoutError):
+                continue  # cut off meanwhile: the client subscribes again on reconnect
+            return
 
     async def _on_message(self, msg: Msg) -> None:
         sink = self._sink

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _eager
@@ -275,7 +276,7 @@ class Connection(asyncio.Protocol):
             slot.frame = _error_frame(f"{method.name}: internal error")
         self._slot_ready()
 
-    def _dispatch_extension(self, request: Request) -> bytes:
+    def _dispatch_extension(self, request: Request) -> bytes | None:
         """Answer a method that is not a Timer proc: the event extension, or unknown."""
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
@@ -287,7 +288,7 @@ class Connection(asyncio.Protocol):
 
     # --- events ---------------------------------------------------------------
 
-    def _subscribe(self, payload: bytes) -> bytes:
+    def _subscribe(self, payload: bytes) -> bytes | None:
         try:
             item = decode_item(payload, max_depth=self._max_depth) if payload else {}
         except DecodeError as exc:
@@ -310,7 +311,28 @@ class Connection(asyncio.Protocol):
             self._stats.error_replies += 1
             return _error_frame(f"{SUBSCRIBE}: {bus.refusal}")
         self._server.subscribe(self)
-        return encode_reply(RET_OK, encode_item({"events": names}))
+        reply = encode_reply(RET_OK, encode_item({"events": names}))
+        waiter = bus.ready() if bus is not None else None
+        if waiter is None:
+            return reply
+        # The reply promises every event from here on: wait until the bus delivers them.
+        slot = _Slot()
+        self._slots.append(slot)
+        task = self._loop.create_task(self._reply_when(waiter, slot, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._server.tasks.add(task)
+        task.add_done_callback(self._server.tasks.discard)
+        return None
+
+    async def _reply_when(self, waiter: Awaitable[None], slot: _Slot, reply: bytes) -> None:
+        try:
+            await asyncio.shield(waiter)  # shared by every subscription waiting
+            slot.frame = reply
+        except asyncio.CancelledError:
+            self._stats.error_replies += 1
+            slot.frame = _error_frame(f"{SUBSCRIBE}: cancelled: the server is shutting down")
+        self._slot_ready()
 
     @property
     def events_paused(self) -> bool:

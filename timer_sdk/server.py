@@ -161,12 +161,16 @@ class Server:
     def subscribe(self, conn: Connection) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
+        if self.bus is not None and len(self._subscribers) == 1:
+            self.bus.listen(True)
         if self._stop_listening is None:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
     def unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
+        if self.bus is not None and not self._subscribers:
+            self.bus.listen(False)
         if not self._subscribers and self._stop_listening is not None:
             self._stop_listening()
             self._stop_listening = None
