@@ -110,7 +110,9 @@ class NatsBus(EventBus):
 
         async def on_error(exc: Exception) -> None:
             last_error[:] = [exc]
-            logger.warning("event bus %s: %s", self.url, exc)
+            # Once per outage is enough: retries every reconnect_wait would flood the log.
+            log = logger.warning if self._connected.is_set() else logger.debug
+            log("event bus %s: %s", self.url, exc)
 
         try:
             async with asyncio.timeout(self._connect_timeout):
