@@ -100,7 +100,11 @@ async def test_other_languages_read_the_subject_as_documented(
     consumer = await nats.connect(_bus(first).url)
     try:
         sub = await consumer.subscribe("timer_sdk.ipc-server.on_echo_fired")
-        await consumer.flush()
+        # Our own message back means the server has processed our SUBs before it
+        # (flush() alone does not: nats-py may send its PING ahead of a buffered SUB).
+        probe = await consumer.subscribe("probe")
+        await consumer.publish("probe", b"")
+        await probe.next_msg(timeout=30)
         async with await TimerClient.connect(first.address) as client:
             await client.echo(EchoRequest(message="for everyone", delay_ms=0))
             await client.echo(EchoRequest(message="and again", delay_ms=0))

@@ -251,6 +251,9 @@ class NatsBus(EventBus):
         while True:
             await self._connected.wait()
             try:
+                # nats-py's flush() writes its PING at once, ahead of a SUB still
+                # waiting in its buffer; push the buffer out first, then round-trip.
+                await self._nc._flush_pending(force_flush=True)
                 await self._nc.flush(timeout=5)
             except (nats.errors.Error, TimeoutError):
                 continue  # cut off meanwhile: the client subscribes again on reconnect
