@@ -9,12 +9,15 @@ yourself (``--events-url``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import logging
 import os
 import queue
 import re
+import signal
 import subprocess
+import sys
 import threading
 
 from .bus import NATS_EXTRA, BusError
@@ -25,6 +28,16 @@ logger = logging.getLogger("timer_sdk.natsd")
 
 _LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 _WORTH_SHOWING = re.compile(rb"\[(WRN|ERR|FTL)\]")
+
+
+# Resolved here, so that the forked child only makes the call (no lookup, no allocation).
+_prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even if it is killed (Linux)."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def nats_server_binary() -> str | None:
@@ -70,7 +83,7 @@ class NatsServer:
         """Start the server; return its URL once it accepts connections."""
         argv = [self.binary, "-a", self.host, "-p", str(self.port or -1)]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
+                                stderr=subprocess.PIPE, preexec_fn=_die_with_parent)  # fmt: skip  # noqa: PLW1509
         self._proc = proc
         listening: queue.Queue[int | None] = queue.Queue()
         thread = threading.Thread(target=self._drain, args=(proc, listening), daemon=True)
