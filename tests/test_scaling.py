@@ -116,7 +116,9 @@ async def test_the_private_nats_server_stops_with_the_workers(how: str) -> None:
 
 async def test_two_instances_on_one_events_url(nats_server: NatsServer) -> None:
     """Two servers on their own ports, as two hosts behind a load balancer would be."""
-    first = _serve("--events-url", nats_server.url, "--name", "lb")
+    # The first has workers of its own: they use the given URL (a private server
+    # would cut them off from the second, and its subscriber would miss its echoes).
+    first = _serve("--events-url", nats_server.url, "--name", "lb", "--workers", "2")
     second = _serve("--events-url", nats_server.url, "--name", "lb")
     try:
         addresses = [await anext(first), await anext(second)]
