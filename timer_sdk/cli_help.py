@@ -283,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="server processes sharing one TCP port via SO_REUSEPORT (default %(default)s)",
+        help="server processes sharing one TCP port via SO_REUSEPORT (default %(default)s); "
+        "with the nats extra they share events through a private nats-server",
+    )
+    serve.add_argument(
+        "--events-url",
+        metavar="URL",
+        help="share events with every server of this timer name on nats://HOST:PORT",
     )
     add_limit_flags(serve)
     _add_tls(serve, server=True)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _eager
@@ -367,16 +368,10 @@ class Connection(asyncio.Protocol):
         slot.charge = len(frame)
         self._slot_ready()
 
-    def _dispatch_extension(self, request: Request) -> bytes:
+    def _dispatch_extension(self, request: Request) -> bytes | None:
         """Answer a method that is not a Timer proc: the event extension, or unknown."""
         if request.method == SUBSCRIBE:
-            try:
-                names = decode_subscribe(request.payload, max_depth=self._max_depth)
-            except DecodeError as exc:
-                self._stats.error_replies += 1
-                return _error_frame(str(exc))
-            self._server.subscribe(self)
-            return encode_reply(RET_OK, encode_item({"events": names}))
+            return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:
             self._server.unsubscribe(self)
             return encode_reply(RET_OK, encode_item(None))
@@ -384,6 +379,48 @@ class Connection(asyncio.Protocol):
         return _error_frame(f"unknown method: {request.method}")
 
     # --- events ---------------------------------------------------------------
+
+    def _subscribe(self, payload: bytes) -> bytes | None:
+        try:
+            names = decode_subscribe(payload, max_depth=self._max_depth)
+        except DecodeError as exc:
+            self._stats.error_replies += 1
+            return _error_frame(str(exc))
+        bus = self._server.bus
+        if bus is not None and bus.refusal is not None:
+            self._stats.error_replies += 1
+            return _error_frame(f"{SUBSCRIBE}: {bus.refusal}")
+        self._server.subscribe(self)
+        reply = encode_reply(RET_OK, encode_item({"events": names}))
+        waiter = bus.ready() if bus is not None else None
+        if waiter is None:
+            return reply
+        # The reply promises every event from here on: wait until the bus delivers them.
+        slot = _Slot(None, _IN_FLIGHT_COST)
+        self._slots.append(slot)
+        self._slot_bytes += slot.charge
+        task = self._loop.create_task(self._reply_when(waiter, slot, reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._server.tasks.add(task)
+        task.add_done_callback(self._server.tasks.discard)
+        return None
+
+    async def _reply_when(self, waiter: Awaitable[None], slot: _Slot, reply: bytes) -> None:
+        try:
+            await asyncio.shield(waiter)  # shared by every subscription waiting
+            frame = reply
+        except asyncio.CancelledError:
+            if self._transport is None:
+                return
+            self._stats.error_replies += 1
+            frame = _error_frame(f"{SUBSCRIBE}: cancelled: the server is shutting down")
+        if self._transport is None:
+            return
+        slot.frame = frame
+        self._slot_bytes += len(frame) - slot.charge
+        slot.charge = len(frame)
+        self._slot_ready()
 
     @property
     def events_paused(self) -> bool:
@@ -400,6 +437,14 @@ class Connection(asyncio.Protocol):
             self._recharge()
         self._stats.events_dropped += lost
 
+    def note_dropped(self, count: int) -> None:
+        """Tell the peer that ``count`` events were lost before they reached this server."""
+        self._backlog.dropped += count  # sent first when the peer reads again
+        if not self._writing_paused and self._transport is not None:
+            notice = encode_events_dropped(self._backlog.take_dropped())
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._schedule_flush()
+
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
         if self._transport is not None:
@@ -409,12 +454,8 @@ class Connection(asyncio.Protocol):
 
     def drop_event(self) -> None:
         """Count an event this subscriber will never get, for its next drop notice."""
-        self._backlog.dropped += 1
         self._stats.events_dropped += 1
-        if not self._writing_paused and self._transport is not None:
-            notice = encode_events_dropped(self._backlog.take_dropped())
-            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
-            self._schedule_flush()
+        self.note_dropped(1)
 
     def _fits_event(self, frame: bytes) -> bool:
         if len(frame) - 8 <= self._max_frame_size:

@@ -19,7 +19,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Callable
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .address import Address
 from .backlog import event_size
@@ -30,6 +30,9 @@ from .listener import Acceptor
 from .models import EchoEvent
 from .shutdown import serve_until_signal
 from .timer import Timer
+
+if TYPE_CHECKING:
+    from .bus import EventBus
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
@@ -62,6 +65,8 @@ class Server:
         self.refused: set[Connection] = set()  # being aborted in connection_made
         self.closing = False
         self._subscribers: set[Connection] = set()
+        self.bus: EventBus | None = None
+        """Where events travel beyond this process; ``None``: in process only."""
         self._stop_listening: Callable[[], None] | None = None
         self._address: Address | None = None
         self._server: asyncio.Server | None = None
@@ -142,7 +147,11 @@ class Server:
         except asyncio.CancelledError:
             self._abort_all()
             self._finish_close()
+            if self.bus is not None:
+                await self.bus.close()
             raise
+        if self.bus is not None:
+            await self.bus.close()
         self._finish_close()
 
     async def _wait_idle(self) -> None:
@@ -172,12 +181,16 @@ class Server:
     def subscribe(self, conn: Connection) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
+        if self.bus is not None and len(self._subscribers) == 1:
+            self.bus.listen(True)
         if self._stop_listening is None:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
     def unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
+        if self.bus is not None and not self._subscribers:
+            self.bus.listen(False)
         if not self._subscribers and self._stop_listening is not None:
             self._stop_listening()
             self._stop_listening = None
@@ -200,6 +213,15 @@ class Server:
                 if frame is None:
                     frame = event_frame(event)
                 conn.send_event(frame)
+
+    def deliver_echo(self, event: EchoEvent) -> None:
+        """Fan out an event another server published on the bus."""
+        self._publish_echo(event)
+
+    def deliver_dropped(self, count: int) -> None:
+        """Tell every subscriber that ``count`` events were lost on the bus."""
+        for conn in self._subscribers:
+            conn.note_dropped(count)
 
     def _connection_gone(self) -> None:
         if not self.connections and not self.refused:
@@ -300,6 +322,7 @@ async def serve(
     ssl: SSLContext | None = None,
     unix_mode: int = 0o600,
     reuse_port: bool = False,
+    bus: str | EventBus | None = None,
 ) -> Server:
     """Serve ``timer`` at ``address`` on the running loop; return once listening.
 
@@ -308,11 +331,26 @@ async def serve(
     which. A Unix socket is created with ``unix_mode`` (owner only by
     default); an existing path is replaced only if it is a stale socket.
     ``reuse_port`` lets several processes share one TCP port (SO_REUSEPORT).
+    ``bus`` carries events between servers of one timer: a ``nats://HOST:PORT``
+    URL (the ``nats`` extra) or an :class:`~timer_sdk.bus.EventBus`; by
+    default events stay in this process.
 
-    Raises :class:`~timer_sdk.errors.AddressError` for a malformed address and
+    Raises :class:`~timer_sdk.errors.AddressError` for a malformed address,
+    :class:`~timer_sdk.bus.BusError` for a bus that cannot be used, and
     :class:`OSError` when the address cannot be bound.
     """
     server = Server(timer, limits or Limits(), asyncio.get_running_loop())
-    await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
+    if bus is not None:
+        from .bus import open_bus
+
+        server.bus = open_bus(bus)
+        assert server.bus is not None
+        await server.bus.start(timer, server)
+    try:
+        await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
+    except BaseException:
+        if server.bus is not None:
+            await server.bus.close()
+        raise
     logger.info("timer %r listening on %s", timer.name, server.address)
     return server

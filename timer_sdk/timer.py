@@ -31,6 +31,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from .bus import EventBus
     from .events import Subscription
     from .server import Limits, Server
 
@@ -154,6 +155,7 @@ class Timer:
         ssl: SSLContext | None = None,
         unix_mode: int = 0o600,
         reuse_port: bool = False,
+        bus: str | EventBus | None = None,
     ) -> Server:
         """Serve this timer at ``address`` on the running loop; return once listening.
 
@@ -162,5 +164,11 @@ class Timer:
         from .server import serve
 
         return await serve(
-            self, address, limits=limits, ssl=ssl, unix_mode=unix_mode, reuse_port=reuse_port
+            self,
+            address,
+            limits=limits,
+            ssl=ssl,
+            unix_mode=unix_mode,
+            reuse_port=reuse_port,
+            bus=bus,
         )

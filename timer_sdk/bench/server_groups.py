@@ -324,22 +324,33 @@ def _bench_workers(ctx: Context, one: ServerSet) -> None:
     results_one = _measure(ctx, {role: one[role] for role in KINDS}, job)
     ctx.add(_row(ctx, ("workers", f"workers=1 {name}", "calls/s", "higher"), results_one, _rate,
                  skipped=skipped))  # fmt: skip
+    for n in (2, 4):
+        _bench_n_workers(ctx, job, name, results_one, n)
+
+
+def _bench_n_workers(
+    ctx: Context, job: dict[str, Any], name: str, results_one: Any, n: int
+) -> None:
     tcp = "tcp:127.0.0.1:0"
 
-    def two_floors(kind: str) -> list[ServerProcess]:
-        first = start(kind, tcp, ctx.loop, workers=2)
+    def floors(kind: str) -> list[ServerProcess]:
+        first = start(kind, tcp, ctx.loop, workers=n)
+        rest: list[ServerProcess] = []
         try:
-            return [first, start(kind, first.address, ctx.loop, workers=2)]
+            rest.extend(start(kind, first.address, ctx.loop, workers=n) for _ in range(n - 1))
         except BaseException:
-            first.stop()
+            for server in (first, *rest):
+                server.stop()
             raise
+        return [first, *rest]
 
     with servers(
-        lambda: [start("ours", tcp, ctx.loop, workers=2)],
-        lambda: two_floors("models floor"),
-        lambda: two_floors("floor"),
-    ) as (ours, models, _models_2, floor, _floor_2):
-        progress(f"{ctx.loop}: workers=2, pipelined {name}")
+        lambda: [start("ours", tcp, ctx.loop, workers=n)],
+        lambda: floors("models floor"),
+        lambda: floors("floor"),
+    ) as started:
+        ours, models, floor = started[0], started[1], started[1 + n]
+        progress(f"{ctx.loop}: workers={n}, pipelined {name}")
         results = _measure(ctx, {"ours": ours, "models floor": models, "floor": floor}, job)
     rates_one = {role: results_one.value(role, _rate) or 0.0 for role in KINDS}
     detail: dict[str, Any] = {
@@ -347,8 +358,8 @@ def _bench_workers(ctx: Context, one: ServerSet) -> None:
         for role in KINDS
     }
     detail["ours_per_connection"] = results.by_role["ours"][-1]["per_connection"]
-    ctx.add(_row(ctx, ("workers", f"workers=2 {name}", "calls/s", "higher"), results, _rate,
-                 skipped=skipped, detail=detail))  # fmt: skip
+    ctx.add(_row(ctx, ("workers", f"workers={n} {name}", "calls/s", "higher"), results, _rate,
+                 skipped="not ours to start", detail=detail))  # fmt: skip
 
 
 def bench_server_groups(ctx: Context, unix: ServerSet, tcp: ServerSet) -> None:

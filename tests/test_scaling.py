@@ -1,0 +1,162 @@
+"""Scaling out from the command line: events across --workers and across hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncGenerator, Sequence
+
+import pytest
+
+from timer_sdk import EchoEvent, EchoRequest, RemoteCallError, TimerClient
+from timer_sdk.cli import LISTENING
+from timer_sdk.natsd import NatsServer
+
+from .test_bus import Tally
+from .test_workers import PIDS, _alive, _finish
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers uses SO_REUSEPORT")
+
+# Simulates an install without the nats extra: "import nats" fails in this process.
+WITHOUT_NATS = (
+    "import sys; sys.modules['nats'] = None; from timer_sdk.cli import main; sys.exit(main())"
+)
+
+
+async def _serve(
+    *args: str, python: Sequence[str] = ("-m", "timer_sdk")
+) -> AsyncGenerator[str, None]:
+    """Run ``serve`` until the test is done; yield its address, then its first line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *python, "serve", "tcp:127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        match = LISTENING.search(line)
+        assert match, line
+        yield match.group(1)
+        yield line
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        code, _, err = await _finish(proc)
+        assert code == 0, err
+
+
+async def _echo_everywhere(address: str, connections: int, per_connection: int) -> list[str]:
+    """Echo from many connections at once (the kernel spreads them over the workers)."""
+    clients = [await TimerClient.connect(address, timeout=60) for _ in range(connections)]
+    try:
+        replies = await asyncio.gather(
+            *(
+                client.echo(EchoRequest(message=f"{c}.{i}", delay_ms=i % 2))
+                for c, client in enumerate(clients)
+                for i in range(per_connection)
+            )
+        )
+    finally:
+        for client in clients:
+            await client.close()
+    return [reply.echoed for reply in replies]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_every_subscriber_sees_every_workers_echoes(workers: int) -> None:
+    server = _serve("--workers", str(workers))
+    address = await anext(server)
+    try:
+        subscribers = [await TimerClient.connect(address, timeout=60) for _ in range(2 * workers)]
+        streams = [sub.events(max_queue=10_000) for sub in subscribers]
+        for stream in streams:
+            await stream.__aenter__()  # subscribed: every echo from here on is its business
+        sent = await _echo_everywhere(address, connections=8 * workers, per_connection=25)
+        for stream in streams:
+            tally = Tally()
+            await tally.read_until(stream, len(sent))
+            assert tally.accounted == len(sent)
+            if len(tally.messages) == len(sent):
+                assert sorted(tally.messages) == sorted(sent)
+            await stream.aclose()
+        for sub in subscribers:
+            await sub.close()
+        line = await anext(server)
+    finally:
+        await server.aclose()
+    pids = PIDS.search(line)
+    assert pids, line
+    assert len(pids.group(1).split(", ")) == workers
+
+
+@pytest.mark.parametrize("how", ["terminated", "killed"])
+async def test_the_private_nats_server_stops_with_the_workers(how: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 60)
+        second = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert "private nats-server at nats://127.0.0.1:" in second, second
+        natsd_pid = int(second.rsplit("pid ", 1)[1].rstrip(")\n"))
+        assert _alive(natsd_pid)
+        if how == "killed":  # no chance to clean up: the kernel tells nats-server (Linux)
+            proc.kill()
+        else:
+            proc.terminate()
+    finally:
+        code, _, err = await _finish(proc)
+    assert code == (0 if how == "terminated" else -9), err
+    async with asyncio.timeout(30):
+        while _alive(natsd_pid):
+            await asyncio.sleep(0.05)
+
+
+async def test_two_instances_on_one_events_url(nats_server: NatsServer) -> None:
+    """Two servers on their own ports, as two hosts behind a load balancer would be."""
+    # The first has workers of its own: they use the given URL (a private server
+    # would cut them off from the second, and its subscriber would miss its echoes).
+    first = _serve("--events-url", nats_server.url, "--name", "lb", "--workers", "2")
+    second = _serve("--events-url", nats_server.url, "--name", "lb")
+    try:
+        addresses = [await anext(first), await anext(second)]
+        subscribers = [await TimerClient.connect(a, timeout=60) for a in addresses]
+        streams = [sub.events(max_queue=10_000) for sub in subscribers]
+        for stream in streams:
+            await stream.__aenter__()
+        sent = [
+            *await _echo_everywhere(addresses[0], connections=4, per_connection=25),
+            *await _echo_everywhere(addresses[1], connections=4, per_connection=25),
+        ]
+        for stream in streams:  # each sees its own host's echoes and the other's
+            tally = Tally()
+            await tally.read_until(stream, len(sent))
+            assert sorted(tally.messages) == sorted(sent)
+            assert all(isinstance(item, EchoEvent) for item in tally.items)
+            await stream.aclose()
+        for sub in subscribers:
+            await sub.close()
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_without_the_nats_extra_workers_refuse_subscriptions_clearly() -> None:
+    server = _serve("--workers", "2", python=("-c", WITHOUT_NATS))
+    address = await anext(server)
+    try:
+        async with await TimerClient.connect(address, timeout=60) as client:
+            with pytest.raises(RemoteCallError) as caught:
+                async with client.events():
+                    pass
+            assert await client.version() == "timer-sdk v0.1.0"  # calls still work
+        line = await anext(server)
+    finally:
+        await server.aclose()
+    message = str(caught.value)
+    assert "events.subscribe: this server runs 2 worker processes and no event bus" in message
+    assert "pip install 'timer-sdk[nats]'" in message
+    assert "--events-url nats://HOST:PORT" in message
+    assert "nats-server" not in line
