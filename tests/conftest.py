@@ -33,7 +33,7 @@ def _whole_suite(session: pytest.Session) -> bool:
         and not opt.keyword
         and not opt.markexpr
         and not opt.deselect
-        and not opt.lf
+        and not getattr(opt, "lf", False)
         and not opt.collectonly
     )
 
