@@ -231,21 +231,7 @@ async def test_repeated_large_orphans_hold_memory_flat(abort: bool) -> None:
         assert_peak_bounded(server, f"8 rounds of 128 orphaned 256 KiB echoes ({abort=})")
 
 
-@pytest.mark.parametrize(
-    "abort",
-    [
-        ORPHAN_ENDINGS[0],
-        pytest.param(
-            True,
-            id="reset",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="5a89951: a connection paused at max_in_flight never sees the reset, "
-                "so its orphans are never cancelled",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("abort", ORPHAN_ENDINGS)
 async def test_repeated_tiny_orphans_are_cancelled(abort: bool) -> None:
     rounds, per_round = 100, Limits().max_in_flight
     server = await Timer().serve()
