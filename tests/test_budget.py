@@ -474,7 +474,6 @@ async def test_a_frame_that_never_gets_budget_gets_an_error_and_the_stream_stays
         assert server.stats.frame_timeouts == 0
 
 
-@pytest.mark.xfail(strict=True, reason="5a89951: write_eof raises ENOTCONN in _close_lingering")
 async def test_closing_with_orphans_of_a_closed_peer_raises_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

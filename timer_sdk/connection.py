@@ -515,10 +515,14 @@ class Connection(asyncio.Protocol):
         if self._peer_done or not transport.can_write_eof():
             transport.close()  # TLS has no half-close; a finished peer sends nothing
             return
+        try:
+            transport.write_eof()
+        except OSError:  # the peer reset meanwhile: nobody is left to linger for
+            transport.abort()
+            return
         self._lingering = True
         self._cancel_timers()
         self._recharge()  # what is left unread is dropped, not held
-        transport.write_eof()
         self._pause_reading(False)
         self._frame_deadline = self._loop.call_later(_LINGER, transport.close)
 
