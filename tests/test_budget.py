@@ -63,14 +63,14 @@ def assert_peak_bounded(server: ServerProcess, attack: str) -> float:
     return peak
 
 
-async def served(address: str, within: float = SERVED_WITHIN) -> float:
-    """Assert that a fresh connection gets two version calls answered; return the time."""
+async def served(address: str, within: float = SERVED_WITHIN, calls: int = 2) -> float:
+    """Assert that a fresh connection gets its version calls answered; return the time."""
     start = time.monotonic()
     answered: list[float] = []
     conn = await RawConnection.open(address)
     try:
         async with asyncio.timeout(within):
-            for _ in range(2):  # the second call is read only after the first reply
+            for _ in range(calls):  # each call is read only after the reply before it
                 await conn.send(VERSION_REQUEST)
                 ret, body = await conn.recv_reply()
                 assert ret == RET_OK and cbor2.loads(body).startswith("timer-sdk v"), body
@@ -89,7 +89,9 @@ async def holding(server: ServerProcess, base: float, mib: float, timeout: float
 
 async def abort_all(conns: list[RawConnection]) -> None:
     for conn in conns:
-        conn.writer.transport.abort()
+        transport = conn.writer.transport
+        if not transport.is_closing() or transport.get_write_buffer_size():
+            transport.abort()  # unsent bytes would keep a closing transport open
     await asyncio.gather(*(c.close() for c in conns))
 
 
@@ -107,9 +109,10 @@ async def connections(address: str, n: int) -> AsyncIterator[list[RawConnection]
 
 @pytest.mark.xfail(
     strict=True,
-    reason="5a89951: partial frames deadlock the budget: none can finish while each waiter "
-    "holds part of one; after frame_timeout most get budget errors, and connections granted "
-    "room just before their deadline are closed as slowloris (RST)",
+    reason="5a89951: partial frames deadlock the budget (none can finish while each waiter "
+    "holds part of one): after frame_timeout most get budget errors, and connections granted "
+    "room just before their deadline are closed as slowloris (RST). Unpaused connections "
+    "each read 256 KiB before the budget is checked, so it is overrun by up to N x 256 KiB",
 )
 async def test_slow_frames_near_the_limit_on_many_connections() -> None:
     # 200 connections each send one frame just under the limit, in 8 slow chunks:
@@ -127,10 +130,14 @@ async def test_slow_frames_near_the_limit_on_many_connections() -> None:
                     conn.writer.write(chunk)
                 await asyncio.sleep(0.2)  # the attack's pace, not a synchronization
             await holding(server, base, 40)
-            print(f"served during the attack in {await served(server.address):.2f} s")
+            # While the budget is spent a fresh connection's first call is read at once;
+            # its next waits in line for bytes to be freed, so it is checked as frames finish.
+            await served(server.address, calls=1)
+            probe = asyncio.create_task(served(server.address))
             for conn in conns:
                 conn.writer.write(chunks[-1])
             replies = await asyncio.gather(*(c.recv_reply() for c in conns))
+            print(f"served during the attack in {await probe:.2f} s")
         assert_peak_bounded(server, "200 slow frames of 1 MiB")
         await served(server.address)
         bad = [(ret, body[:120]) for ret, body in replies if ret != RET_OK]
@@ -371,9 +378,9 @@ async def loop_watch(address: str) -> AsyncIterator[list[float]]:
         pytest.param(
             {},
             marks=pytest.mark.xfail(
-                strict=True,
+                strict=False,  # how long the decode blocks depends on the machine's load
                 reason="5a89951: max_items is checked after cbor2 has decoded a million maps, "
-                "which blocks the loop ~1 s and peaks at ~110 MiB",
+                "which blocks the loop 0.2 s when idle, 0.8 to 1.1 s on a loaded machine",
             ),
         ),
     ],
@@ -396,7 +403,7 @@ async def test_a_million_invalid_items_is_refused_cheaply(item: object) -> None:
         assert len(body) < 4096, len(body)
         assert "complex: invalid request" in body.decode()
         assert "4096 array and map entries" in body.decode()  # names the bound, max_items
-        assert worst < 1.0, worst
+        assert worst < 0.5, worst  # the issue asks for about 0.1 s
 
 
 async def test_amplifying_requests_with_their_replies_unread() -> None:
