@@ -134,10 +134,13 @@ async def test_slow_frames_near_the_limit_on_many_connections() -> None:
             # its next waits in line for bytes to be freed, so it is checked as frames finish.
             await served(server.address, calls=1)
             probe = asyncio.create_task(served(server.address))
-            for conn in conns:
-                conn.writer.write(chunks[-1])
-            replies = await asyncio.gather(*(c.recv_reply() for c in conns))
-            print(f"served during the attack in {await probe:.2f} s")
+            try:
+                for conn in conns:
+                    conn.writer.write(chunks[-1])
+                replies = await asyncio.gather(*(c.recv_reply() for c in conns))
+                print(f"served during the attack in {await probe:.2f} s")
+            finally:
+                probe.cancel()
         assert_peak_bounded(server, "200 slow frames of 1 MiB")
         await served(server.address)
         bad = [(ret, body[:120]) for ret, body in replies if ret != RET_OK]
