@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from collections import deque
 from collections.abc import Awaitable
@@ -63,6 +64,9 @@ _IN_FLIGHT_COST = 2048
 
 _LINGER = 2.0
 """Seconds to drain a peer's unread requests after our last reply, before closing."""
+
+_PEER_CHECK = 1.0
+"""Seconds between looks at a peer we are not reading from, to see whether it is gone."""
 
 
 class _Slot:
@@ -123,6 +127,7 @@ class Connection(asyncio.Protocol):
         self._lingering = False
         self._frame_deadline: asyncio.TimerHandle | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._peer_check: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
 
     # --- asyncio.Protocol ---------------------------------------------------
@@ -289,8 +294,26 @@ class Connection(asyncio.Protocol):
             self._reading_paused = pause
             if pause:
                 self._transport.pause_reading()
+                self._watch_peer()
             else:
                 self._transport.resume_reading()
+
+    def _watch_peer(self) -> None:
+        # A paused transport does not see a reset: without this, procs whose
+        # caller is gone would run on, holding the budget, as long as they like.
+        if self._peer_check is None and self._tasks:
+            self._peer_check = self._loop.call_later(_PEER_CHECK, self._check_peer)
+
+    def _check_peer(self) -> None:
+        self._peer_check = None
+        transport = self._transport
+        if transport is None or not self._reading_paused:
+            return
+        if _hung_up(transport):
+            logger.info("%s: gone while not being read; cancelling its calls", self._peer)
+            transport.abort()  # connection_lost cancels the orphans
+            return
+        self._watch_peer()
 
     def _dispatch(self, request: Request) -> bytes | None:
         """Return the reply frame now, or queue a slot and return ``None``."""
@@ -540,10 +563,14 @@ class Connection(asyncio.Protocol):
         if self._peer_done or not transport.can_write_eof():
             transport.close()  # TLS has no half-close; a finished peer sends nothing
             return
+        try:
+            transport.write_eof()
+        except OSError:  # the peer reset meanwhile: nobody is left to linger for
+            transport.abort()
+            return
         self._lingering = True
         self._cancel_timers()
         self._recharge()  # what is left unread is dropped, not held
-        transport.write_eof()
         self._pause_reading(False)
         self._frame_deadline = self._loop.call_later(_LINGER, transport.close)
 
@@ -601,10 +628,24 @@ class Connection(asyncio.Protocol):
         self._idle_handle = self._loop.call_later(wait, self._check_idle)
 
     def _cancel_timers(self) -> None:
-        for handle in (self._frame_deadline, self._idle_handle):
+        for handle in (self._frame_deadline, self._idle_handle, self._peer_check):
             if handle is not None:
                 handle.cancel()
-        self._frame_deadline = self._idle_handle = None
+        self._frame_deadline = self._idle_handle = self._peer_check = None
+
+
+def _hung_up(transport: asyncio.Transport) -> bool:
+    """Whether the peer reset the connection or closed it both ways.
+
+    A FIN alone is a half-close, which still gets every reply; only a reset
+    (TCP) or a full close (Unix) means that nobody will read them.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:
