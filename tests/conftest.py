@@ -8,6 +8,7 @@ import json
 import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,12 +210,14 @@ class Reads:
                 await self._grew.wait()
 
 
-def probe_reads(monkeypatch: pytest.MonkeyPatch, protocol: type[asyncio.Protocol]) -> Reads:
+def probe_reads(
+    monkeypatch: pytest.MonkeyPatch, protocol: type[asyncio.Protocol] | type[Connection]
+) -> Reads:
     """Record every ``data_received`` of ``protocol`` (all its connections) in a :class:`Reads`."""
     reads = Reads()
     real = protocol.data_received
 
-    def data_received(self: asyncio.Protocol, data: bytes) -> None:
+    def data_received(self: Any, data: bytes) -> None:
         reads.record(len(data))
         real(self, data)
 

@@ -19,6 +19,7 @@ class Peer:
         self.held = 0
         self.granted = granted
         self.name = name
+        self.frame_needs = 0  # between frames: a grant is one read
 
     def hold(self, n: int) -> None:
         before, self.held = self.held, n
@@ -101,7 +102,7 @@ def test_a_holder_over_its_fair_share_yields_while_others_wait() -> None:
     for peer in line:
         peer.hold(1)
         assert not budget.may_read(peer)
-    greedy.hold(3 * MiB + 512 * KiB)  # room for one read: the first in line has it
+    greedy.hold(4 * MiB - 100 * KiB - 8 - READ_HEADROOM)  # room for one read: the first has it
     assert granted == line[:1]
     # Room remains for one read, but others wait: the fair share (4 MiB / 10) decides.
     assert not budget.may_read(greedy)

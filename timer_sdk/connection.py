@@ -34,6 +34,7 @@ from .api import (
     encode_events_dropped,
 )
 from .backlog import EventBacklog
+from .budget import READ_HEADROOM
 from .codec import DecodeError, encode_item
 from .errors import CallError
 from .framing import (
@@ -87,8 +88,18 @@ def _error_frame(message: str) -> bytes:
     return encode_reply(RET_ERROR, message.encode())
 
 
-class Connection(asyncio.Protocol):
-    """One client connection."""
+# Every read lands here first: reads happen one at a time on the loop, and each is
+# handed over (copied into its connection's reader) before the next starts.
+_SCRATCH = memoryview(bytearray(READ_HEADROOM))
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection.
+
+    A BufferedProtocol, so that the size of each read is the budget's to
+    choose: a read never takes more than the room left, give or take
+    :data:`~timer_sdk.budget.MIN_READ`.
+    """
 
     def __init__(self, server: Server) -> None:
         self._server = server
@@ -114,6 +125,7 @@ class Connection(asyncio.Protocol):
         self._write_buffered = 0  # sampled while writing is paused; 0 once drained
         self.held = 0
         """Bytes this connection has charged to the server's budget."""
+        self._received = 0  # the part of held that its reader buffers
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
@@ -159,7 +171,13 @@ class Connection(asyncio.Protocol):
             self._last_activity = self._loop.time()
             self._idle_handle = self._loop.call_later(self._idle_timeout, self._check_idle)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH[: self._budget.read_size(self)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_SCRATCH[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._lingering:
             return  # requests after our last reply: drained, never answered
         if self._idle_timeout is not None:
@@ -271,6 +289,8 @@ class Connection(asyncio.Protocol):
         self._recharge()
         completed_any = quantum < _QUANTUM
         blocked = len(slots) >= limit or self._writing_paused or not quantum
+        if completed_any or blocked or not reader.in_frame:
+            self._budget.finished(self)  # a grant covers one frame, while reading
         if self._shutting_down:
             self._arm_frame_deadline(completed_any, waiting_for_bytes=False)
             if not self._peer_done:
@@ -282,6 +302,7 @@ class Connection(asyncio.Protocol):
             if not self._budget_wait:
                 self._budget_wait = True
                 self._stats.budget_waits += 1
+                self._server.reclaim()  # idle buffers go before anyone waits long
             # Still armed: a frame that never gets room gets an error, not a hang.
             self._arm_frame_deadline(completed_any, waiting_for_bytes=True)
             self._pause_reading(True)
@@ -468,6 +489,16 @@ class Connection(asyncio.Protocol):
             self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
             self._schedule_flush()
 
+    def shed_backlog(self) -> None:
+        """Drop every event held for this subscriber: a reading peer needs the room more."""
+        backlog = self._backlog
+        lost = 0
+        while backlog.drop_oldest():
+            lost += 1
+        if lost:
+            self._stats.events_dropped += lost
+            self._recharge()
+
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
         if self._transport is not None:
@@ -522,13 +553,20 @@ class Connection(asyncio.Protocol):
 
     def _recharge(self) -> None:
         """Tell the budget what this connection holds now."""
-        held = self._slot_bytes + self._write_buffered + self._backlog.bytes
+        received = 0
         if self._transport is not None and not self._lingering:
-            held += self._reader.buffered
+            received = self._reader.buffered
+        held = self._slot_bytes + self._write_buffered + self._backlog.bytes + received
         before = self.held
-        if held != before:
+        if held != before or received != self._received:
             self.held = held
-            self._budget.update(before, held)
+            self._budget.update(before, held, received - self._received)
+            self._received = received
+
+    @property
+    def frame_needs(self) -> int:
+        """Bytes still to come of the request being received (the budget's grant)."""
+        return self._reader.frame_needs if self._transport is not None else 0
 
     def budget_granted(self) -> None:
         """Room was freed for this connection: read again (next turn)."""

@@ -50,6 +50,7 @@ RET_EVENTS_DROPPED = 17
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 DEFAULT_MAX_METHOD_LENGTH = 256
 
+_KEEP = 64 * 1024  # a receive buffer past this is freed once its frames are all taken
 _U32 = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">iI")
 _unpack_u32 = _U32.unpack_from
@@ -118,7 +119,7 @@ class _Reader:
         self._skip = 0  # bytes of a refused frame still to drop as they arrive
         self._broken = False
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Append bytes read from the peer."""
         if self._broken:
             return
@@ -202,11 +203,39 @@ class RequestReader(_Reader):
             return None
         self._pos = end
         raw_method = bytes(buf[pos + 4 : payload_at - 4])
+        payload = bytes(buf[payload_at:end])
+        if end == size and size > _KEEP:
+            # All taken: give a large buffer's memory back now, not at the next read.
+            buf.clear()
+            self._pos = 0
         try:
             method = raw_method.decode()
         except UnicodeDecodeError:
             return Rejected(raw_method.decode("utf-8", "replace"), "method name is not valid UTF-8")
-        return Request(method, bytes(buf[payload_at:end]))
+        return Request(method, payload)
+
+    @property
+    def frame_needs(self) -> int:
+        """Bytes still to come of the frame at the head of the buffer; 0 if none is partial.
+
+        Before its header is whole, what the longest header could still need.
+        """
+        buf = self._buf
+        pos = self._pos
+        have = len(buf) - pos
+        if self._broken or self._skip or not have:
+            return 0
+        if have < 4:
+            return 8 + self.max_method_length - have
+        (method_len,) = _unpack_u32(buf, pos)
+        payload_at = 8 + method_len
+        if have < payload_at:
+            return max(payload_at - have, 0) if method_len <= self.max_method_length else 0
+        (payload_len,) = _unpack_u32(buf, pos + payload_at - 4)
+        if payload_len > self.max_frame_size:
+            return 0  # refused when taken; its payload is skipped, not held
+        needs: int = payload_at + payload_len - have
+        return max(needs, 0)
 
     def abandon_frame(self) -> str | None:
         """Give up the partial frame: free what is buffered of it, skip the rest.

@@ -36,7 +36,7 @@ class Acceptor:
         self,
         loop: asyncio.AbstractEventLoop,
         listening: list[socket.socket],
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
         *,
         ssl: SSLContext | None,
         handshake_timeout: float | None,

@@ -186,6 +186,15 @@ class Server:
         if self._stop_listening is None:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
+    def reclaim(self) -> None:
+        """Free what the budget can spare first: events held for stalled subscribers.
+
+        Called when a connection must wait for room, as gRPC reclaims idle
+        buffers before busy ones; each subscriber's next drop notice counts them.
+        """
+        for conn in self._subscribers:
+            conn.shed_backlog()
+
     def unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
