@@ -230,7 +230,7 @@ class RequestReader(_Reader):
         (method_len,) = _unpack_u32(buf, pos)
         payload_at = 8 + method_len
         if have < payload_at:
-            return max(payload_at - have, 0) if method_len <= self.max_method_length else 0
+            return payload_at - have if method_len <= self.max_method_length else 0
         (payload_len,) = _unpack_u32(buf, pos + payload_at - 4)
         if payload_len > self.max_frame_size:
             return 0  # refused when taken; its payload is skipped, not held

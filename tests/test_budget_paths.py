@@ -1,0 +1,221 @@
+"""The budget's rarer paths on an in-process server with a small budget.
+
+Each test drives real sockets and reads ``server.stats`` for what the budget
+did: backlogs that give way when the server is full, a wait that times out
+before a frame's header is whole, procs that end after their caller left,
+and the receive reader's arithmetic for grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from timer_sdk import EchoRequest, EchoResponse, Limits, Timer, TimerClient
+from timer_sdk.codec import DecodeError
+from timer_sdk.framing import RET_ERROR, RET_EVENT, RET_EVENTS_DROPPED, RET_OK, RequestReader
+from timer_sdk.framing import encode_request as request
+
+from .conftest import RawConnection, wait_until
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def echo(message: str, delay_ms: int) -> bytes:
+    return request(b"echo", cbor2.dumps({"req": {"message": message, "delayMs": delay_ms}}))
+
+
+def stalled_subscriber(path: str) -> socket.socket:
+    """Subscribe on a socket that will not be read, with a tiny receive buffer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(path)
+    sock.sendall(request(b"events.subscribe", b"\xa0"))
+    return sock
+
+
+# --- frame_needs: what a grant covers ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fed", "needs"),
+    [
+        (b"", 0),  # between frames
+        (b"\0\0", 8 + 16 - 2),  # before the method length: the longest header
+        (b"\0\0\0\4ec", 8 + 4 - 6),  # the rest of the header
+        (b"\0\0\1\0", 0),  # a method name over the limit: the connection will close
+        (b"\0\0\0\4echo\0\0\1\0", 0),  # a payload over the limit is skipped, never held
+        (b"\0\0\0\4echo\0\0\0\x10abc", 16 - 3),  # the rest of the payload
+        (b"\0\0\0\4echo\0\0\0\1\xa0", 0),  # whole: nothing to come
+    ],
+)
+def test_frame_needs_counts_the_bytes_still_to_come(fed: bytes, needs: int) -> None:
+    reader = RequestReader(max_frame_size=64, max_method_length=16)
+    reader.receive_data(fed)
+    assert reader.frame_needs == needs
+
+
+def test_frame_needs_is_zero_while_a_refused_payload_is_skipped() -> None:
+    reader = RequestReader(max_frame_size=4)
+    reader.receive_data(request(b"echo", b"\xa0" * 10)[:12])
+    assert reader.next_event() is not None  # refused: the rest is skipped as it comes
+    assert reader.frame_needs == 0
+
+
+def test_a_long_validation_message_is_cut_to_a_few_hundred_characters() -> None:
+    from timer_sdk.api import ECHO
+
+    key = "k" * 1000
+    payload = cbor2.dumps({"req": {"message": "m", "delayMs": 0, key: 1}})
+    with pytest.raises(DecodeError) as caught:
+        ECHO.decode_params(payload)
+    assert len(str(caught.value)) < 400 and str(caught.value).endswith("...")
+
+
+# --- a server that is full ------------------------------------------------------
+
+
+async def test_held_events_give_way_when_the_server_is_full_then_are_reclaimed(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.sock")
+    limits = Limits(memory_budget=1 * MiB, frame_timeout=30)
+    async with (
+        await Timer().serve(f"unix:{path}", limits=limits) as server,
+        await TimerClient.connect(server.address, timeout=30) as caller,
+    ):
+        stalled = stalled_subscriber(path)
+        try:
+            await wait_until(lambda: server.subscribers == 1)
+            # Large events fill the stalled subscriber's buffers, then its backlog: more
+            # than the whole budget, so the backlog gives way as it grows.
+            for n in range(40):
+                await caller.echo(EchoRequest(message=f"{n}" * 60 * KiB, delay_ms=0))
+            assert server.stats.events_dropped > 0
+            assert server.budget.used <= limits.memory_budget + 64 * KiB
+            held = server.stats.events_dropped
+            # A connection that must wait for room takes it from the backlog first.
+            blocker = await RawConnection.open(server.address)
+            try:
+                await blocker.send(echo("b" * (300 * KiB), 2000) * 3)
+                waiter = await RawConnection.open(server.address)
+                try:
+                    await waiter.send(echo("w", 0))
+                    ret, _ = await waiter.recv_reply()
+                    assert ret == RET_OK
+                finally:
+                    await waiter.close()
+            finally:
+                await blocker.close()
+            assert server.stats.events_dropped >= held
+        finally:
+            stalled.close()
+
+
+async def test_a_subscriber_that_falls_behind_briefly_gets_its_events_without_a_notice(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.sock")
+    async with (
+        await Timer().serve(f"unix:{path}") as server,
+        await TimerClient.connect(server.address, timeout=30) as caller,
+    ):
+        sock = stalled_subscriber(path)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        try:
+            await wait_until(lambda: server.subscribers == 1)
+            fired = 0
+            async with asyncio.timeout(30):
+                while not any(c.events_paused for c in server.connections):
+                    await caller.echo(EchoRequest(message="x" * 8 * KiB, delay_ms=0))
+                    fired += 1
+            for _ in range(3):  # held, far under every bound: none is dropped
+                await caller.echo(EchoRequest(message="held", delay_ms=0))
+                fired += 1
+            rets: list[int] = []
+            async with asyncio.timeout(30):
+                while len([r for r in rets if r == RET_EVENT]) < fired:
+                    head = await reader.readexactly(8)
+                    await reader.readexactly(int.from_bytes(head[4:], "big"))
+                    rets.append(int.from_bytes(head[:4], "big", signed=True))
+            assert RET_EVENTS_DROPPED not in rets
+            assert server.stats.events_dropped == 0
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def test_a_wait_for_room_that_ends_before_the_header_is_whole_closes() -> None:
+    limits = Limits(memory_budget=1 * MiB, frame_timeout=1)
+    async with await Timer().serve(limits=limits) as server:
+        blocker = await RawConnection.open(server.address)
+        victim = await RawConnection.open(server.address)
+        try:
+            await blocker.send(echo("b" * (970 * KiB), 2000))
+            await wait_until(lambda: server.budget.used > limits.memory_budget - 64 * KiB)
+            await victim.send(b"\0\0")  # not even a method length
+            assert await victim.at_eof()
+            assert server.stats.frame_timeouts == 1
+            assert server.stats.budget_timeouts == 0
+        finally:
+            await victim.close()
+            await blocker.close()
+
+
+# --- frames that end a connection, and procs that outlive theirs ----------------
+
+
+async def test_a_tls_hello_after_a_running_call_is_answered_in_order() -> None:
+    async with await Timer().serve() as server:
+        conn = await RawConnection.open(server.address)
+        try:
+            await conn.send(echo("first", 100) + b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")
+            assert await conn.recv_reply() == (
+                RET_OK,
+                cbor2.dumps({"echoed": "first", "timerName": server.timer.name}),
+            )
+            ret, body = await conn.recv_reply()
+            assert ret == RET_ERROR and b"not TLS" in body
+            assert await conn.at_eof()
+        finally:
+            await conn.close()
+
+
+class _Stubborn(Timer):
+    """A timer whose echo finishes its reply even when cancelled."""
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = asyncio.Event()
+
+    async def echo(self, req: EchoRequest) -> EchoResponse:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.finished.set()
+        return EchoResponse(echoed=req.message, timer_name=self.name)
+
+
+async def test_a_proc_that_ends_after_its_caller_left_sends_nothing() -> None:
+    timer = _Stubborn()
+    async with await timer.serve() as server:
+        conn = await RawConnection.open(server.address)
+        await conn.send(echo("gone", 1))
+        await wait_until(lambda: len(server.tasks) == 1)
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        await conn.close()  # a reset: the caller is gone
+        await asyncio.wait_for(timer.finished.wait(), 10)
+        await wait_until(lambda: not server.tasks)
+        assert server.stats.orphans_cancelled == 1
+        assert server.budget.used == 0
