@@ -17,6 +17,7 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Limits, Timer, TimerClient
+from timer_sdk.bus import EventBus, EventSink
 from timer_sdk.codec import DecodeError
 from timer_sdk.framing import RET_ERROR, RET_EVENT, RET_EVENTS_DROPPED, RET_OK, RequestReader
 from timer_sdk.framing import encode_request as request
@@ -219,3 +220,90 @@ async def test_a_proc_that_ends_after_its_caller_left_sends_nothing() -> None:
         await wait_until(lambda: not server.tasks)
         assert server.stats.orphans_cancelled == 1
         assert server.budget.used == 0
+
+
+# --- subscriptions waiting on a bus, drop notices while paused ------------------
+
+
+class _GatedBus(EventBus):
+    """A bus whose new subscriptions wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sink: EventSink | None = None
+
+    async def start(self, timer: Timer, sink: EventSink) -> None:
+        self.sink = sink
+
+    async def close(self) -> None:
+        pass
+
+    def ready(self) -> asyncio.Future[None]:
+        return self.gate
+
+
+async def test_a_subscribe_waiting_on_the_bus_is_dropped_with_its_caller_or_the_server() -> None:
+    bus = _GatedBus()
+    server = await Timer().serve(bus=bus)
+    try:
+        gone = await RawConnection.open(server.address)
+        await gone.send(request(b"events.subscribe", b"\xa0"))
+        await wait_until(lambda: len(server.tasks) == 1)
+        sock = gone.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        await gone.close()  # a reset while its subscribe reply waits
+        await wait_until(lambda: not server.tasks)
+        assert server.stats.orphans_cancelled == 1
+        staying = await RawConnection.open(server.address)
+        try:
+            await staying.send(request(b"events.subscribe", b"\xa0"))
+            await wait_until(lambda: len(server.tasks) == 1)
+            closing = asyncio.ensure_future(server.close(timeout=0.1))
+            ret, body = await staying.recv_reply()
+            assert ret == RET_ERROR and b"shutting down" in body
+            await closing
+        finally:
+            await staying.close()
+    finally:
+        await server.close()
+
+
+async def test_a_bus_drop_while_the_subscriber_is_not_reading_comes_with_its_next_read(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.sock")
+    async with (
+        await Timer().serve(f"unix:{path}") as server,
+        await TimerClient.connect(server.address, timeout=30) as caller,
+    ):
+        sock = stalled_subscriber(path)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        try:
+            await wait_until(lambda: server.subscribers == 1)
+            fired = 0
+            async with asyncio.timeout(30):
+                while not any(c.events_paused for c in server.connections):
+                    await caller.echo(EchoRequest(message="x" * 8 * KiB, delay_ms=0))
+                    fired += 1
+            server.deliver_dropped(2)  # lost on the bus while this subscriber is paused
+            notices: list[int] = []
+            async with asyncio.timeout(30):
+                while not notices:
+                    head = await reader.readexactly(8)
+                    body = await reader.readexactly(int.from_bytes(head[4:], "big"))
+                    if int.from_bytes(head[:4], "big", signed=True) == RET_EVENTS_DROPPED:
+                        notices.append(cbor2.loads(body)["dropped"])
+            assert notices == [2]
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def test_more_than_three_validation_errors_are_counted_not_listed() -> None:
+    from timer_sdk.api import ECHO
+
+    payload = cbor2.dumps({"req": {"message": 1, "delayMs": "x", "a": 1, "b": 2, "c": 3}})
+    with pytest.raises(DecodeError, match=r"and 2 more errors$"):
+        ECHO.decode_params(payload)
