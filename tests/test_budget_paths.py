@@ -11,15 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from pathlib import Path
 
 import cbor2
 import pytest
 
-from timer_sdk import EchoRequest, EchoResponse, Limits, Timer, TimerClient
+from timer_sdk import EchoEvent, EchoRequest, EchoResponse, Limits, Timer, TimerClient
 from timer_sdk.bus import EventBus, EventSink
 from timer_sdk.codec import DecodeError
-from timer_sdk.framing import RET_ERROR, RET_EVENT, RET_EVENTS_DROPPED, RET_OK, RequestReader
+from timer_sdk.connection import _hung_up
+from timer_sdk.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    RET_ERROR,
+    RET_EVENT,
+    RET_EVENTS_DROPPED,
+    RET_OK,
+    RequestReader,
+)
 from timer_sdk.framing import encode_request as request
 
 from .conftest import RawConnection, wait_until
@@ -307,3 +316,49 @@ def test_more_than_three_validation_errors_are_counted_not_listed() -> None:
     payload = cbor2.dumps({"req": {"message": 1, "delayMs": "x", "a": 1, "b": 2, "c": 3}})
     with pytest.raises(DecodeError, match=r"and 2 more errors$"):
         ECHO.decode_params(payload)
+
+
+# --- edges of the server's own checks --------------------------------------------
+
+
+async def test_an_event_near_the_limit_is_measured_exactly_and_still_sent() -> None:
+    # Its estimate is over the limit, its frame is not: it must be delivered, not dropped.
+    message = "n" * (DEFAULT_MAX_FRAME_SIZE - 60)
+    async with (
+        await Timer().serve() as server,
+        await TimerClient.connect(server.address, timeout=30) as client,
+        client.events() as events,
+    ):
+        await client.echo(EchoRequest(message=message, delay_ms=0))
+        item = await anext(events)
+    assert isinstance(item, EchoEvent) and item.message == message
+    assert server.stats.oversize_events == 0
+
+
+async def test_a_unix_address_with_tls_is_refused(tmp_path: Path) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with pytest.raises(ValueError, match="TLS is for tcp: and tls: addresses"):
+        await Timer().serve(f"unix:{tmp_path / 's.sock'}", ssl=context)
+
+
+async def test_a_cancelled_close_still_closes_the_bus() -> None:
+    server = await Timer().serve(bus=_GatedBus())
+    async with await TimerClient.connect(server.address) as client:
+        slow = asyncio.ensure_future(client.echo(EchoRequest(message="s", delay_ms=5000)))
+        await wait_until(lambda: len(server.tasks) == 1)
+        closing = asyncio.ensure_future(server.close())
+        await wait_until(lambda: server.closing)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        with contextlib.suppress(Exception):
+            await slow
+    assert not server.connections
+
+
+def test_a_transport_without_a_socket_is_never_taken_for_a_hung_up_peer() -> None:
+    class NoSocket(asyncio.Transport):
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return None
+
+    assert _hung_up(NoSocket()) is False
