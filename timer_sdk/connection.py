@@ -63,6 +63,9 @@ _QUANTUM = 16
 _IN_FLIGHT_COST = 2048
 """Bytes charged per running proc over its payload: its Task, frame and slot."""
 
+_WRITE_HIGH = 64 * 1024
+"""Unsent bytes past which a connection handles no more requests until its peer reads."""
+
 _LINGER = 2.0
 """Seconds to drain a peer's unread requests after our last reply, before closing."""
 
@@ -160,9 +163,10 @@ class Connection(asyncio.BufferedProtocol):
         # Here, not at accept: a TLS handshake that fails never reaches this point.
         server._drained.clear()
         self._stats.connections_accepted += 1
-        # Pause at any unsent byte (TLS pauses at >= high, plain at > high), so
-        # the budget sees exactly what is buffered.
-        transport.set_write_buffer_limits(high=1, low=0)
+        # Unsent bytes are charged after every write: an upper bound until the
+        # next write, re-checked whenever someone waits for room (refresh_charge).
+        # A paused transport drains to 0 before it resumes us.
+        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference leaves Nagle on and pays ~40 ms per call for it.
@@ -489,6 +493,15 @@ class Connection(asyncio.BufferedProtocol):
             self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
             self._schedule_flush()
 
+    def refresh_charge(self) -> None:
+        """Re-read what is still unsent: the peer may have read it since our last write."""
+        transport = self._transport
+        if transport is not None:
+            unsent = transport.get_write_buffer_size()
+            if unsent != self._write_buffered:
+                self._write_buffered = unsent
+                self._recharge()
+
     def shed_backlog(self) -> None:
         """Drop every event held for this subscriber: a reading peer needs the room more."""
         backlog = self._backlog
@@ -539,8 +552,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is not None:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if self._writing_paused:
-                self._write_buffered = transport.get_write_buffer_size()
+            self._write_buffered = transport.get_write_buffer_size()
         out.clear()
 
     def _recharge(self) -> None:

@@ -187,13 +187,15 @@ class Server:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
     def reclaim(self) -> None:
-        """Free what the budget can spare first: events held for stalled subscribers.
+        """Free what the budget can spare first: held events, and stale write charges.
 
         Called when a connection must wait for room, as gRPC reclaims idle
         buffers before busy ones; each subscriber's next drop notice counts them.
         """
         for conn in self._subscribers:
             conn.shed_backlog()
+        for conn in self.connections:
+            conn.refresh_charge()  # a write buffer the peer has drained since is not held
 
     def unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
