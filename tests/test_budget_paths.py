@@ -17,7 +17,15 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from timer_sdk import EchoEvent, EchoRequest, EchoResponse, Limits, Timer, TimerClient
+from timer_sdk import (
+    EchoEvent,
+    EchoRequest,
+    EchoResponse,
+    Limits,
+    Server,
+    Timer,
+    TimerClient,
+)
 from timer_sdk.bus import EventBus, EventSink
 from timer_sdk.codec import DecodeError
 from timer_sdk.connection import _hung_up
@@ -48,6 +56,17 @@ def stalled_subscriber(path: str) -> socket.socket:
     sock.connect(path)
     sock.sendall(request(b"events.subscribe", b"\xa0"))
     return sock
+
+
+async def fill_until_paused(server: Server, caller: TimerClient) -> int:
+    """Fire echoes until the server pauses writing to the one subscriber; return how many."""
+    await wait_until(lambda: server.subscribers == 1)
+    fired = 0
+    async with asyncio.timeout(30):
+        while not any(c.events_paused for c in server.connections):
+            await caller.echo(EchoRequest(message="x" * 8 * KiB, delay_ms=0))
+            fired += 1
+    return fired
 
 
 # --- frame_needs: what a grant covers ------------------------------------------
@@ -140,12 +159,7 @@ async def test_a_subscriber_that_falls_behind_briefly_gets_its_events_without_a_
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
-            await wait_until(lambda: server.subscribers == 1)
-            fired = 0
-            async with asyncio.timeout(30):
-                while not any(c.events_paused for c in server.connections):
-                    await caller.echo(EchoRequest(message="x" * 8 * KiB, delay_ms=0))
-                    fired += 1
+            fired = await fill_until_paused(server, caller)
             for _ in range(3):  # held, far under every bound: none is dropped
                 await caller.echo(EchoRequest(message="held", delay_ms=0))
                 fired += 1
@@ -289,12 +303,7 @@ async def test_a_bus_drop_while_the_subscriber_is_not_reading_comes_with_its_nex
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
-            await wait_until(lambda: server.subscribers == 1)
-            fired = 0
-            async with asyncio.timeout(30):
-                while not any(c.events_paused for c in server.connections):
-                    await caller.echo(EchoRequest(message="x" * 8 * KiB, delay_ms=0))
-                    fired += 1
+            await fill_until_paused(server, caller)
             server.deliver_dropped(2)  # lost on the bus while this subscriber is paused
             notices: list[int] = []
             async with asyncio.timeout(30):

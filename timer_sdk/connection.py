@@ -369,15 +369,32 @@ class Connection(asyncio.BufferedProtocol):
             stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
             return _error_frame(f"{method.name}: internal error")
-        slot = _Slot(None, len(request.payload) + _IN_FLIGHT_COST)
+        slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
+        self._track(self._loop.create_task(self._finish(method, outcome, slot)))
+        return None
+
+    def _open_slot(self, charge: int) -> _Slot:
+        """Keep a reply's place in order, charging ``charge`` bytes until it is filled."""
+        slot = _Slot(None, charge)
         self._slots.append(slot)
-        self._slot_bytes += slot.charge
-        task = self._loop.create_task(self._finish(method, outcome, slot))
+        self._slot_bytes += charge
+        return slot
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        # This connection cancels it if its peer goes; the server waits for it on close.
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._server.tasks.add(task)
         task.add_done_callback(self._server.tasks.discard)
-        return None
+
+    def _fill(self, slot: _Slot, frame: bytes) -> None:
+        """Put a finished reply in its place; replies go out once those before it are in."""
+        if self._transport is None:
+            return  # an orphan: its caller is gone, and so is the slot
+        slot.frame = frame
+        self._slot_bytes += len(frame) - slot.charge
+        slot.charge = len(frame)
+        self._slot_ready()
 
     def _reply_frame(self, method: Method[Any, Any], result: Any) -> bytes:
         body = method.encode_result(result)
@@ -409,12 +426,7 @@ class Connection(asyncio.BufferedProtocol):
             self._stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
             frame = _error_frame(f"{method.name}: internal error")
-        if self._transport is None:
-            return
-        slot.frame = frame
-        self._slot_bytes += len(frame) - slot.charge
-        slot.charge = len(frame)
-        self._slot_ready()
+        self._fill(slot, frame)
 
     def _dispatch_extension(self, request: Request) -> bytes | None:
         """Answer a method that is not a Timer proc: the event extension, or unknown."""
@@ -444,14 +456,8 @@ class Connection(asyncio.BufferedProtocol):
         if waiter is None:
             return reply
         # The reply promises every event from here on: wait until the bus delivers them.
-        slot = _Slot(None, _IN_FLIGHT_COST)
-        self._slots.append(slot)
-        self._slot_bytes += slot.charge
-        task = self._loop.create_task(self._reply_when(waiter, slot, reply))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._server.tasks.add(task)
-        task.add_done_callback(self._server.tasks.discard)
+        slot = self._open_slot(_IN_FLIGHT_COST)
+        self._track(self._loop.create_task(self._reply_when(waiter, slot, reply)))
         return None
 
     async def _reply_when(self, waiter: Awaitable[None], slot: _Slot, reply: bytes) -> None:
@@ -463,12 +469,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
             self._stats.error_replies += 1
             frame = _error_frame(f"{SUBSCRIBE}: cancelled: the server is shutting down")
-        if self._transport is None:
-            return
-        slot.frame = frame
-        self._slot_bytes += len(frame) - slot.charge
-        slot.charge = len(frame)
-        self._slot_ready()
+        self._fill(slot, frame)
 
     @property
     def events_paused(self) -> bool:
