@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import cbor2
 import pytest
 
 from timer_sdk import api
-from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, decode_item
+from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, StrictDecoder, decode_item
 from timer_sdk.models import EchoParams, EchoRequest
 
 from .vectors import ECHO_PAYLOAD
@@ -124,3 +126,32 @@ def test_a_failed_decode_leaves_nothing_behind_for_the_next() -> None:
             decode_item(bad)
     assert decode_item(b"\x81" * 16 + b"\x01") == [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]
     assert api.ECHO.decode_params(ECHO_PAYLOAD).req.delay_ms == 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x82\x01",  # truncated
+        b"\x9f\x01\xff",  # refused partway
+        b"\x82\x01\xc2\x41\x05",  # a tag after an item was read
+        b"\x82" + cbor2.dumps("x" * 10_000)[:-1],  # truncated past the decoder's read-ahead
+    ],
+)
+def test_a_reused_decoder_forgets_a_failed_item(bad: bytes) -> None:
+    # The server reuses one decoder: read-ahead left by a failure must not leak
+    # into the next payload, or the same bytes would decode differently.
+    decoder = StrictDecoder()
+    good = cbor2.dumps({"req": {"message": "hello", "delayMs": 1}})
+    for _ in range(3):
+        with pytest.raises(DecodeError):
+            decoder.decode(bad)
+        assert decoder.decode(good) == {"req": {"message": "hello", "delayMs": 1}}
+        assert decoder.decode(b"\x01") == 1
+
+
+def test_a_reused_decoder_keeps_no_large_payload_alive() -> None:
+    # Small payloads may stay in its 4 KiB read-ahead until the next decode.
+    decoder = StrictDecoder()
+    payload = cbor2.dumps("x" * 100_000)
+    decoder.decode(payload)
+    assert sys.getrefcount(payload) == 2  # ours, and getrefcount's argument

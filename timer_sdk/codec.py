@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_ITEMS",
     "DecodeError",
+    "StrictDecoder",
     "check_items",
     "decode_item",
     "dump_model",
@@ -66,21 +67,20 @@ def _refuse(tag: int) -> Any:
 _REFUSE_BUILTIN = {tag: _refuse(tag) for tag in _BUILTIN_TAGS}
 
 
-class _Decoders(threading.local):
-    def __init__(self) -> None:
-        self.by_depth: dict[int, cbor2.CBORDecoder] = {}
+class StrictDecoder:
+    """One strict decoder, reused: building a ``CBORDecoder`` costs as much as a decode.
 
+    Not thread-safe and not re-entrant: keep one per thread (a server keeps
+    one per loop). Between items it keeps at most its last read-ahead (4 KiB)
+    alive: a large payload is released with the decode.
+    """
 
-# Building a CBORDecoder costs as much as decoding a small payload with it. A
-# decoder keeps no state between items, so each thread keeps one per depth.
-_decoders = _Decoders()
+    __slots__ = ("_decoder", "_decode", "_reset_stream", "_stream", "_tell")
 
-
-def _decoder(max_depth: int) -> cbor2.CBORDecoder:
-    decoder = _decoders.by_depth.get(max_depth)
-    if decoder is None:
-        decoder = _decoders.by_depth[max_depth] = cbor2.CBORDecoder(
-            io.BytesIO(),
+    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        self._stream = io.BytesIO()
+        self._decoder = cbor2.CBORDecoder(
+            self._stream,
             tag_hook=_refuse_tag_hook,
             semantic_decoders=_REFUSE_BUILTIN,
             max_depth=max_depth,
@@ -88,29 +88,57 @@ def _decoder(max_depth: int) -> cbor2.CBORDecoder:
             allow_duplicate_keys=False,
             strict_hashable_types=True,
         )
-    return decoder
+        # Re-initialising the BytesIO in place keeps the decoder's bound ``read``.
+        self._reset_stream = self._stream.__init__
+        self._decode = self._decoder.decode
+        self._tell = self._stream.tell
+
+    def decode(self, data: bytes) -> Any:
+        """Decode exactly one strict CBOR item; raise :class:`DecodeError` otherwise."""
+        self._reset_stream(data)
+        try:
+            item = self._decode()
+        except BaseException as exc:
+            # A decode that failed partway may leave read-ahead bytes in the
+            # decoder; setting its stream again discards them.
+            self._reset_stream(b"")
+            self._decoder.fp = self._stream
+            raise _decode_error(exc) from None
+        end = self._tell()
+        self._reset_stream(b"")
+        if end != len(data):
+            raise DecodeError(
+                f"payload must be exactly one CBOR item; {len(data) - end} bytes follow it"
+            )
+        return item
+
+
+def _decode_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, cbor2.CBORDecodeEOF):
+        return DecodeError("truncated CBOR item")
+    if isinstance(exc, cbor2.CBORDecodeError):
+        cause = exc.__cause__ or exc.__context__
+        reason = str(cause) if isinstance(cause, _TagRefused) else str(exc)
+        return DecodeError(f"invalid CBOR: {reason}")
+    if isinstance(exc, RecursionError):  # a defensive net; max_depth stops nesting first
+        return DecodeError("invalid CBOR: nested too deeply")
+    return exc
+
+
+class _Decoders(threading.local):
+    def __init__(self) -> None:
+        self.by_depth: dict[int, StrictDecoder] = {}
+
+
+_decoders = _Decoders()
 
 
 def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Decode exactly one strict CBOR item; raise :class:`DecodeError` otherwise."""
-    stream = io.BytesIO(data)
-    decoder = _decoder(max_depth)
-    decoder.fp = stream
-    try:
-        item = decoder.decode()
-    except cbor2.CBORDecodeEOF:
-        raise DecodeError("truncated CBOR item") from None
-    except cbor2.CBORDecodeError as exc:
-        cause = exc.__cause__ or exc.__context__
-        reason = str(cause) if isinstance(cause, _TagRefused) else str(exc)
-        raise DecodeError(f"invalid CBOR: {reason}") from None
-    except RecursionError:  # a defensive net; max_depth stops nesting first
-        raise DecodeError("invalid CBOR: nested too deeply") from None
-    if stream.tell() != len(data):
-        raise DecodeError(
-            f"payload must be exactly one CBOR item; {len(data) - stream.tell()} bytes follow it"
-        )
-    return item
+    decoder = _decoders.by_depth.get(max_depth)
+    if decoder is None:
+        decoder = _decoders.by_depth[max_depth] = StrictDecoder(max_depth)
+    return decoder.decode(data)
 
 
 def check_items(item: object, max_items: int) -> None:
