@@ -75,7 +75,7 @@ class StrictDecoder:
     alive: a large payload is released with the decode.
     """
 
-    __slots__ = ("_decoder", "_decode", "_reset_stream", "_stream", "_tell")
+    __slots__ = ("_decode", "_decoder", "_reset_stream", "_stream", "_tell")
 
     def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._stream = io.BytesIO()
@@ -89,7 +89,7 @@ class StrictDecoder:
             strict_hashable_types=True,
         )
         # Re-initialising the BytesIO in place keeps the decoder's bound ``read``.
-        self._reset_stream = self._stream.__init__
+        self._reset_stream = self._stream.__init__  # type: ignore[misc]  # an exact BytesIO
         self._decode = self._decoder.decode
         self._tell = self._stream.tell
 
