@@ -1,0 +1,138 @@
+"""Success frames straight from results: one encoder generated per result type.
+
+The generic way to answer is four steps: the model to a dict (pydantic's
+``to_python``), the dict to CBOR (cbor2), a frame head, and a concatenation.
+The API's results are flat maps of text, integers and booleans, so for each
+result type an encoder is generated once, as :mod:`dataclasses` generates
+``__init__``, that writes the whole frame, head included, in one join. The
+bytes are exactly cbor2's (``tests/test_encoders.py`` checks them); a type
+with any other kind of field gets the generic path.
+"""
+
+from __future__ import annotations
+
+import struct
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import codec
+from .framing import RET_OK, encode_reply
+
+__all__ = ["FrameEncoder", "frame_encoder"]
+
+FrameEncoder = Callable[[Any], bytes]
+"""A result in, its whole success frame (head and body) out."""
+
+_frame_head = struct.Struct(">iI").pack
+_SCALARS = {str: "_text", int: "_int", bool: "_bool"}
+_U64 = 1 << 64
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR head: major type and argument, in the shortest form, as cbor2 writes it."""
+    if n < 24:
+        return bytes((major | n,))
+    if n < 0x100:
+        return bytes((major | 24, n))
+    if n < 0x10000:
+        return struct.pack(">BH", major | 25, n)
+    if n < 0x100000000:
+        return struct.pack(">BI", major | 26, n)
+    return struct.pack(">BQ", major | 27, n)
+
+
+_SHORT_TEXT = [bytes((0x60 | n,)) for n in range(24)]
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    n = len(data)
+    return (_SHORT_TEXT[n] if n < 24 else _head(0x60, n)) + data
+
+
+def _int(value: int) -> bytes:
+    if 0 <= value < 24:
+        return bytes((value,))
+    if 0 <= value < _U64:
+        return _head(0x00, value)
+    if -_U64 <= value < 0:
+        return _head(0x20, -1 - value)
+    return codec.encode_item(value)  # a bignum; models bound ints to 64 bits
+
+
+def _bool(value: bool) -> bytes:
+    return b"\xf5" if value else b"\xf4"
+
+
+def _scalar(annotation: Any) -> tuple[str, bool] | None:
+    """The encoder's name for a field's type, and whether it may be ``None``."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation, optional = members[0], True
+    name = _SCALARS.get(annotation)
+    return None if name is None else (name, optional)
+
+
+def frame_encoder(result_type: type[Any]) -> FrameEncoder:
+    """Return an encoder from ``result_type`` values to success frames."""
+    if result_type in _SCALARS:
+        scalar = globals()[_SCALARS[result_type]]
+        return lambda value: encode_reply(RET_OK, scalar(value))
+    if isinstance(result_type, type) and issubclass(result_type, BaseModel):
+        generated = _generate(result_type)
+        if generated is not None:
+            return generated
+    return _generic
+
+
+def _generic(result: Any) -> bytes:
+    if isinstance(result, BaseModel):
+        return encode_reply(RET_OK, codec.encode_model(result))
+    return encode_reply(RET_OK, codec.encode_item(result))
+
+
+def _generate(model: type[BaseModel]) -> FrameEncoder | None:
+    """Generate a model's encoder: its wire map, key by key, in field order.
+
+    Fields that are ``None`` are left out, as ``exclude_none`` does.
+    """
+    fields = []
+    for name, info in model.model_fields.items():
+        kind = _scalar(info.annotation)
+        if kind is None or not name.isidentifier():
+            return None
+        fields.append((name, info.alias or name, *kind))
+    namespace: dict[str, Any] = {
+        "_text": _text, "_int": _int, "_bool": _bool, "_frame_head": _frame_head,
+        "_map_head": [_head(0xA0, n) for n in range(len(fields) + 1)],
+    }  # fmt: skip
+    lines = ["def encode(m):"]
+    parts = []  # the body's pieces, in order, after the map head
+    fixed = 1  # bytes of the map head and of the keys always present
+    count = [str(len(fields))]
+    for i, (name, alias, encoder, optional) in enumerate(fields):
+        key = f"_k{i}"
+        namespace[key] = _text(alias)
+        if optional:
+            lines.append(f"    v{i} = m.{name}")
+            lines.append(f"    p{i} = b'' if v{i} is None else {key} + {encoder}(v{i})")
+            count.append(f"(v{i} is None)")
+        else:
+            lines.append(f"    p{i} = {encoder}(m.{name})")
+            parts.append(key)
+            fixed += len(namespace[key])
+        parts.append(f"p{i}")
+    size = " + ".join([str(fixed), *(f"len(p{i})" for i in range(len(fields)))])
+    lines.append(f"    head = _frame_head({RET_OK}, {size})")
+    lines.append(f"    return b''.join((head, _map_head[{' - '.join(count)}], {', '.join(parts)}))")
+    exec("\n".join(lines), namespace)  # generated from field names only
+    encode: FrameEncoder = namespace["encode"]
+    encode.__qualname__ = f"frame_encoder.<{model.__name__}>"
+    return encode
