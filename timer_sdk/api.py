@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import BaseModel, TypeAdapter
 
 from . import codec
+from .encoders import FrameEncoder, frame_encoder
 from .models import (
     ComplexParams,
     ComplexResponse,
@@ -58,8 +59,8 @@ class Method(Generic[P, R]):
     :class:`Timer` with an envelope.
     """
 
-    __slots__ = ("_empty_params", "_params_adapter", "_result_adapter", "invoke", "name",
-                 "params", "result", "wire_name")  # fmt: skip
+    __slots__ = ("_empty_params", "_params_adapter", "_result_adapter", "call_now",
+                 "encode_frame", "invoke", "name", "params", "result", "wire_name")  # fmt: skip
 
     def __init__(
         self,
@@ -67,12 +68,18 @@ class Method(Generic[P, R]):
         params: type[P],
         result: type[R],
         invoke: Callable[[Timer, P], Coroutine[Any, Any, R]],
+        call_now: Callable[[Timer, P], R | None] | None = None,
     ) -> None:
         self.name = name
         self.wire_name = name.encode()
         self.params = params
         self.result = result
         self.invoke = invoke
+        self.call_now = call_now
+        """The proc without a coroutine: its result, or ``None`` if it must wait (then
+        ``invoke``). Only for :class:`Timer`'s own procs, not a subclass's overrides."""
+        self.encode_frame: FrameEncoder = frame_encoder(result)
+        """A result to its whole success frame, as ``encode_reply(RET_OK, encode_result(r))``."""
         self._params_adapter: TypeAdapter[P] = TypeAdapter(params)
         self._result_adapter: TypeAdapter[R] = TypeAdapter(result)
         # An envelope without fields has one valid value, and models are frozen:
@@ -90,16 +97,23 @@ class Method(Generic[P, R]):
         *,
         max_depth: int = codec.DEFAULT_MAX_DEPTH,
         max_items: int = codec.DEFAULT_MAX_ITEMS,
+        decoder: codec.StrictDecoder | None = None,
     ) -> P:
         """Decode and validate a request payload; an empty payload is ``{}``.
 
         At most ``max_items`` array and map entries in all are validated:
-        a larger request is refused before validation can amplify it.
+        a larger request is refused before validation can amplify it. A server
+        passes its own ``decoder`` (built with its ``max_depth``).
         """
         if self._empty_params is not None and (not payload or payload == b"\xa0"):
             return self._empty_params
         try:
-            item = codec.decode_item(payload, max_depth=max_depth) if payload else {}
+            if not payload:
+                item = {}
+            elif decoder is not None:
+                item = decoder.decode(payload)
+            else:
+                item = codec.decode_item(payload, max_depth=max_depth)
             # Each entry takes at least one byte, so a short payload cannot be over.
             if len(payload) > max_items:
                 codec.check_items(item, max_items)
@@ -146,6 +160,10 @@ def _echo(timer: Timer, params: EchoParams) -> Coroutine[Any, Any, EchoResponse]
     return timer.echo(params.req)
 
 
+def _echo_now(timer: Timer, params: EchoParams) -> EchoResponse | None:
+    return timer._echo_now(params.req) if params.req.delay_ms <= 0 else None
+
+
 def _complex(timer: Timer, params: ComplexParams) -> Coroutine[Any, Any, ComplexResponse]:
     return timer.complex(params.req)
 
@@ -154,10 +172,18 @@ def _schedule(timer: Timer, params: ScheduleParams) -> Coroutine[Any, Any, Sched
     return timer.schedule(params.job, params.retry, params.schedule)
 
 
-VERSION = Method("version", VersionParams, str, _version)
-ECHO = Method("echo", EchoParams, EchoResponse, _echo)
-COMPLEX = Method("complex", ComplexParams, ComplexResponse, _complex)
-SCHEDULE = Method("schedule", ScheduleParams, ScheduleResult, _schedule)
+VERSION = Method("version", VersionParams, str, _version, lambda t, _p: t._version())
+ECHO = Method("echo", EchoParams, EchoResponse, _echo, _echo_now)
+COMPLEX = Method(
+    "complex", ComplexParams, ComplexResponse, _complex, lambda t, p: t._complex(p.req)
+)
+SCHEDULE = Method(
+    "schedule",
+    ScheduleParams,
+    ScheduleResult,
+    _schedule,
+    lambda t, p: t._schedule(p.job, p.retry, p.schedule),
+)
 
 METHODS: dict[str, Method[Any, Any]] = {m.name: m for m in (VERSION, ECHO, COMPLEX, SCHEDULE)}
 """Every method the server answers, by wire name."""

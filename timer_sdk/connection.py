@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import _eager
 from .api import (
-    METHODS,
     SUBSCRIBE,
     UNSUBSCRIBE,
     Method,
@@ -65,6 +64,9 @@ _IN_FLIGHT_COST = 2048
 
 _WRITE_HIGH = 64 * 1024
 """Unsent bytes past which a connection handles no more requests until its peer reads."""
+
+_REPLY_HEAD = 8
+"""Bytes of a reply frame before its body: ``ret`` and the body's length."""
 
 _LINGER = 2.0
 """Seconds to drain a peer's unread requests after our last reply, before closing."""
@@ -120,6 +122,8 @@ class Connection(asyncio.BufferedProtocol):
         self._backlog = EventBacklog(
             max_count=limits.max_event_queue, max_bytes=limits.max_event_backlog
         )
+        self._methods = server.methods
+        self._decoder = server.decoder
         self._reader = RequestReader(
             max_frame_size=limits.max_frame_size, max_method_length=limits.max_method_length
         )
@@ -344,14 +348,15 @@ class Connection(asyncio.BufferedProtocol):
         """Return the reply frame now, or queue a slot and return ``None``."""
         stats = self._stats
         stats.requests += 1
-        method = METHODS.get(request.method)
-        if method is None:
+        served = self._methods.get(request.method)
+        if served is None:
             return self._dispatch_extension(request)
+        method, call_now = served
         by_method = stats.by_method  # known names only: peers cannot grow it
         by_method[method.name] = by_method.get(method.name, 0) + 1
         try:
             params = method.decode_params(
-                request.payload, max_depth=self._max_depth, max_items=self._max_items
+                request.payload, max_items=self._max_items, decoder=self._decoder
             )
         except DecodeError as exc:
             stats.error_replies += 1
@@ -359,9 +364,15 @@ class Connection(asyncio.BufferedProtocol):
             logger.info("%s: %s", self._peer, exc)
             return _error_frame(str(exc))
         try:
-            outcome = _eager.start(method.invoke(self._timer, params))
-            if type(outcome) is not _eager.Suspended:
-                return self._reply_frame(method, outcome)
+            # A proc that need not wait is called as a function: no coroutine.
+            result = call_now(self._timer, params) if call_now is not None else None
+            if result is None:
+                result = _eager.start(method.invoke(self._timer, params))
+                if type(result) is _eager.Suspended:
+                    slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
+                    self._track(self._loop.create_task(self._finish(method, result, slot)))
+                    return None
+            return self._reply_frame(method, result)
         except CallError as exc:
             stats.error_replies += 1
             return _error_frame(exc.message)
@@ -369,9 +380,6 @@ class Connection(asyncio.BufferedProtocol):
             stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
             return _error_frame(f"{method.name}: internal error")
-        slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
-        self._track(self._loop.create_task(self._finish(method, outcome, slot)))
-        return None
 
     def _open_slot(self, charge: int) -> _Slot:
         """Keep a reply's place in order, charging ``charge`` bytes until it is filled."""
@@ -397,16 +405,16 @@ class Connection(asyncio.BufferedProtocol):
         self._slot_ready()
 
     def _reply_frame(self, method: Method[Any, Any], result: Any) -> bytes:
-        body = method.encode_result(result)
-        if len(body) > self._max_frame_size:
+        frame = method.encode_frame(result)
+        if len(frame) - _REPLY_HEAD > self._max_frame_size:
             # Never send what a client with the same limit must refuse.
             self._stats.oversize_replies += 1
             self._stats.error_replies += 1
             return _error_frame(
-                f"{method.name}: reply of {len(body)} bytes exceeds the limit of "
+                f"{method.name}: reply of {len(frame) - _REPLY_HEAD} bytes exceeds the limit of "
                 f"{self._max_frame_size} bytes"
             )
-        return encode_reply(RET_OK, body)
+        return frame
 
     async def _finish(
         self, method: Method[Any, Any], suspended: _eager.Suspended, slot: _Slot

@@ -22,8 +22,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .address import Address
+from .api import METHODS, Method
 from .backlog import event_size
 from .budget import Budget
+from .codec import StrictDecoder
 from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
 from .listener import Acceptor
@@ -44,6 +46,12 @@ _REPLY_HEAD = 8  # ret and length, before the body that max_frame_size bounds
 _ABORT_GRACE = 1.0  # seconds for cancelled procs to send their error replies
 
 
+def _own_call_now(timer: Timer, method: Method[Any, Any]) -> Any:
+    # A subclass that overrides a proc gets its override called, as a coroutine.
+    own = getattr(type(timer), method.name, None) is getattr(Timer, method.name)
+    return method.call_now if own else None
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -60,6 +68,12 @@ class Server:
         self.loop = loop
         self.stats = ServerStats()
         self.budget = Budget(limits.memory_budget)
+        self.decoder = StrictDecoder(limits.max_depth)
+        """Every connection's requests are decoded by this one: they share the loop's thread."""
+        self.methods: dict[str, tuple[Method[Any, Any], Any]] = {
+            name: (method, _own_call_now(timer, method)) for name, method in METHODS.items()
+        }
+        """What each method name runs: the method, and its proc as a plain function if any."""
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused: set[Connection] = set()  # being aborted in connection_made

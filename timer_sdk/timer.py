@@ -39,6 +39,8 @@ __all__ = ["EchoListener", "Timer"]
 
 logger = logging.getLogger("timer_sdk")
 
+_VERSION = f"timer-sdk v{__version__}"
+
 EchoListener = Callable[[EchoEvent], None]
 """A synchronous callback for ``on_echo_fired``; it must not block."""
 
@@ -68,7 +70,7 @@ class Timer:
 
     async def version(self) -> str:
         """Return the library's version string."""
-        return f"timer-sdk v{__version__}"
+        return self._version()
 
     async def echo(self, req: EchoRequest) -> EchoResponse:
         """Wait ``req.delay_ms`` ms, fire ``on_echo_fired``, and echo the message.
@@ -77,12 +79,31 @@ class Timer:
         """
         if req.delay_ms > 0:
             await asyncio.sleep(req.delay_ms / 1000)
-        if self._listeners:
-            self._fire_echo(EchoEvent(message=req.message, echo_count=1))
-        return EchoResponse(echoed=req.message, timer_name=self.name)
+        return self._echo_now(req)
 
     async def complex(self, req: ComplexRequest) -> ComplexResponse:
         """Summarise a batch of messages."""
+        return self._complex(req)
+
+    async def schedule(
+        self, job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig
+    ) -> ScheduleResult:
+        """Plan a job; raise :class:`CallError` for an empty name or no attempts."""
+        return self._schedule(job, retry, schedule)
+
+    # The procs' bodies, for the server to call without a coroutine when the
+    # proc would not wait (api.Method.call_now). The procs above are the API.
+
+    def _version(self) -> str:
+        return _VERSION
+
+    def _echo_now(self, req: EchoRequest) -> EchoResponse:
+        """The echo once its wait is over."""
+        if self._listeners:
+            self._fire_echo(EchoEvent(message=req.message, echo_count=1))
+        return EchoResponse(echoed=req.message, timer_name=self.config.name)
+
+    def _complex(self, req: ComplexRequest) -> ComplexResponse:
         note = "<none>" if req.note is None else req.note
         retries = 0 if req.retries is None else req.retries
         count = len(req.messages)
@@ -92,10 +113,9 @@ class Timer:
             has_note=req.note is not None,
         )
 
-    async def schedule(
+    def _schedule(
         self, job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig
     ) -> ScheduleResult:
-        """Plan a job; raise :class:`CallError` for an empty name or no attempts."""
         if not job.name:
             raise CallError("job name must not be empty")
         if retry.max_attempts <= 0:
