@@ -56,7 +56,7 @@ __all__ = ["Connection", "event_frame"]
 
 logger = logging.getLogger("timer_sdk.server")
 
-_QUANTUM = 16
+_QUANTUM = 64
 """Frames one connection handles per loop turn before the others get theirs."""
 
 _IN_FLIGHT_COST = 2048
