@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
+from pydantic_core import SchemaValidator
 
 from . import codec
 from .encoders import FrameEncoder, frame_encoder
@@ -85,6 +86,16 @@ class Method(Generic[P, R]):
         # An envelope without fields has one valid value, and models are frozen:
         # every ``{}`` request can share it.
         self._empty_params: P | None = None if params.model_fields else params()
+
+    @property
+    def empty_params(self) -> P | None:
+        """The one envelope of a method without parameters (shared: models are frozen)."""
+        return self._empty_params
+
+    @property
+    def params_validator(self) -> SchemaValidator:
+        """pydantic's core validator of the envelope."""
+        return self._params_adapter.validator  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"<Method {self.name}: {self.params.__name__} -> {self.result.__name__}>"

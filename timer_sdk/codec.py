@@ -27,6 +27,7 @@ __all__ = [
     "StrictDecoder",
     "check_items",
     "decode_item",
+    "describe_validation",
     "dump_model",
     "encode_item",
     "encode_model",
@@ -184,10 +185,10 @@ def validate(adapter: TypeAdapter[Any], item: object, what: str) -> Any:
         # The core validator, not TypeAdapter.validate_python: same result, less Python.
         return adapter.validator.validate_python(item, strict=True, by_alias=True, by_name=False)
     except ValidationError as exc:
-        raise DecodeError(f"{what}: {_describe(exc)}") from None
+        raise DecodeError(f"{what}: {describe_validation(exc)}") from None
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_validation(exc: ValidationError) -> str:
     """The first few errors, then how many more: an error reply stays small."""
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
     parts = []

@@ -115,15 +115,13 @@ class Connection(asyncio.BufferedProtocol):
         limits = server.limits
         self._max_in_flight = limits.max_in_flight
         self._max_depth = limits.max_depth
-        self._max_items = limits.max_items
         self._max_frame_size = limits.max_frame_size
         self._frame_timeout = limits.frame_timeout
         self._idle_timeout = limits.idle_timeout
         self._backlog = EventBacklog(
             max_count=limits.max_event_queue, max_bytes=limits.max_event_backlog
         )
-        self._methods = server.methods
-        self._decoder = server.decoder
+        self._plans = server.plans
         self._reader = RequestReader(
             max_frame_size=limits.max_frame_size, max_method_length=limits.max_method_length
         )
@@ -348,31 +346,19 @@ class Connection(asyncio.BufferedProtocol):
         """Return the reply frame now, or queue a slot and return ``None``."""
         stats = self._stats
         stats.requests += 1
-        served = self._methods.get(request.method)
-        if served is None:
+        planned = self._plans.get(request.method)
+        if planned is None:
             return self._dispatch_extension(request)
-        method, call_now = served
+        method, answer = planned
         by_method = stats.by_method  # known names only: peers cannot grow it
         by_method[method.name] = by_method.get(method.name, 0) + 1
         try:
-            params = method.decode_params(
-                request.payload, max_items=self._max_items, decoder=self._decoder
-            )
+            outcome = answer(request.payload)
         except DecodeError as exc:
             stats.error_replies += 1
             stats.protocol_violations += 1
             logger.info("%s: %s", self._peer, exc)
             return _error_frame(str(exc))
-        try:
-            # A proc that need not wait is called as a function: no coroutine.
-            result = call_now(self._timer, params) if call_now is not None else None
-            if result is None:
-                result = _eager.start(method.invoke(self._timer, params))
-                if type(result) is _eager.Suspended:
-                    slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
-                    self._track(self._loop.create_task(self._finish(method, result, slot)))
-                    return None
-            return self._reply_frame(method, result)
         except CallError as exc:
             stats.error_replies += 1
             return _error_frame(exc.message)
@@ -380,6 +366,13 @@ class Connection(asyncio.BufferedProtocol):
             stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
             return _error_frame(f"{method.name}: internal error")
+        if isinstance(outcome, bytes):
+            if len(outcome) - _REPLY_HEAD > self._max_frame_size:
+                return self._oversize(method, len(outcome) - _REPLY_HEAD)
+            return outcome
+        slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
+        self._track(self._loop.create_task(self._finish(method, outcome, slot)))
+        return None
 
     def _open_slot(self, charge: int) -> _Slot:
         """Keep a reply's place in order, charging ``charge`` bytes until it is filled."""
@@ -407,14 +400,17 @@ class Connection(asyncio.BufferedProtocol):
     def _reply_frame(self, method: Method[Any, Any], result: Any) -> bytes:
         frame = method.encode_frame(result)
         if len(frame) - _REPLY_HEAD > self._max_frame_size:
-            # Never send what a client with the same limit must refuse.
-            self._stats.oversize_replies += 1
-            self._stats.error_replies += 1
-            return _error_frame(
-                f"{method.name}: reply of {len(frame) - _REPLY_HEAD} bytes exceeds the limit of "
-                f"{self._max_frame_size} bytes"
-            )
+            return self._oversize(method, len(frame) - _REPLY_HEAD)
         return frame
+
+    def _oversize(self, method: Method[Any, Any], size: int) -> bytes:
+        # Never send what a client with the same limit must refuse.
+        self._stats.oversize_replies += 1
+        self._stats.error_replies += 1
+        return _error_frame(
+            f"{method.name}: reply of {size} bytes exceeds the limit of "
+            f"{self._max_frame_size} bytes"
+        )
 
     async def _finish(
         self, method: Method[Any, Any], suspended: _eager.Suspended, slot: _Slot

@@ -30,6 +30,7 @@ from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
 from .listener import Acceptor
 from .models import EchoEvent
+from .plans import Plan, plan
 from .shutdown import serve_until_signal
 from .timer import Timer
 
@@ -44,12 +45,6 @@ logger = logging.getLogger("timer_sdk.server")
 _BACKLOG = socket.SOMAXCONN
 _REPLY_HEAD = 8  # ret and length, before the body that max_frame_size bounds
 _ABORT_GRACE = 1.0  # seconds for cancelled procs to send their error replies
-
-
-def _own_call_now(timer: Timer, method: Method[Any, Any]) -> Any:
-    # A subclass that overrides a proc gets its override called, as a coroutine.
-    own = getattr(type(timer), method.name, None) is getattr(Timer, method.name)
-    return method.call_now if own else None
 
 
 def _count(n: int, noun: str) -> str:
@@ -70,10 +65,11 @@ class Server:
         self.budget = Budget(limits.memory_budget)
         self.decoder = StrictDecoder(limits.max_depth)
         """Every connection's requests are decoded by this one: they share the loop's thread."""
-        self.methods: dict[str, tuple[Method[Any, Any], Any]] = {
-            name: (method, _own_call_now(timer, method)) for name, method in METHODS.items()
+        self.plans: dict[str, tuple[Method[Any, Any], Plan]] = {
+            name: (method, plan(method, timer, self.decoder, limits.max_items))
+            for name, method in METHODS.items()
         }
-        """What each method name runs: the method, and its proc as a plain function if any."""
+        """What each method name runs: the method, and its plan (plans.py)."""
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused: set[Connection] = set()  # being aborted in connection_made

@@ -1,0 +1,183 @@
+"""The fast path and the reference strict path agree on every payload.
+
+The reference is the API's own composition: ``Method.decode_params`` (a fresh
+strict decode per call), the proc run as a coroutine, and
+``encode_reply(RET_OK, Method.encode_result(result))``. The fast path is the
+server's plan (plans.py). For hostile inputs, random mutations of valid
+payloads and arbitrary CBOR, both must accept or refuse alike, with the same
+error text, and answer with the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from timer_sdk import _eager, api
+from timer_sdk.codec import DecodeError, StrictDecoder
+from timer_sdk.errors import CallError
+from timer_sdk.framing import RET_OK, encode_reply
+from timer_sdk.models import EchoRequest, EchoResponse, TimerConfig
+from timer_sdk.plans import plan
+from timer_sdk.timer import Timer
+
+from .vectors import ECHO_PAYLOAD
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LIMITS = [(16, 4096), (3, 6)]  # the defaults, and small ones that many payloads cross
+TIMER = Timer(TimerConfig(name="planned"))
+
+VALID: dict[str, list[Any]] = {
+    "version": [{}, None],
+    "echo": [
+        {"req": {"message": "hi", "delayMs": 0}},
+        {"req": {"message": "x" * 300, "delayMs": -5}},
+        {"req": {"message": "ünïcødé", "delayMs": -(2**63)}},
+    ],
+    "complex": [
+        {"req": {"messages": [{"message": "a", "delayMs": 1}], "tags": ["t"], "note": "n",
+                 "retries": 2}},
+        {"req": {"messages": [], "tags": []}},
+    ],
+    "schedule": [
+        {"job": {"name": "j", "payload": ["p"], "priority": 1},
+         "retry": {"maxAttempts": 3, "backoffMs": 100, "retryOn": ["e"]},
+         "schedule": {"startAtMs": 5, "intervalMs": 1000, "jitter": -3}},
+        {"job": {"name": "", "payload": [], "priority": 0},
+         "retry": {"maxAttempts": 1, "backoffMs": 0, "retryOn": []},
+         "schedule": {"startAtMs": 2**63 - 1, "intervalMs": 0, "jitter": 1}},
+    ],
+}  # fmt: skip
+
+
+def _payload(item: Any) -> bytes:
+    return b"" if item is None else cbor2.dumps(item)
+
+
+SEEDS = [(name, _payload(item)) for name, items in VALID.items() for item in items]
+
+
+def _reference(method: api.Method[Any, Any], payload: bytes, depth: int, items: int) -> Any:
+    try:
+        params = method.decode_params(payload, max_depth=depth, max_items=items)
+        outcome = _eager.start(method.invoke(TIMER, params))
+        if type(outcome) is _eager.Suspended:
+            outcome.coro.close()
+            return "suspended"
+        return encode_reply(RET_OK, method.encode_result(outcome))
+    except (DecodeError, CallError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _fast(method: api.Method[Any, Any], payload: bytes, depth: int, items: int) -> Any:
+    answer = plan(method, TIMER, StrictDecoder(depth), items)
+    try:
+        outcome = answer(payload)
+    except (DecodeError, CallError) as exc:
+        return (type(exc).__name__, str(exc))
+    if type(outcome) is _eager.Suspended:
+        outcome.coro.close()
+        return "suspended"
+    return outcome
+
+
+def _agree(name: str, payload: bytes) -> None:
+    method = api.METHODS[name]
+
+    async def both() -> None:  # a proc that waits needs a running loop to start
+        for depth, items in LIMITS:
+            fast = _fast(method, payload, depth, items)
+            assert fast == _reference(method, payload, depth, items)
+
+    with asyncio.Runner() as runner:
+        runner.run(both())
+
+
+@pytest.mark.parametrize(("name", "payload"), SEEDS)
+def test_valid_payloads_get_the_same_bytes(name: str, payload: bytes) -> None:
+    reply = _fast(api.METHODS[name], payload, 16, 4096)
+    assert isinstance(reply, bytes) or reply[0] == "CallError"  # these are all answered
+    _agree(name, payload)
+
+
+_mutations = st.lists(
+    st.tuples(st.sampled_from(["flip", "cut", "insert", "delete"]), st.integers(0, 10_000),
+              st.integers(0, 255)),
+    min_size=1, max_size=4,
+)  # fmt: skip
+
+
+def _mutate(payload: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    data = bytearray(payload)
+    for kind, where, value in edits:
+        at = where % (len(data) + 1)
+        if kind == "flip" and at < len(data):
+            data[at] ^= 1 << (value % 8)
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "insert":
+            data[at:at] = bytes((value,))
+        elif kind == "delete" and at < len(data):
+            del data[at]
+    return bytes(data)
+
+
+@SETTINGS
+@given(seed=st.sampled_from(SEEDS), edits=_mutations, method=st.sampled_from(list(api.METHODS)))
+@example(seed=("echo", ECHO_PAYLOAD), edits=[("cut", 10, 0)], method="echo")
+def test_mutated_payloads_get_the_same_answer(
+    seed: tuple[str, bytes], edits: list[tuple[str, int, int]], method: str
+) -> None:
+    _agree(method, _mutate(seed[1], edits))
+
+
+_keys = st.sampled_from(["req", "message", "delayMs", "delay_ms", "messages", "tags", "note",
+                         "retries", "job", "retry", "schedule", "name", "x"])  # fmt: skip
+_leaves = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
+    | st.text(max_size=8) | st.binary(max_size=8)
+    | st.builds(cbor2.CBORTag, st.sampled_from([0, 1, 2, 3, 24, 258, 55799]), st.integers())
+)  # fmt: skip
+_items = st.recursive(
+    _leaves,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_keys, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@SETTINGS
+@given(item=_items, method=st.sampled_from(list(api.METHODS)))
+def test_arbitrary_cbor_gets_the_same_answer(item: Any, method: str) -> None:
+    _agree(method, cbor2.dumps(item))
+
+
+@SETTINGS
+@given(data=st.binary(max_size=64), method=st.sampled_from(list(api.METHODS)))
+@example(data=b"\xa0\x00", method="version")
+@example(data=b"\xa0", method="echo")
+def test_arbitrary_bytes_get_the_same_answer(data: bytes, method: str) -> None:
+    _agree(method, data)
+
+
+async def test_a_proc_that_must_wait_suspends_on_both_paths() -> None:
+    payload = cbor2.dumps({"req": {"message": "later", "delayMs": 5}})
+    assert _fast(api.ECHO, payload, 16, 4096) == "suspended"
+    assert _reference(api.ECHO, payload, 16, 4096) == "suspended"
+
+
+async def test_a_subclass_override_is_called_not_bypassed() -> None:
+    class Shouting(Timer):
+        async def echo(self, req: EchoRequest) -> EchoResponse:
+            await asyncio.sleep(0)
+            return EchoResponse(echoed=req.message.upper(), timer_name=self.name)
+
+    answer = plan(api.ECHO, Shouting(), StrictDecoder(), 4096)
+    outcome = answer(cbor2.dumps({"req": {"message": "hi", "delayMs": 0}}))
+    assert type(outcome) is _eager.Suspended  # the override ran, as a coroutine
+    result = await asyncio.get_running_loop().create_task(_eager.resume(outcome))
+    assert result == EchoResponse(echoed="HI", timer_name="ipc-server")
