@@ -254,42 +254,39 @@ class Connection(asyncio.BufferedProtocol):
         out = self._out
         limit = self._max_in_flight
         quantum = _QUANTUM
+        # Each frame adds at most one slot, so a batch within the in-flight room fits.
         while len(slots) < limit and not self._writing_paused:
             if not quantum:
                 self._schedule_flush()  # the rest next turn, after everyone else
                 break
-            event = reader.next_event()
-            if event is None:
+            events = reader.take(min(quantum, limit - len(slots)))
+            if not events:
                 break
-            quantum -= 1
-            if type(event) is Request:
-                frame = self._dispatch(event)
-            elif type(event) is Rejected:
-                self._stats.protocol_violations += 1
-                self._stats.error_replies += 1
-                logger.info("%s: %s: %s", self._peer, event.method, event.message)
-                frame = _error_frame(f"{event.method}: {event.message}")
-            else:
-                assert isinstance(event, Broken)
-                self._stats.protocol_violations += 1
-                logger.warning("%s: closing: %s", self._peer, event.message)
-                # Answer the whole frames before the bad one, then close.
-                if event.answer:
+            quantum -= len(events)
+            for event in events:
+                if type(event) is Request:
+                    frame = self._dispatch(event)
+                    if frame is None:
+                        continue  # a slot was queued; the proc is running
+                elif type(event) is Rejected:
+                    self._stats.protocol_violations += 1
+                    self._stats.error_replies += 1
+                    logger.info("%s: %s: %s", self._peer, event.method, event.message)
+                    frame = _error_frame(f"{event.method}: {event.message}")
+                else:
+                    assert isinstance(event, Broken)
+                    self._stats.protocol_violations += 1
+                    logger.warning("%s: closing: %s", self._peer, event.message)
+                    self._shutting_down = True
+                    if not event.answer:
+                        break  # always the last event: the reader gives nothing after it
+                    # Answer the whole frames before the bad one, then close.
                     frame = _error_frame(event.message)
-                    if slots:
-                        slots.append(_Slot(frame, len(frame)))
-                        self._slot_bytes += len(frame)
-                    else:
-                        out.append(frame)
-                self._shutting_down = True
-                break
-            if frame is None:
-                continue  # a slot was queued; the proc is running
-            if slots:
-                slots.append(_Slot(frame, len(frame)))
-                self._slot_bytes += len(frame)
-            else:
-                out.append(frame)
+                if slots:
+                    slots.append(_Slot(frame, len(frame)))
+                    self._slot_bytes += len(frame)
+                else:
+                    out.append(frame)
         if out:
             self._flush()
         self._recharge()

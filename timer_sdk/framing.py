@@ -57,6 +57,7 @@ _unpack_u32 = _U32.unpack_from
 _unpack_reply_head = _REPLY_HEAD.unpack_from
 _pack_u32 = _U32.pack
 _pack_reply_head = _REPLY_HEAD.pack
+_new_request = tuple.__new__  # a NamedTuple's own __new__ is a Python function
 
 
 def encode_request(method: bytes, payload: bytes) -> bytes:
@@ -114,7 +115,9 @@ class _Reader:
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        # bytes when a read began with nothing kept (frames slice out with one copy);
+        # a bytearray while a partial frame grows, so appends stay amortised O(1).
+        self._buf: bytes | bytearray = b""
         self._pos = 0  # start of the first unread frame in _buf
         self._skip = 0  # bytes of a refused frame still to drop as they arrive
         self._broken = False
@@ -127,10 +130,16 @@ class _Reader:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        buf = self._buf
+        pos = self._pos
+        if pos == len(buf):
+            self._buf = bytes(data)
+        elif isinstance(buf, bytes):
+            self._buf = bytearray(buf[pos:]) + data
+        else:
+            del buf[:pos]
+            buf += data
+        self._pos = 0
 
     @property
     def in_frame(self) -> bool:
@@ -144,7 +153,7 @@ class _Reader:
 
     def _break(self, message: str, *, answer: bool = False) -> Broken:
         self._broken = True
-        self._buf.clear()
+        self._buf = b""
         self._pos = 0
         return Broken(message, answer)
 
@@ -165,54 +174,76 @@ class RequestReader(_Reader):
 
     def next_event(self) -> Request | Rejected | Broken | None:
         """Return the next whole frame, or ``None`` until more bytes arrive."""
+        events = self.take(1)
+        return events[0] if events else None
+
+    def take(self, limit: int) -> list[Request | Rejected | Broken]:
+        """Return up to ``limit`` whole frames, in order; a :class:`Broken` ends them.
+
+        One call per batch, not per frame: a read of pipelined requests is
+        split in one loop.
+        """
+        events: list[Request | Rejected | Broken] = []
         if self._broken:
-            return None
+            return events
         buf = self._buf
         pos = self._pos
         size = len(buf)
-        if size - pos < 4:
-            return None
-        (method_len,) = _unpack_u32(buf, pos)
-        if method_len > self.max_method_length:
-            if method_len >> 16 == 0x1603:  # a TLS record: handshake (22), version 3.x
-                # Answered in plain bytes, so that the client's TLS layer fails with
-                # "wrong version number" rather than a reset it cannot tell apart.
-                return self._break(NOT_TLS, answer=True)
-            # Nothing past this can be trusted: an HTTP client's "GET " lands here.
-            return self._break(
-                f"method name of {method_len} bytes exceeds the limit of "
-                f"{self.max_method_length} bytes"
-            )
-        payload_at = pos + 8 + method_len
-        if size < payload_at:
-            return None
-        (payload_len,) = _unpack_u32(buf, payload_at - 4)
-        if payload_len > self.max_frame_size:
-            method = bytes(buf[pos + 4 : payload_at - 4]).decode("utf-8", "replace")
-            # Drop the payload as it streams in instead of buffering it.
-            here = min(size - payload_at, payload_len)
-            self._pos = payload_at + here
-            self._skip = payload_len - here
-            return Rejected(
-                method,
-                f"frame too large: payload of {payload_len} bytes exceeds the limit of "
-                f"{self.max_frame_size} bytes",
-            )
-        end = payload_at + payload_len
-        if size < end:
-            return None
-        self._pos = end
-        raw_method = bytes(buf[pos + 4 : payload_at - 4])
-        payload = bytes(buf[payload_at:end])
-        if end == size and size > _KEEP:
+        copy = type(buf) is not bytes  # a bytearray's slices are bytearrays
+        max_method_length = self.max_method_length
+        while size - pos >= 4 and len(events) < limit:
+            (method_len,) = _unpack_u32(buf, pos)
+            if method_len > max_method_length:
+                events.append(self._bad_method_length(method_len))
+                return events
+            payload_at = pos + 8 + method_len
+            if size < payload_at:
+                break
+            (payload_len,) = _unpack_u32(buf, payload_at - 4)
+            if payload_len > self.max_frame_size:
+                method = bytes(buf[pos + 4 : payload_at - 4]).decode("utf-8", "replace")
+                # Drop the payload as it streams in instead of buffering it.
+                here = min(size - payload_at, payload_len)
+                pos = payload_at + here
+                self._skip = payload_len - here
+                events.append(
+                    Rejected(
+                        method,
+                        f"frame too large: payload of {payload_len} bytes exceeds the limit "
+                        f"of {self.max_frame_size} bytes",
+                    )
+                )
+                continue
+            end = payload_at + payload_len
+            if size < end:
+                break
+            raw_method = buf[pos + 4 : payload_at - 4]
+            payload = buf[payload_at:end]
+            pos = end
+            if copy:
+                raw_method = bytes(raw_method)
+                payload = bytes(payload)
+            try:
+                events.append(_new_request(Request, (raw_method.decode(), payload)))
+            except UnicodeDecodeError:
+                method = raw_method.decode("utf-8", "replace")
+                events.append(Rejected(method, "method name is not valid UTF-8"))
+        if pos == size and size > _KEEP:
             # All taken: give a large buffer's memory back now, not at the next read.
-            buf.clear()
-            self._pos = 0
-        try:
-            method = raw_method.decode()
-        except UnicodeDecodeError:
-            return Rejected(raw_method.decode("utf-8", "replace"), "method name is not valid UTF-8")
-        return Request(method, payload)
+            self._buf = b""
+            pos = 0
+        self._pos = pos
+        return events
+
+    def _bad_method_length(self, method_len: int) -> Broken:
+        if method_len >> 16 == 0x1603:  # a TLS record: handshake (22), version 3.x
+            # Answered in plain bytes, so that the client's TLS layer fails with
+            # "wrong version number" rather than a reset it cannot tell apart.
+            return self._break(NOT_TLS, answer=True)
+        # Nothing past this can be trusted: an HTTP client's "GET " lands here.
+        return self._break(
+            f"method name of {method_len} bytes exceeds the limit of {self.max_method_length} bytes"
+        )
 
     @property
     def frame_needs(self) -> int:
@@ -258,7 +289,8 @@ class RequestReader(_Reader):
         if have >= payload_len:
             return None  # whole: it is the driver's to take, not to abandon
         method = bytes(buf[pos + 4 : payload_at - 4]).decode("utf-8", "replace")
-        del buf[pos:]
+        self._buf = b""
+        self._pos = 0
         self._skip = payload_len - have
         return method
 
