@@ -68,12 +68,15 @@ def _refuse(tag: int) -> Any:
 _REFUSE_BUILTIN = {tag: _refuse(tag) for tag in _BUILTIN_TAGS}
 
 
+_READ_AHEAD = 4096  # what cbor2's decoder reads at once, and keeps until its next item
+
+
 class StrictDecoder:
     """One strict decoder, reused: building a ``CBORDecoder`` costs as much as a decode.
 
     Not thread-safe and not re-entrant: keep one per thread (a server keeps
     one per loop). Between items it keeps at most its last read-ahead (4 KiB)
-    alive: a large payload is released with the decode.
+    alive: a larger payload is released with the decode.
     """
 
     __slots__ = ("_decode", "_decoder", "_reset_stream", "_stream", "_tell")
@@ -106,7 +109,8 @@ class StrictDecoder:
             self._decoder.fp = self._stream
             raise _decode_error(exc) from None
         end = self._tell()
-        self._reset_stream(b"")
+        if end > _READ_AHEAD:
+            self._reset_stream(b"")  # smaller ones stay in the decoder's read-ahead anyway
         if end != len(data):
             raise DecodeError(
                 f"payload must be exactly one CBOR item; {len(data) - end} bytes follow it"

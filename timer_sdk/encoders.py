@@ -111,6 +111,7 @@ def _generate(model: type[BaseModel]) -> FrameEncoder | None:
         fields.append((name, info.alias or name, *kind))
     namespace: dict[str, Any] = {
         "_text": _text, "_int": _int, "_bool": _bool, "_frame_head": _frame_head,
+        "_short": _SHORT_TEXT, "_head": _head,
         "_map_head": [_head(0xA0, n) for n in range(len(fields) + 1)],
     }  # fmt: skip
     lines = ["def encode(m):"]
@@ -120,12 +121,20 @@ def _generate(model: type[BaseModel]) -> FrameEncoder | None:
     for i, (name, alias, encoder, optional) in enumerate(fields):
         key = f"_k{i}"
         namespace[key] = _text(alias)
+        value = f"v{i}" if optional else f"m.{name}"
         if optional:
             lines.append(f"    v{i} = m.{name}")
+        if encoder == "_text" and not optional:
+            # Inlined: text is most of what the API answers, and a call costs more.
+            lines.append(f"    t{i} = {value}.encode()")
+            lines.append(f"    n{i} = len(t{i})")
+            lines.append(f"    p{i} = (_short[n{i}] if n{i} < 24 else _head(0x60, n{i})) + t{i}")
+        elif optional:
             lines.append(f"    p{i} = b'' if v{i} is None else {key} + {encoder}(v{i})")
             count.append(f"(v{i} is None)")
         else:
-            lines.append(f"    p{i} = {encoder}(m.{name})")
+            lines.append(f"    p{i} = {encoder}({value})")
+        if not optional:
             parts.append(key)
             fixed += len(namespace[key])
         parts.append(f"p{i}")
