@@ -259,7 +259,8 @@ class Connection(asyncio.BufferedProtocol):
             if not quantum:
                 self._schedule_flush()  # the rest next turn, after everyone else
                 break
-            events = reader.take(min(quantum, limit - len(slots)))
+            wanted = min(quantum, limit - len(slots))
+            events = reader.take(wanted)
             if not events:
                 break
             quantum -= len(events)
@@ -287,6 +288,8 @@ class Connection(asyncio.BufferedProtocol):
                     self._slot_bytes += len(frame)
                 else:
                     out.append(frame)
+            if len(events) < wanted:
+                break  # no whole frame is left: no bytes arrive while we answer
         if out:
             self._flush()
         self._recharge()
