@@ -19,6 +19,8 @@ import cbor2
 
 from .. import api
 from ..client import TimerClient
+from ..codec import StrictDecoder
+from ..framing import RET_OK, encode_reply
 from ..models import EchoParams, EchoRequest, EchoResponse, VersionParams
 from . import models_floor as mf
 from .floor import FloorClient
@@ -142,8 +144,17 @@ def _per_call_us(fn: Callable[[], object], quick: bool) -> float:
 Step = tuple[str, Callable[[], object], Callable[[], object], Callable[[], object]]
 
 
+def _frame(body: bytes) -> bytes:
+    return encode_reply(RET_OK, body)
+
+
 def _steps() -> list[Step]:
-    """Each codec step of one call: ours, the models floor's, the floor's."""
+    """Each codec step of one call: ours, the models floor's, the floor's.
+
+    The server steps are what the server runs: its reused decoder, and success
+    frames (head and body) from the generated encoders; the floors frame too.
+    """
+    decoder = StrictDecoder()
     echo_params = EchoParams(req=EchoRequest(message=ECHO_MESSAGE, delay_ms=0))
     echo_dict = {"req": {"message": ECHO_MESSAGE, "delayMs": 0}}
     echo_payload = api.ECHO.encode_params(echo_params)
@@ -165,13 +176,13 @@ def _steps() -> list[Step]:
          lambda: mf.dump(echo_params),
          lambda: cbor2.dumps(echo_dict)),
         ("echo: server decode",
-         lambda: api.ECHO.decode_params(echo_payload),
+         lambda: api.ECHO.decode_params(echo_payload, decoder=decoder),
          lambda: mf.load_params(echo, echo_payload),
          lambda: cbor2.loads(echo_payload)),
         ("echo: server encode",
-         lambda: api.ECHO.encode_result(echo_result),
-         lambda: mf.dump(echo_result),
-         lambda: cbor2.dumps(echo_result_dict)),
+         lambda: api.ECHO.encode_frame(echo_result),
+         lambda: mf._encode(echo_result),
+         lambda: _frame(cbor2.dumps(echo_result_dict))),
         ("echo: client decode",
          lambda: api.ECHO.decode_result(echo_body),
          lambda: mf.validate_result(echo, cbor2.loads(echo_body)),
@@ -181,13 +192,13 @@ def _steps() -> list[Step]:
          lambda: mf.dump(VersionParams()),
          lambda: cbor2.dumps({})),
         ("version: server decode",
-         lambda: api.VERSION.decode_params(b"\xa0"),
+         lambda: api.VERSION.decode_params(b"\xa0", decoder=decoder),
          lambda: mf.load_params(version_proc, b"\xa0"),
          lambda: cbor2.loads(b"\xa0")),
         ("version: server encode",
-         lambda: api.VERSION.encode_result(version),
-         lambda: mf.dump(version),
-         lambda: cbor2.dumps(version)),
+         lambda: api.VERSION.encode_frame(version),
+         lambda: mf._encode(version),
+         lambda: _frame(cbor2.dumps(version))),
         ("version: client decode",
          lambda: api.VERSION.decode_result(version_body),
          lambda: mf.validate_result(version_proc, cbor2.loads(version_body)),
