@@ -505,3 +505,35 @@ def test_an_unknown_field_is_refused_by_name(params: EchoParams, extra: str) -> 
     wire["req"][extra] = 1
     with pytest.raises(DecodeError, match="Extra inputs are not permitted"):
         api.ECHO.decode_params(cbor2.dumps(wire))
+
+
+@FAST
+@given(
+    frames=st.lists(st.tuples(methods, payloads), max_size=10),
+    cuts=cut_points,
+    takes=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=14),
+    max_frame_size=st.integers(min_value=0, max_value=64),
+    max_method_length=st.integers(min_value=0, max_value=24),
+)
+def test_taking_a_few_frames_per_read_matches_the_model(
+    frames: list[tuple[bytes, bytes]],
+    cuts: list[int],
+    takes: list[int],
+    max_frame_size: int,
+    max_method_length: int,
+) -> None:
+    # The server takes at most its quantum and in-flight room per read, so whole
+    # frames may still be buffered when the next read lands on top of them.
+    data = b"".join(encode_request(m, p) for m, p in frames)
+    reader = RequestReader(max_frame_size=max_frame_size, max_method_length=max_method_length)
+    events: list[object] = []
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        reader.receive_data(data[start:end])
+        limit = takes[i % len(takes)]
+        batch = reader.take(limit)
+        assert len(batch) <= limit
+        events.extend(batch)
+    while batch := reader.take(3):
+        events.extend(batch)
+    assert normalise(events) == expected_requests(frames, max_frame_size, max_method_length)
