@@ -8,7 +8,7 @@ import cbor2
 import pytest
 
 from timer_sdk import api
-from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, StrictDecoder, decode_item
+from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, StrictDecoder, _decode_error, decode_item
 from timer_sdk.models import EchoParams, EchoRequest
 
 from .vectors import ECHO_PAYLOAD
@@ -155,3 +155,10 @@ def test_a_reused_decoder_keeps_no_large_payload_alive() -> None:
     payload = cbor2.dumps("x" * 100_000)
     decoder.decode(payload)
     assert sys.getrefcount(payload) == 2  # ours, and getrefcount's argument
+
+
+def test_failures_outside_cbor_keep_their_own_type() -> None:
+    # The decoder is reset whatever went wrong; only CBOR failures become DecodeError.
+    assert str(_decode_error(RecursionError())) == "invalid CBOR: nested too deeply"
+    interrupt = KeyboardInterrupt()
+    assert _decode_error(interrupt) is interrupt

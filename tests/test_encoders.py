@@ -42,6 +42,7 @@ def _instances(model: type[BaseModel]) -> st.SearchStrategy[BaseModel]:
 
 def test_the_results_of_the_api_get_generated_encoders() -> None:
     assert {models.EchoResponse, models.ComplexResponse, models.ScheduleResult} <= set(FLAT)
+    assert models.ScheduleConfig in FLAT  # an optional, bounded int: Int64 | None
     for model in FLAT:
         assert frame_encoder(model) is not _generic, model
 
@@ -74,4 +75,17 @@ def test_models_with_nested_fields_take_the_generic_path() -> None:
     request = models.ComplexRequest(messages=[], tags=["a"], note=None, retries=3)
     assert frame_encoder(models.ComplexRequest)(request) == encode_reply(
         RET_OK, codec.encode_model(request)
+    )
+
+
+class _Choice(BaseModel):
+    either: int | str
+
+
+def test_other_types_take_the_generic_path() -> None:
+    assert frame_encoder(_Choice) is _generic  # a union of two kinds
+    assert frame_encoder(list[int]) is _generic  # neither a scalar nor a model
+    assert frame_encoder(list[int])([1, 2]) == encode_reply(RET_OK, codec.encode_item([1, 2]))
+    assert frame_encoder(_Choice)(_Choice(either="x")) == encode_reply(
+        RET_OK, codec.encode_model(_Choice(either="x"))
     )

@@ -76,6 +76,8 @@ def _scalar(annotation: Any) -> tuple[str, bool] | None:
         if len(members) != 1:
             return None
         annotation, optional = members[0], True
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]  # bounds were checked by validation
     name = _SCALARS.get(annotation)
     return None if name is None else (name, optional)
 
