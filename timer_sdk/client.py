@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from . import api
+from . import api, client_plan
 from .address import Address
 from .client_protocol import (
     DEFAULT_MAX_PENDING,
@@ -44,18 +44,14 @@ from .errors import (
 from .events import Subscription
 from .framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 from .models import (
-    ComplexParams,
     ComplexRequest,
     ComplexResponse,
-    EchoParams,
     EchoRequest,
     EchoResponse,
     JobSpec,
     RetryPolicy,
     ScheduleConfig,
-    ScheduleParams,
     ScheduleResult,
-    VersionParams,
 )
 
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
@@ -63,7 +59,10 @@ __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 
-_VERSION_PARAMS = VersionParams()  # frozen: one instance serves every call
+_VERSION = client_plan.plan(api.VERSION)
+_ECHO = client_plan.plan(api.ECHO)
+_COMPLEX = client_plan.plan(api.COMPLEX)
+_SCHEDULE = client_plan.plan(api.SCHEDULE)
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 5.0
@@ -217,17 +216,20 @@ class TimerClient:
 
     async def version(self, *, timeout: float | None = None) -> str:
         """Return the server library's version string."""
-        return await self.call(api.VERSION, _VERSION_PARAMS, timeout=timeout)
+        result: str = await self._start(_VERSION.frame_of(), _VERSION, timeout)
+        return result
 
     async def echo(self, req: EchoRequest, *, timeout: float | None = None) -> EchoResponse:
         """Echo ``req.message`` after ``req.delay_ms`` ms; fires ``on_echo_fired``."""
-        return await self.call(api.ECHO, EchoParams(req=req), timeout=timeout)
+        result: EchoResponse = await self._start(_ECHO.frame_of(req), _ECHO, timeout)
+        return result
 
     async def complex(
         self, req: ComplexRequest, *, timeout: float | None = None
     ) -> ComplexResponse:
         """Summarise a batch of messages."""
-        return await self.call(api.COMPLEX, ComplexParams(req=req), timeout=timeout)
+        result: ComplexResponse = await self._start(_COMPLEX.frame_of(req), _COMPLEX, timeout)
+        return result
 
     async def schedule(
         self,
@@ -238,8 +240,9 @@ class TimerClient:
         timeout: float | None = None,
     ) -> ScheduleResult:
         """Plan a job; an empty name or ``max_attempts <= 0`` is refused."""
-        params = ScheduleParams(job=job, retry=retry, schedule=schedule)
-        return await self.call(api.SCHEDULE, params, timeout=timeout)
+        frame = _SCHEDULE.frame_of(job, retry, schedule)
+        result: ScheduleResult = await self._start(frame, _SCHEDULE, timeout)
+        return result
 
     # --- the generic call ----------------------------------------------------
 
@@ -254,8 +257,9 @@ class TimerClient:
         Cancelling it before the request is written sends nothing; after that
         the request is on the wire and may run, and its reply is discarded.
         """
-        frame = encode_request(method.wire_name, method.encode_params(params))
-        return await self._send(frame, method, timeout)  # type: ignore[no-any-return]
+        plan = client_plan.plan(method)
+        result: R = await self._start(plan.frame(params), plan, timeout)
+        return result
 
     async def call_raw(
         self, method: str, payload: bytes = b"\xa0", *, timeout: float | None = None
@@ -266,7 +270,30 @@ class TimerClient:
         Errors and cancellation behave as in :meth:`call`.
         """
         frame = encode_request(method.encode(), payload)
-        return await self._send(frame, _Raw(method), timeout)  # type: ignore[no-any-return]
+        result: bytes = await self._start(frame, _Raw(method), timeout)
+        return result
+
+    def _start(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Awaitable[Any]:
+        """Start a call; return what its caller awaits for the reply.
+
+        The common call (no timeout, on an open connection with room) is
+        written now, and its caller awaits the reply's future itself: no
+        coroutine in between. Every other call takes :meth:`_send`.
+        """
+        protocol = self._protocol
+        if (
+            timeout is None
+            and self.timeout is None
+            and protocol.failure is None
+            and not self._closing
+            and asyncio.get_running_loop() is self._loop
+        ):
+            future = self._loop.create_future()
+            if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
+                protocol.send(frame, method, future)
+                return future
+            return self._queued(protocol, frame, method, future)
+        return self._send(frame, method, timeout)
 
     async def _send(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Any:
         protocol = self._protocol

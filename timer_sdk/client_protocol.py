@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from .framing import (
 )
 
 __all__ = ["DEFAULT_MAX_PENDING"]
+
+_unpack_reply_head = struct.Struct(">iI").unpack_from
 
 
 class _ReplyDecoder(Protocol):
@@ -142,7 +145,12 @@ class _ClientProtocol(asyncio.Protocol):
         if self.dead_after is not None:
             self._progress_at = self.loop.time()
         reader = self.reader
-        reader.receive_data(data)
+        if reader.buffered or self.failure is not None:
+            reader.receive_data(data)
+        else:
+            taken = self._take_replies(data)
+            if taken < len(data):
+                reader.receive_data(data[taken:] if taken else data)
         pending = self.pending
         while (event := reader.next_event()) is not None:
             if isinstance(event, Broken):
@@ -173,6 +181,38 @@ class _ClientProtocol(asyncio.Protocol):
                 return
         if self._queue:
             self._admit()
+
+    def _take_replies(self, data: bytes) -> int:
+        """Settle the plain replies at the start of ``data``; return how many bytes they took.
+
+        With nothing buffered, replies need no copy into the reader. This
+        stops at the first frame that is partial, over the limit, not a reply
+        (an event, an unknown code) or has no call waiting: the reader's loop
+        takes those, and raises their errors.
+        """
+        pending = self.pending
+        limit = self.reader.max_frame_size
+        size = len(data)
+        pos = 0
+        while size - pos >= 8 and pending:
+            ret, body_len = _unpack_reply_head(data, pos)
+            end = pos + 8 + body_len
+            if end > size or body_len > limit or not RET_OK <= ret <= RET_ERROR:
+                break
+            body = data[pos + 8 : end]
+            pos = end
+            method, future = pending.popleft()
+            if future.done():
+                continue  # its caller gave up; the reply is dropped in its place
+            if ret == RET_OK:
+                try:
+                    future.set_result(method.decode_result(body))
+                except ProtocolError as exc:
+                    future.set_exception(exc)
+            else:
+                message = body.decode("utf-8", "replace")
+                future.set_exception(RemoteCallError(method.name, message))
+        return pos
 
     def _on_event(self, ret: int, body: bytes) -> bool:
         try:
@@ -209,7 +249,8 @@ class _ClientProtocol(asyncio.Protocol):
         """Hold a call, unsent, until there is room for it (see :meth:`_admit`)."""
         self._queue[future] = (frame, method)
         self.blocked = True
-        self._admit()
+        if not self._paused and len(self.pending) < self.max_pending:
+            self._admit()  # otherwise it could send nothing
 
     def unqueue(self, future: asyncio.Future[Any]) -> None:
         """Forget a call that gave up; if it was still queued, it sent nothing."""

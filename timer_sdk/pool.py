@@ -113,6 +113,11 @@ class _PooledClient(TimerClient):
             f"{usable} of {len(self._members)} connections open>"
         )
 
+    def _start(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Awaitable[Any]:
+        if self._closing or asyncio.get_running_loop() is not self._loop:
+            return self._send(frame, method, timeout)  # raises why
+        return self._pick()._start(frame, method, self.timeout if timeout is None else timeout)
+
     async def _send(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Any:
         if asyncio.get_running_loop() is not self._loop:
             raise LoopError(
