@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import struct
 import threading
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import annotated_types
 from pydantic import BaseModel
 
 from . import api, codec
-from .encoders import _bool, _head, _int, _scalar, _text
+from .encoders import _bool, _head, _int, _text
 from .framing import encode_request
 
 __all__ = ["Plan", "plan"]
@@ -35,7 +38,7 @@ R = TypeVar("R")
 
 _pack_u32 = struct.Struct(">I").pack
 _ENCODERS = {"_text": _text, "_int": _int, "_bool": _bool}
-_SCALAR_TYPES = {"_text": "str", "_int": "int", "_bool": "bool"}
+_SCALARS = {str: "_text", int: "_int", bool: "_bool"}
 
 
 class _Decoders(threading.local):
@@ -149,6 +152,14 @@ class _Writer:
 
     def model(self, var: str, model: type[BaseModel]) -> None:
         """The map of model instance ``var``: exactly that type, fields by alias."""
+        decorators = model.__pydantic_decorators__
+        if (
+            decorators.field_serializers
+            or decorators.model_serializers
+            or model.__pydantic_computed_fields__
+            or model.model_config.get("extra") == "allow"
+        ):
+            raise _Unsupported(model.__name__)  # its wire map is not just its fields
         self.lines.append(f"if type({var}) is not {self.const(model)}: return None")
         self.fields(var, model.model_fields)
 
@@ -158,16 +169,21 @@ class _Writer:
         heads = self.const([_head(0xA0, n) for n in range(len(fields) + 1)])
         self.parts.append(f"{heads}[{count}]")
         for name, info in fields.items():
-            if not name.isidentifier():
-                raise _Unsupported(name)
+            if (
+                not name.isidentifier()
+                or info.exclude
+                or not all(isinstance(m, annotated_types.BaseMetadata) for m in info.metadata)
+            ):
+                raise _Unsupported(name)  # bounds (Int64) are fine; serializers are not
             key = _text(info.serialization_alias or info.alias or name)
             value = self.name("v")
             self.lines.append(f"{value} = {var}.{name}" if var else f"{value} = {name}_")
             annotation = info.annotation
             kind = _scalar(annotation)
             if kind is not None:
-                encoder, optional = kind
-                check = f"type({value}) is not {_SCALAR_TYPES[encoder]}"
+                scalar, optional = kind
+                encoder = _SCALARS[scalar]
+                check = f"type({value}) is not {scalar.__name__}"
                 if optional:
                     self.lines.append(f"if {value} is None: {count} -= 1")
                     self.lines.append(f"elif {check}: return None")
@@ -183,6 +199,17 @@ class _Writer:
                 self.model(value, annotation)
             else:
                 raise _Unsupported(name)  # lists, unions of models: the generic path
+
+
+def _scalar(annotation: Any) -> tuple[type, bool] | None:
+    """A field's scalar type, and whether it may be ``None``; ``None`` if not a scalar."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return None
+        annotation, optional = members[0], True
+    return (annotation, optional) if annotation in _SCALARS else None
 
 
 def _generate(params: type[BaseModel], head: bytes) -> Callable[..., bytes | None] | None:

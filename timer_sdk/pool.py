@@ -114,20 +114,13 @@ class _PooledClient(TimerClient):
         )
 
     def _start(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Awaitable[Any]:
-        if self._closing or asyncio.get_running_loop() is not self._loop:
-            return self._send(frame, method, timeout)  # raises why
-        return self._pick()._start(frame, method, self.timeout if timeout is None else timeout)
-
-    async def _send(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Any:
         if asyncio.get_running_loop() is not self._loop:
             raise LoopError(
                 "this TimerClient belongs to another event loop; connect a new client on this one"
             )
         if self._closing:
             raise ClientClosedError(f"the client for {self.address} is closed")
-        if timeout is None:
-            timeout = self.timeout
-        return await self._pick()._send(frame, method, timeout)
+        return self._pick()._start(frame, method, self.timeout if timeout is None else timeout)
 
     def _pick(self) -> TimerClient:
         """The open connection with the fewest calls pending, ties in turn."""
