@@ -31,7 +31,7 @@ def ok(text: str) -> bytes:
 
 
 @asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[TimerClient]:
+async def scripted(script: Script, *, max_pending: int = 1024) -> AsyncIterator[TimerClient]:
     """A client connected to a server that runs ``script`` on its one connection."""
     done = asyncio.Event()
 
@@ -45,7 +45,8 @@ async def scripted(script: Script) -> AsyncIterator[TimerClient]:
 
     async with await asyncio.start_server(handle, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        async with await TimerClient.connect(f"tcp:127.0.0.1:{port}") as client:
+        address = f"tcp:127.0.0.1:{port}"
+        async with await TimerClient.connect(address, max_pending=max_pending) as client:
             yield client
         await done.wait()
 
@@ -161,3 +162,28 @@ async def test_a_connection_lost_mid_frame_fails_the_rest() -> None:
         assert await calls[0] == "v1"
         with pytest.raises(ConnectionLost):
             await calls[1]
+
+
+async def test_a_held_call_that_gave_up_is_not_sent_when_room_comes() -> None:
+    received = bytearray()
+    answer = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.readexactly(len(VERSION_FRAME)))
+        await answer.wait()
+        writer.write(ok("v1"))
+        received.extend(await reader.read())  # anything more, until the client closes
+
+    async with scripted(script, max_pending=1) as client:
+        first, second = start_calls(client, 2)
+        protocol = client._protocol
+        await wait_until(lambda: len(protocol.pending) == len(protocol._queue) == 1)
+        second.cancel()  # its future is done now; its unqueue callback runs later
+        protocol.max_pending = 2
+        protocol._admit()  # room comes before that callback: the call must not go
+        assert not protocol._queue and len(protocol.pending) == 1
+        answer.set()
+        assert await first == "v1"
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    assert bytes(received) == VERSION_FRAME

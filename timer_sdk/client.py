@@ -291,8 +291,9 @@ class TimerClient:
             future = self._loop.create_future()
             if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
                 protocol.send(frame, method, future)
-                return future
-            return self._queued(protocol, frame, method, future)
+            else:
+                protocol.hold(frame, method, future)  # until there is room
+            return future
         return self._send(frame, method, timeout)
 
     async def _send(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Any:

@@ -252,6 +252,12 @@ class _ClientProtocol(asyncio.Protocol):
         if not self._paused and len(self.pending) < self.max_pending:
             self._admit()  # otherwise it could send nothing
 
+    def hold(self, frame: bytes, method: _ReplyDecoder, future: asyncio.Future[Any]) -> None:
+        """Enqueue a call whose caller awaits ``future`` itself: if it gives up, the
+        future's callback takes it out of the queue."""
+        future.add_done_callback(self.unqueue)
+        self.enqueue(frame, method, future)
+
     def unqueue(self, future: asyncio.Future[Any]) -> None:
         """Forget a call that gave up; if it was still queued, it sent nothing."""
         queue = self._queue
@@ -267,6 +273,9 @@ class _ClientProtocol(asyncio.Protocol):
         room = self.max_pending - len(self.pending)
         while room > 0 and queue and not self._paused and self.failure is None:
             future, (frame, method) = queue.popitem(last=False)
+            if future.done():
+                continue  # it gave up, and its unqueue has not run yet: it sends nothing
+            future.remove_done_callback(self.unqueue)  # if held: it is no longer queued
             self.send(frame, method, future)  # may pause writing
             room -= 1
         self.blocked = self._paused or bool(queue)
