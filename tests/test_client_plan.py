@@ -220,9 +220,18 @@ class _SerializedEnvelope(TimerModel):
     inner: _Serialized
 
 
+class _ShoutingEnvelope(TimerModel):
+    inner: _Leaf
+
+    @field_serializer("inner")
+    def _shout(self, value: _Leaf) -> dict[str, Any]:
+        return {"text": value.text.upper()}
+
+
 @pytest.mark.parametrize(
     "params",
     [
+        _ShoutingEnvelope(inner=_Leaf(text="t", count=1)),
         _ShoutedEnvelope(inner=_Shouted(text="t")),
         _ExcludedEnvelope(inner=_Excluded(text="t")),
         _SerializedEnvelope(inner=_Serialized(count=2)),

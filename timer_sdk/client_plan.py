@@ -150,8 +150,8 @@ class _Writer:
         self.namespace[key] = value
         return key
 
-    def model(self, var: str, model: type[BaseModel]) -> None:
-        """The map of model instance ``var``: exactly that type, fields by alias."""
+    def model(self, var: str | None, model: type[BaseModel]) -> None:
+        """The map of a ``model`` instance: in ``var``, or (the envelope) in the arguments."""
         decorators = model.__pydantic_decorators__
         if (
             decorators.field_serializers
@@ -160,10 +160,9 @@ class _Writer:
             or model.model_config.get("extra") == "allow"
         ):
             raise _Unsupported(model.__name__)  # its wire map is not just its fields
-        self.lines.append(f"if type({var}) is not {self.const(model)}: return None")
-        self.fields(var, model.model_fields)
-
-    def fields(self, var: str | None, fields: dict[str, Any]) -> None:
+        if var is not None:
+            self.lines.append(f"if type({var}) is not {self.const(model)}: return None")
+        fields = model.model_fields
         count = self.name("n")
         self.lines.append(f"{count} = {len(fields)}")
         heads = self.const([_head(0xA0, n) for n in range(len(fields) + 1)])
@@ -223,7 +222,7 @@ def _generate(params: type[BaseModel], head: bytes) -> Callable[..., bytes | Non
         return None
     writer = _Writer()
     try:
-        writer.fields(None, fields)
+        writer.model(None, params)
     except _Unsupported:
         return None
     writer.namespace["_frame_head"] = head
