@@ -17,10 +17,10 @@ from typing import Any
 
 import cbor2
 
-from .. import api
+from .. import api, client_plan
 from ..client import TimerClient
 from ..codec import StrictDecoder
-from ..framing import RET_OK, encode_reply
+from ..framing import RET_OK, encode_reply, encode_request
 from ..models import EchoParams, EchoRequest, EchoResponse, VersionParams
 from . import models_floor as mf
 from .floor import FloorClient
@@ -153,8 +153,11 @@ def _steps() -> list[Step]:
 
     The server steps are what the server runs: its reused decoder, and success
     frames (head and body) from the generated encoders; the floors frame too.
+    The client steps are what the client runs: its plans (whole request frames,
+    and reply decoding); the floors frame their requests too.
     """
     decoder = StrictDecoder()
+    echo_plan, version_plan = client_plan.plan(api.ECHO), client_plan.plan(api.VERSION)
     echo_params = EchoParams(req=EchoRequest(message=ECHO_MESSAGE, delay_ms=0))
     echo_dict = {"req": {"message": ECHO_MESSAGE, "delayMs": 0}}
     echo_payload = api.ECHO.encode_params(echo_params)
@@ -167,14 +170,15 @@ def _steps() -> list[Step]:
     same = (
         cbor2.dumps(echo_dict) == mf.dump(echo_params) == echo_payload
         and cbor2.dumps(echo_result_dict) == mf.dump(echo_result) == echo_body
+        and echo_plan.frame(echo_params) == encode_request(b"echo", echo_payload)
     )
     if not same:
         raise RuntimeError("the floors' CBOR differs from ours")
     return [
         ("echo: client encode",
-         lambda: api.ECHO.encode_params(echo_params),
-         lambda: mf.dump(echo_params),
-         lambda: cbor2.dumps(echo_dict)),
+         lambda: echo_plan.frame(echo_params),
+         lambda: encode_request(b"echo", mf.dump(echo_params)),
+         lambda: encode_request(b"echo", cbor2.dumps(echo_dict))),
         ("echo: server decode",
          lambda: api.ECHO.decode_params(echo_payload, decoder=decoder),
          lambda: mf.load_params(echo, echo_payload),
@@ -184,13 +188,13 @@ def _steps() -> list[Step]:
          lambda: mf._encode(echo_result),
          lambda: _frame(cbor2.dumps(echo_result_dict))),
         ("echo: client decode",
-         lambda: api.ECHO.decode_result(echo_body),
+         lambda: echo_plan.decode_result(echo_body),
          lambda: mf.validate_result(echo, cbor2.loads(echo_body)),
          lambda: cbor2.loads(echo_body)),
         ("version: client encode",
-         lambda: api.VERSION.encode_params(VersionParams()),
-         lambda: mf.dump(VersionParams()),
-         lambda: cbor2.dumps({})),
+         lambda: version_plan.frame(VersionParams()),
+         lambda: encode_request(b"version", mf.dump(VersionParams())),
+         lambda: encode_request(b"version", cbor2.dumps({}))),
         ("version: server decode",
          lambda: api.VERSION.decode_params(b"\xa0", decoder=decoder),
          lambda: mf.load_params(version_proc, b"\xa0"),
@@ -200,7 +204,7 @@ def _steps() -> list[Step]:
          lambda: mf._encode(version),
          lambda: _frame(cbor2.dumps(version))),
         ("version: client decode",
-         lambda: api.VERSION.decode_result(version_body),
+         lambda: version_plan.decode_result(version_body),
          lambda: mf.validate_result(version_proc, cbor2.loads(version_body)),
          lambda: cbor2.loads(version_body)),
     ]  # fmt: skip
