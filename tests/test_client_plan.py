@@ -310,3 +310,21 @@ def test_refused_replies_fail_with_the_reference_text(body: bytes, name: str) ->
         plan(method).decode_result(body)
     assert str(got.value) == str(expected.value)
     assert str(got.value).startswith(f"{name}: invalid reply")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        *(cbor2.dumps("v" * n) for n in (0, 1, 23, 24, 25, 255, 256, 1000)),
+        cbor2.dumps("é" * 12),  # 24 bytes of UTF-8 in 12 characters
+        b"\x63\xff\xfe\xfd",  # a short text that is not UTF-8
+        b"\x78\x18" + b"\xed\xa0\x80" * 8,  # encoded surrogates: not UTF-8 either
+        b"\x78\x19" + b"v" * 24,  # a length one more than the bytes
+        b"\x78\x17" + b"v" * 23,  # 23 in the long form: cbor2 takes it, exactly one item
+        b"\x61",  # truncated
+        b"\x78",
+        b"\x62vvv",  # a byte after the item
+    ],
+)
+def test_text_replies_decode_as_the_reference(body: bytes) -> None:
+    _same_decode(api.VERSION, body)

@@ -98,6 +98,13 @@ class Plan(Generic[P, R]):
     def decode_result(self, body: bytes) -> R:
         """Decode and validate a success body, as :meth:`Method.decode_result`."""
         try:
+            if self._is_str:
+                # A short text (the version) is its head and UTF-8, as cbor2 decodes it.
+                size = len(body) - 1
+                if size < 24 and body[0] == 0x60 + size:
+                    return body[1:].decode()  # type: ignore[return-value]
+                if 24 <= size - 1 < 256 and body[0] == 0x78 and body[1] == size - 1:
+                    return body[2:].decode()  # type: ignore[return-value]
             item = _decoders.decoder.decode(body)
             if self._is_str and type(item) is str:
                 return item  # type: ignore[return-value]  # all a str validator would check
