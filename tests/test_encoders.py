@@ -24,9 +24,9 @@ FLAT = [
 ]
 
 _VALUES = {
-    "_text": st.text(max_size=300),
-    "_int": st.integers(INT64_MIN, INT64_MAX),
-    "_bool": st.booleans(),
+    "cbor_text": st.text(max_size=300),
+    "cbor_int": st.integers(INT64_MIN, INT64_MAX),
+    "cbor_bool": st.booleans(),
 }
 
 

@@ -97,6 +97,11 @@ class Method(Generic[P, R]):
         """pydantic's core validator of the envelope."""
         return self._params_adapter.validator  # type: ignore[return-value]
 
+    @property
+    def result_validator(self) -> SchemaValidator:
+        """pydantic's core validator of the reply type."""
+        return self._result_adapter.validator  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         return f"<Method {self.name}: {self.params.__name__} -> {self.result.__name__}>"
 

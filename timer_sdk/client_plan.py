@@ -28,7 +28,7 @@ import annotated_types
 from pydantic import BaseModel
 
 from . import api, codec
-from .encoders import _bool, _head, _int, _text
+from .encoders import cbor_bool, cbor_head, cbor_int, cbor_text
 from .framing import encode_request
 
 __all__ = ["Plan", "plan"]
@@ -37,8 +37,8 @@ P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 
 _pack_u32 = struct.Struct(">I").pack
-_ENCODERS = {"_text": _text, "_int": _int, "_bool": _bool}
-_SCALARS = {str: "_text", int: "_int", bool: "_bool"}
+_ENCODERS = {"cbor_text": cbor_text, "cbor_int": cbor_int, "cbor_bool": cbor_bool}
+_SCALARS = {str: "cbor_text", int: "cbor_int", bool: "cbor_bool"}
 
 
 class _Decoders(threading.local):
@@ -64,7 +64,7 @@ class Plan(Generic[P, R]):
         self._empty_frame = encode_request(method.wire_name, b"\xa0") if not self._fields else None
         self._encode = _generate(method.params, self._head)
         self._is_str = method.result is str
-        self._validate = method._result_adapter.validator.validate_python
+        self._validate = method.result_validator.validate_python
 
     def __repr__(self) -> str:
         return f"<Plan {self.name}>"
@@ -172,7 +172,7 @@ class _Writer:
         fields = model.model_fields
         count = self.name("n")
         self.lines.append(f"{count} = {len(fields)}")
-        heads = self.const([_head(0xA0, n) for n in range(len(fields) + 1)])
+        heads = self.const([cbor_head(0xA0, n) for n in range(len(fields) + 1)])
         self.parts.append(f"{heads}[{count}]")
         for name, info in fields.items():
             if (
@@ -181,7 +181,7 @@ class _Writer:
                 or not all(isinstance(m, annotated_types.BaseMetadata) for m in info.metadata)
             ):
                 raise _Unsupported(name)  # bounds (Int64) are fine; serializers are not
-            key = _text(info.serialization_alias or info.alias or name)
+            key = cbor_text(info.serialization_alias or info.alias or name)
             value = self.name("v")
             self.lines.append(f"{value} = {var}.{name}" if var else f"{value} = {name}_")
             annotation = info.annotation

@@ -22,17 +22,17 @@ from pydantic import BaseModel
 from . import codec
 from .framing import RET_OK, encode_reply
 
-__all__ = ["FrameEncoder", "frame_encoder"]
+__all__ = ["FrameEncoder", "cbor_bool", "cbor_head", "cbor_int", "cbor_text", "frame_encoder"]
 
 FrameEncoder = Callable[[Any], bytes]
 """A result in, its whole success frame (head and body) out."""
 
 _frame_head = struct.Struct(">iI").pack
-_SCALARS = {str: "_text", int: "_int", bool: "_bool"}
+_SCALARS = {str: "cbor_text", int: "cbor_int", bool: "cbor_bool"}
 _U64 = 1 << 64
 
 
-def _head(major: int, n: int) -> bytes:
+def cbor_head(major: int, n: int) -> bytes:
     """A CBOR head: major type and argument, in the shortest form, as cbor2 writes it."""
     if n < 24:
         return bytes((major | n,))
@@ -48,23 +48,23 @@ def _head(major: int, n: int) -> bytes:
 _SHORT_TEXT = [bytes((0x60 | n,)) for n in range(24)]
 
 
-def _text(value: str) -> bytes:
+def cbor_text(value: str) -> bytes:
     data = value.encode()
     n = len(data)
-    return (_SHORT_TEXT[n] if n < 24 else _head(0x60, n)) + data
+    return (_SHORT_TEXT[n] if n < 24 else cbor_head(0x60, n)) + data
 
 
-def _int(value: int) -> bytes:
+def cbor_int(value: int) -> bytes:
     if 0 <= value < 24:
         return bytes((value,))
     if 0 <= value < _U64:
-        return _head(0x00, value)
+        return cbor_head(0x00, value)
     if -_U64 <= value < 0:
-        return _head(0x20, -1 - value)
+        return cbor_head(0x20, -1 - value)
     return codec.encode_item(value)  # a bignum; models bound ints to 64 bits
 
 
-def _bool(value: bool) -> bytes:
+def cbor_bool(value: bool) -> bytes:
     return b"\xf5" if value else b"\xf4"
 
 
@@ -112,9 +112,9 @@ def _generate(model: type[BaseModel]) -> FrameEncoder | None:
             return None
         fields.append((name, info.alias or name, *kind))
     namespace: dict[str, Any] = {
-        "_text": _text, "_int": _int, "_bool": _bool, "_frame_head": _frame_head,
-        "_short": _SHORT_TEXT, "_head": _head,
-        "_map_head": [_head(0xA0, n) for n in range(len(fields) + 1)],
+        "cbor_text": cbor_text, "cbor_int": cbor_int, "cbor_bool": cbor_bool,
+        "_frame_head": _frame_head, "_short": _SHORT_TEXT, "cbor_head": cbor_head,
+        "_map_head": [cbor_head(0xA0, n) for n in range(len(fields) + 1)],
     }  # fmt: skip
     lines = ["def encode(m):"]
     parts = []  # the body's pieces, in order, after the map head
@@ -122,15 +122,17 @@ def _generate(model: type[BaseModel]) -> FrameEncoder | None:
     count = [str(len(fields))]
     for i, (name, alias, encoder, optional) in enumerate(fields):
         key = f"_k{i}"
-        namespace[key] = _text(alias)
+        namespace[key] = cbor_text(alias)
         value = f"v{i}" if optional else f"m.{name}"
         if optional:
             lines.append(f"    v{i} = m.{name}")
-        if encoder == "_text" and not optional:
+        if encoder == "cbor_text" and not optional:
             # Inlined: text is most of what the API answers, and a call costs more.
             lines.append(f"    t{i} = {value}.encode()")
             lines.append(f"    n{i} = len(t{i})")
-            lines.append(f"    p{i} = (_short[n{i}] if n{i} < 24 else _head(0x60, n{i})) + t{i}")
+            lines.append(
+                f"    p{i} = (_short[n{i}] if n{i} < 24 else cbor_head(0x60, n{i})) + t{i}"
+            )
         elif optional:
             lines.append(f"    p{i} = b'' if v{i} is None else {key} + {encoder}(v{i})")
             count.append(f"(v{i} is None)")
