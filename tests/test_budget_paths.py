@@ -28,7 +28,7 @@ from timer_sdk import (
 )
 from timer_sdk.bus import EventBus, EventSink
 from timer_sdk.codec import DecodeError
-from timer_sdk.connection import _hung_up
+from timer_sdk.connection_endings import _hung_up
 from timer_sdk.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     RET_ERROR,

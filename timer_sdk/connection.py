@@ -11,43 +11,29 @@ replies not yet written, held events) is charged to the server's
 :class:`~timer_sdk.budget.Budget`; when that is spent the connection stops
 reading until bytes are freed. It handles at most ``_QUANTUM`` frames per
 loop turn, so a busy peer cannot keep the loop from everyone else.
+
+How a connection ends (``connection_endings.py``) and its part as an event
+subscriber (``connection_events.py``) are mixins: the state stays here, and
+the request loop calls into them as into its own methods, at the same cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
 from collections import deque
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _eager
-from .api import (
-    SUBSCRIBE,
-    UNSUBSCRIBE,
-    Method,
-    decode_subscribe,
-    encode_event,
-    encode_events_dropped,
-)
+from .api import Method
 from .backlog import EventBacklog
 from .budget import READ_HEADROOM
-from .codec import DecodeError, encode_item
+from .codec import DecodeError
+from .connection_endings import _Endings
+from .connection_events import _Subscriber, event_frame
 from .errors import CallError
-from .framing import (
-    RET_ERROR,
-    RET_EVENT,
-    RET_EVENTS_DROPPED,
-    RET_OK,
-    Broken,
-    Rejected,
-    Request,
-    RequestReader,
-    encode_reply,
-)
-from .models import EchoEvent
+from .framing import Broken, Rejected, Request, RequestReader, encode_error
 
 if TYPE_CHECKING:
     from .server import Server
@@ -68,12 +54,6 @@ _WRITE_HIGH = 64 * 1024
 _REPLY_HEAD = 8
 """Bytes of a reply frame before its body: ``ret`` and the body's length."""
 
-_LINGER = 2.0
-"""Seconds to drain a peer's unread requests after our last reply, before closing."""
-
-_PEER_CHECK = 1.0
-"""Seconds between looks at a peer we are not reading from, to see whether it is gone."""
-
 
 class _Slot:
     """A reply's place in a connection's order; ``frame`` is set once ready."""
@@ -85,20 +65,12 @@ class _Slot:
         self.charge = charge  # bytes held for it: the request while running, then the reply
 
 
-def event_frame(event: EchoEvent) -> bytes:
-    return encode_reply(RET_EVENT, encode_event("on_echo_fired", event))
-
-
-def _error_frame(message: str) -> bytes:
-    return encode_reply(RET_ERROR, message.encode())
-
-
 # Every read lands here first: reads happen one at a time on the loop, and each is
 # handed over (copied into its connection's reader) before the next starts.
 _SCRATCH = memoryview(bytearray(READ_HEADROOM))
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
     """One client connection.
 
     A BufferedProtocol, so that the size of each read is the budget's to
@@ -208,15 +180,7 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         self._write_buffered = 0
-        backlog = self._backlog
-        if len(backlog) or backlog.dropped:
-            events = backlog.take()
-            frames = list(map(event_frame, events))  # each fits: oversize ones never got here
-            if backlog.dropped:
-                notice = encode_events_dropped(backlog.take_dropped())
-                self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
-            self._stats.events_sent += len(frames)
-            self._out.extend(frames)
+        self._release_backlog()
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -273,7 +237,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._stats.protocol_violations += 1
                     self._stats.error_replies += 1
                     logger.info("%s: %s: %s", self._peer, event.method, event.message)
-                    frame = _error_frame(f"{event.method}: {event.message}")
+                    frame = encode_error(f"{event.method}: {event.message}")
                 else:
                     assert isinstance(event, Broken)
                     self._stats.protocol_violations += 1
@@ -282,7 +246,7 @@ class Connection(asyncio.BufferedProtocol):
                     if not event.answer:
                         break  # always the last event: the reader gives nothing after it
                     # Answer the whole frames before the bad one, then close.
-                    frame = _error_frame(event.message)
+                    frame = encode_error(event.message)
                 if slots:
                     slots.append(_Slot(frame, len(frame)))
                     self._slot_bytes += len(frame)
@@ -325,23 +289,6 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._transport.resume_reading()
 
-    def _watch_peer(self) -> None:
-        # A paused transport does not see a reset: without this, procs whose
-        # caller is gone would run on, holding the budget, as long as they like.
-        if self._peer_check is None and self._tasks:
-            self._peer_check = self._loop.call_later(_PEER_CHECK, self._check_peer)
-
-    def _check_peer(self) -> None:
-        self._peer_check = None
-        transport = self._transport
-        if transport is None or not self._reading_paused:
-            return
-        if _hung_up(transport):
-            logger.info("%s: gone while not being read; cancelling its calls", self._peer)
-            transport.abort()  # connection_lost cancels the orphans
-            return
-        self._watch_peer()
-
     def _dispatch(self, request: Request) -> bytes | None:
         """Return the reply frame now, or queue a slot and return ``None``."""
         stats = self._stats
@@ -358,14 +305,14 @@ class Connection(asyncio.BufferedProtocol):
             stats.error_replies += 1
             stats.protocol_violations += 1
             logger.info("%s: %s", self._peer, exc)
-            return _error_frame(str(exc))
+            return encode_error(str(exc))
         except CallError as exc:
             stats.error_replies += 1
-            return _error_frame(exc.message)
+            return encode_error(exc.message)
         except Exception:
             stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
-            return _error_frame(f"{method.name}: internal error")
+            return encode_error(f"{method.name}: internal error")
         if isinstance(outcome, bytes):
             if len(outcome) - _REPLY_HEAD > self._max_frame_size:
                 return self._oversize(method, len(outcome) - _REPLY_HEAD)
@@ -407,7 +354,7 @@ class Connection(asyncio.BufferedProtocol):
         # Never send what a client with the same limit must refuse.
         self._stats.oversize_replies += 1
         self._stats.error_replies += 1
-        return _error_frame(
+        return encode_error(
             f"{method.name}: reply of {size} bytes exceeds the limit of "
             f"{self._max_frame_size} bytes"
         )
@@ -420,114 +367,17 @@ class Connection(asyncio.BufferedProtocol):
             frame = self._reply_frame(method, result)
         except CallError as exc:
             self._stats.error_replies += 1
-            frame = _error_frame(exc.message)
+            frame = encode_error(exc.message)
         except asyncio.CancelledError:
             if self._transport is None:
                 return  # an orphan: its caller is gone, and so is the slot
             self._stats.error_replies += 1
-            frame = _error_frame(f"{method.name}: cancelled: the server is shutting down")
+            frame = encode_error(f"{method.name}: cancelled: the server is shutting down")
         except Exception:
             self._stats.error_replies += 1
             logger.exception("%s: %s raised", self._peer, method.name)
-            frame = _error_frame(f"{method.name}: internal error")
+            frame = encode_error(f"{method.name}: internal error")
         self._fill(slot, frame)
-
-    def _dispatch_extension(self, request: Request) -> bytes | None:
-        """Answer a method that is not a Timer proc: the event extension, or unknown."""
-        if request.method == SUBSCRIBE:
-            return self._subscribe(request.payload)
-        if request.method == UNSUBSCRIBE:
-            self._server.unsubscribe(self)
-            return encode_reply(RET_OK, encode_item(None))
-        self._stats.error_replies += 1
-        return _error_frame(f"unknown method: {request.method}")
-
-    # --- events ---------------------------------------------------------------
-
-    def _subscribe(self, payload: bytes) -> bytes | None:
-        try:
-            names = decode_subscribe(payload, max_depth=self._max_depth)
-        except DecodeError as exc:
-            self._stats.error_replies += 1
-            return _error_frame(str(exc))
-        bus = self._server.bus
-        if bus is not None and bus.refusal is not None:
-            self._stats.error_replies += 1
-            return _error_frame(f"{SUBSCRIBE}: {bus.refusal}")
-        self._server.subscribe(self)
-        reply = encode_reply(RET_OK, encode_item({"events": names}))
-        waiter = bus.ready() if bus is not None else None
-        if waiter is None:
-            return reply
-        # The reply promises every event from here on: wait until the bus delivers them.
-        slot = self._open_slot(_IN_FLIGHT_COST)
-        self._track(self._loop.create_task(self._reply_when(waiter, slot, reply)))
-        return None
-
-    async def _reply_when(self, waiter: Awaitable[None], slot: _Slot, reply: bytes) -> None:
-        try:
-            await asyncio.shield(waiter)  # shared by every subscription waiting
-            frame = reply
-        except asyncio.CancelledError:
-            if self._transport is None:
-                return
-            self._stats.error_replies += 1
-            frame = _error_frame(f"{SUBSCRIBE}: cancelled: the server is shutting down")
-        self._fill(slot, frame)
-
-    @property
-    def events_paused(self) -> bool:
-        """Whether event frames must wait: the peer is not reading."""
-        return self._writing_paused
-
-    def hold_event(self, event: EchoEvent) -> None:
-        """Keep an event until the peer reads again; drop the oldest past the bounds."""
-        backlog = self._backlog
-        lost = backlog.hold(event)
-        self._recharge()
-        while self._budget.over() and backlog.drop_oldest():
-            lost += 1  # the server as a whole is full: this backlog yields first
-            self._recharge()
-        self._stats.events_dropped += lost
-
-    def note_dropped(self, count: int) -> None:
-        """Tell the peer that ``count`` events were lost before they reached this server."""
-        self._backlog.dropped += count  # sent first when the peer reads again
-        if not self._writing_paused and self._transport is not None:
-            notice = encode_events_dropped(self._backlog.take_dropped())
-            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
-            self._schedule_flush()
-
-    def refresh_charge(self) -> None:
-        """Re-read what is still unsent: the peer may have read it since our last write."""
-        transport = self._transport
-        if transport is not None:
-            unsent = transport.get_write_buffer_size()
-            if unsent != self._write_buffered:
-                self._write_buffered = unsent
-                self._recharge()
-
-    def shed_backlog(self) -> None:
-        """Drop every event held for this subscriber: a reading peer needs the room more."""
-        backlog = self._backlog
-        lost = 0
-        while backlog.drop_oldest():
-            lost += 1
-        if lost:
-            self._stats.events_dropped += lost
-            self._recharge()
-
-    def send_event(self, frame: bytes) -> None:
-        """Send an event frame with the next write."""
-        if self._transport is not None:
-            self._stats.events_sent += 1
-            self._out.append(frame)
-            self._schedule_flush()
-
-    def drop_event(self) -> None:
-        """Count an event this subscriber will never get, for its next drop notice."""
-        self._stats.events_dropped += 1
-        self.note_dropped(1)
 
     # --- replies ------------------------------------------------------------
 
@@ -560,6 +410,8 @@ class Connection(asyncio.BufferedProtocol):
             self._write_buffered = transport.get_write_buffer_size()
         out.clear()
 
+    # --- budget ---------------------------------------------------------------
+
     def _recharge(self) -> None:
         """Tell the budget what this connection holds now."""
         received = 0
@@ -572,6 +424,15 @@ class Connection(asyncio.BufferedProtocol):
             self._budget.update(before, held, received - self._received)
             self._received = received
 
+    def refresh_charge(self) -> None:
+        """Re-read what is still unsent: the peer may have read it since our last write."""
+        transport = self._transport
+        if transport is not None:
+            unsent = transport.get_write_buffer_size()
+            if unsent != self._write_buffered:
+                self._write_buffered = unsent
+                self._recharge()
+
     @property
     def frame_needs(self) -> int:
         """Bytes still to come of the request being received (the budget's grant)."""
@@ -581,118 +442,6 @@ class Connection(asyncio.BufferedProtocol):
         """Room was freed for this connection: read again (next turn)."""
         self._budget_wait = False
         self._schedule_flush()
-
-    # --- endings ------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        """Stop reading; answer the frames already received; then close."""
-        if self._transport is None or self._shutting_down:
-            return
-        self._shutting_down = True
-        self._process()
-
-    def abort(self) -> None:
-        """Close now; cancel the procs still running for this connection."""
-        for task in self._tasks:
-            task.cancel()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _close_lingering(self) -> None:
-        """Close after the last reply without destroying it, as nginx does.
-
-        Closing with unread requests in the socket makes the kernel send RST,
-        and a RST can discard replies the peer has not read yet. So send FIN
-        first, then read and drop until the peer closes or ``_LINGER`` passes.
-        """
-        transport = self._transport
-        assert transport is not None
-        if self._peer_done or not transport.can_write_eof():
-            transport.close()  # TLS has no half-close; a finished peer sends nothing
-            return
-        try:
-            transport.write_eof()
-        except OSError:  # the peer reset meanwhile: nobody is left to linger for
-            transport.abort()
-            return
-        self._lingering = True
-        self._cancel_timers()
-        self._recharge()  # what is left unread is dropped, not held
-        self._pause_reading(False)
-        self._frame_deadline = self._loop.call_later(_LINGER, transport.close)
-
-    def _fail(self, reason: str) -> None:
-        self._stats.protocol_violations += 1
-        logger.warning("%s: closing: %s", self._peer, reason)
-        if self._transport is not None:
-            self._transport.close()
-
-    def _arm_frame_deadline(self, completed_any: bool, *, waiting_for_bytes: bool) -> None:
-        timeout = self._frame_timeout
-        if timeout is None:
-            return
-        handle = self._frame_deadline
-        if waiting_for_bytes and self._reader.in_frame:
-            if handle is None or completed_any:
-                if handle is not None:
-                    handle.cancel()
-                self._frame_deadline = self._loop.call_later(timeout, self._frame_timed_out)
-        elif handle is not None:
-            handle.cancel()
-            self._frame_deadline = None
-
-    def _frame_timed_out(self) -> None:
-        self._frame_deadline = None
-        if self._budget_wait:
-            method = self._reader.abandon_frame()
-            if method is not None:
-                # Our fault, not the peer's: answer, skip the rest, stay in sync.
-                self._stats.budget_timeouts += 1
-                self._stats.error_replies += 1
-                self._out.append(
-                    _error_frame(
-                        f"{method}: the server's memory budget stayed spent for "
-                        f"{self._frame_timeout} s; the request was dropped, try again later"
-                    )
-                )
-                self._budget_wait = False
-                self._budget.forget(self)
-                self._schedule_flush()
-                return
-        self._stats.frame_timeouts += 1
-        self._fail(f"frame not finished within {self._frame_timeout} s")
-
-    def _check_idle(self) -> None:
-        assert self._idle_timeout is not None
-        quiet = self._loop.time() - self._last_activity
-        if quiet >= self._idle_timeout and not self._slots and self._transport is not None:
-            self._idle_handle = None
-            self._stats.idle_timeouts += 1
-            logger.info("%s: closing after %.1f s idle", self._peer, quiet)
-            self._transport.close()
-            return
-        wait = max(self._idle_timeout - quiet, 0.01)
-        self._idle_handle = self._loop.call_later(wait, self._check_idle)
-
-    def _cancel_timers(self) -> None:
-        for handle in (self._frame_deadline, self._idle_handle, self._peer_check):
-            if handle is not None:
-                handle.cancel()
-        self._frame_deadline = self._idle_handle = self._peer_check = None
-
-
-def _hung_up(transport: asyncio.Transport) -> bool:
-    """Whether the peer reset the connection or closed it both ways.
-
-    A FIN alone is a half-close, which still gets every reply; only a reset
-    (TCP) or a full close (Unix) means that nobody will read them.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are always reported
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:

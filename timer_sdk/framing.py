@@ -36,6 +36,7 @@ __all__ = [
     "ReplyReader",
     "Request",
     "RequestReader",
+    "encode_error",
     "encode_reply",
     "encode_request",
 ]
@@ -68,6 +69,11 @@ def encode_request(method: bytes, payload: bytes) -> bytes:
 def encode_reply(ret: int, body: bytes) -> bytes:
     """Return one reply frame, ready for a single write."""
     return _pack_reply_head(ret, len(body)) + body
+
+
+def encode_error(message: str) -> bytes:
+    """Return one error reply frame: the message as UTF-8 text."""
+    return encode_reply(RET_ERROR, message.encode())
 
 
 NOT_TLS = "this server speaks the plain timer protocol, not TLS: use tcp:, not tls:"

@@ -1,0 +1,166 @@
+"""A server connection as an event subscriber: subscribe, deliver, hold, drop.
+
+A mixin of :class:`~timer_sdk.connection.Connection`, apart because events
+are an extension beside the procs: the request loop only hands it the
+methods that are not Timer procs (:meth:`_Subscriber._dispatch_extension`),
+and the server's fan-out calls the rest. While the peer is not reading,
+events wait in a bounded :class:`~timer_sdk.backlog.EventBacklog`, charged
+to the budget like everything else the connection holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from .api import SUBSCRIBE, UNSUBSCRIBE, decode_subscribe, encode_event, encode_events_dropped
+from .codec import DecodeError, encode_item
+from .framing import (
+    RET_EVENT,
+    RET_EVENTS_DROPPED,
+    RET_OK,
+    Request,
+    encode_error,
+    encode_reply,
+)
+from .models import EchoEvent
+
+if TYPE_CHECKING:
+    from .backlog import EventBacklog
+    from .budget import Budget
+    from .connection import _Slot
+    from .limits import ServerStats
+    from .server import Server
+
+__all__ = ["event_frame"]
+
+_SUBSCRIBE_COST = 2048
+"""Bytes charged while a subscribe reply waits for the bus: its Task and slot, as for a proc."""
+
+
+def event_frame(event: EchoEvent) -> bytes:
+    return encode_reply(RET_EVENT, encode_event("on_echo_fired", event))
+
+
+class _Subscriber:
+    """The event side of a :class:`~timer_sdk.connection.Connection`, which holds the state."""
+
+    if TYPE_CHECKING:  # provided by Connection
+        _server: Server
+        _transport: asyncio.Transport | None
+        _loop: asyncio.AbstractEventLoop
+        _stats: ServerStats
+        _budget: Budget
+        _backlog: EventBacklog
+        _out: list[bytes]
+        _max_depth: int
+        _writing_paused: bool
+
+        def _recharge(self) -> None: ...
+        def _schedule_flush(self) -> None: ...
+        def _open_slot(self, charge: int) -> _Slot: ...
+        def _track(self, task: asyncio.Task[None]) -> None: ...
+        def _fill(self, slot: _Slot, frame: bytes) -> None: ...
+
+    # --- its requests -----------------------------------------------------------
+
+    def _dispatch_extension(self, request: Request) -> bytes | None:
+        """Answer a method that is not a Timer proc: the event extension, or unknown."""
+        if request.method == SUBSCRIBE:
+            return self._subscribe(request.payload)
+        if request.method == UNSUBSCRIBE:
+            self._server.unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
+            return encode_reply(RET_OK, encode_item(None))
+        self._stats.error_replies += 1
+        return encode_error(f"unknown method: {request.method}")
+
+    def _subscribe(self, payload: bytes) -> bytes | None:
+        try:
+            names = decode_subscribe(payload, max_depth=self._max_depth)
+        except DecodeError as exc:
+            self._stats.error_replies += 1
+            return encode_error(str(exc))
+        bus = self._server.bus
+        if bus is not None and bus.refusal is not None:
+            self._stats.error_replies += 1
+            return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
+        self._server.subscribe(self)  # type: ignore[arg-type]  # self is a Connection
+        reply = encode_reply(RET_OK, encode_item({"events": names}))
+        waiter = bus.ready() if bus is not None else None
+        if waiter is None:
+            return reply
+        # The reply promises every event from here on: wait until the bus delivers them.
+        slot = self._open_slot(_SUBSCRIBE_COST)
+        self._track(self._loop.create_task(self._reply_when(waiter, slot, reply)))
+        return None
+
+    async def _reply_when(self, waiter: Awaitable[None], slot: _Slot, reply: bytes) -> None:
+        try:
+            await asyncio.shield(waiter)  # shared by every subscription waiting
+            frame = reply
+        except asyncio.CancelledError:
+            if self._transport is None:
+                return
+            self._stats.error_replies += 1
+            frame = encode_error(f"{SUBSCRIBE}: cancelled: the server is shutting down")
+        self._fill(slot, frame)
+
+    # --- delivery: what the server's fan-out calls --------------------------------
+
+    @property
+    def events_paused(self) -> bool:
+        """Whether event frames must wait: the peer is not reading."""
+        return self._writing_paused
+
+    def hold_event(self, event: EchoEvent) -> None:
+        """Keep an event until the peer reads again; drop the oldest past the bounds."""
+        backlog = self._backlog
+        lost = backlog.hold(event)
+        self._recharge()
+        while self._budget.over() and backlog.drop_oldest():
+            lost += 1  # the server as a whole is full: this backlog yields first
+            self._recharge()
+        self._stats.events_dropped += lost
+
+    def note_dropped(self, count: int) -> None:
+        """Tell the peer that ``count`` events were lost before they reached this server."""
+        self._backlog.dropped += count  # sent first when the peer reads again
+        if not self._writing_paused and self._transport is not None:
+            notice = encode_events_dropped(self._backlog.take_dropped())
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._schedule_flush()
+
+    def shed_backlog(self) -> None:
+        """Drop every event held for this subscriber: a reading peer needs the room more."""
+        backlog = self._backlog
+        lost = 0
+        while backlog.drop_oldest():
+            lost += 1
+        if lost:
+            self._stats.events_dropped += lost
+            self._recharge()
+
+    def send_event(self, frame: bytes) -> None:
+        """Send an event frame with the next write."""
+        if self._transport is not None:
+            self._stats.events_sent += 1
+            self._out.append(frame)
+            self._schedule_flush()
+
+    def drop_event(self) -> None:
+        """Count an event this subscriber will never get, for its next drop notice."""
+        self._stats.events_dropped += 1
+        self.note_dropped(1)
+
+    def _release_backlog(self) -> None:
+        """The peer reads again: queue the drop notice, if any, then the held events."""
+        backlog = self._backlog
+        if len(backlog) or backlog.dropped:
+            events = backlog.take()
+            frames = list(map(event_frame, events))  # each fits: oversize ones never got here
+            if backlog.dropped:
+                notice = encode_events_dropped(backlog.take_dropped())
+                self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
+            self._stats.events_sent += len(frames)
+            self._out.extend(frames)
