@@ -25,14 +25,8 @@ from pydantic import BaseModel
 
 from . import api, client_plan
 from .address import Address
-from .client_protocol import (
-    DEFAULT_MAX_PENDING,
-    _ClientProtocol,
-    _copy,
-    _Dialer,
-    _Raw,
-    _ReplyDecoder,
-)
+from .client_dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
+from .client_protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
 from .errors import (
     CallTimeout,
     ClientClosedError,
@@ -63,9 +57,6 @@ _VERSION = client_plan.plan(api.VERSION)
 _ECHO = client_plan.plan(api.ECHO)
 _COMPLEX = client_plan.plan(api.COMPLEX)
 _SCHEDULE = client_plan.plan(api.SCHEDULE)
-
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 5.0
 
 
 class TimerClient:

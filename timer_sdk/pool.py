@@ -31,7 +31,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import _BACKOFF_FIRST, _BACKOFF_MAX, TimerClient
+from .client import TimerClient
+from .client_dialer import _BACKOFF_FIRST, _BACKOFF_MAX
 from .client_protocol import _ReplyDecoder
 from .errors import ClientClosedError, LoopError, TimerError
 from .events import Subscription

@@ -1,0 +1,83 @@
+"""Opening the connection under a TimerClient, and reopening it: dialing and its errors.
+
+Apart from ``client_protocol.py`` because none of it runs per call: it turns
+an address into a connected :class:`~timer_sdk.client_protocol._ClientProtocol`,
+or into a :class:`~timer_sdk.errors.ConnectError` that says why not (a TLS
+handshake fails in ways worth explaining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from dataclasses import dataclass
+
+from .address import Address
+from .client_protocol import DEFAULT_MAX_PENDING, _ClientProtocol
+from .errors import ConnectError
+
+_BACKOFF_FIRST = 0.05
+"""Seconds before redialing after a failed dial; doubles with each failure."""
+_BACKOFF_MAX = 5.0
+"""The longest wait between dials."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialer:
+    """Everything needed to open (and reopen) the connection."""
+
+    address: Address
+    ssl: _ssl.SSLContext | None
+    server_hostname: str | None
+    max_frame_size: int
+    connect_timeout: float | None
+    max_pending: int = DEFAULT_MAX_PENDING
+    dead_after: float | None = None
+
+    async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
+        address = self.address
+        protocol = _ClientProtocol(
+            loop,
+            str(address),
+            self.max_frame_size,
+            max_pending=self.max_pending,
+            dead_after=self.dead_after,
+            drainable=self.ssl is None,
+        )
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if address.scheme == "unix":
+                    await loop.create_unix_connection(lambda: protocol, address.path)
+                else:
+                    await loop.create_connection(
+                        lambda: protocol,
+                        address.host,
+                        address.port,
+                        ssl=self.ssl,
+                        server_hostname=self.server_hostname if self.ssl else None,
+                    )
+        except TimeoutError:
+            raise ConnectError(f"cannot connect to {address}: timed out") from None
+        except OSError as exc:  # includes ssl.SSLError
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if self.ssl is not None:
+                reason = _tls_reason(exc, reason)
+            raise ConnectError(f"cannot connect to {address}: {reason}") from exc
+        return protocol
+
+
+# What OpenSSL says when the first bytes back are not a TLS record.
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+def _tls_reason(exc: OSError, reason: str) -> str:
+    """Explain a failed TLS handshake as far as the error allows."""
+    if isinstance(exc, _ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
+        return f"the server does not speak TLS ({exc.reason}); use tcp: instead of tls:"
+    if isinstance(exc, ConnectionResetError):
+        # A server refusing our certificate (TLS 1.2) closes the handshake like this.
+        return (
+            "the server closed the connection during the TLS handshake "
+            "(is a client certificate required?)"
+        )
+    return reason
