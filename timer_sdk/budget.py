@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["MIN_READ", "READ_HEADROOM", "Budget", "Holder"]
+__all__ = ["IN_FLIGHT_COST", "MIN_READ", "READ_HEADROOM", "Budget", "Holder"]
+
+IN_FLIGHT_COST = 2048
+"""Bytes charged per waiting reply over its payload: its Task, frame and slot."""
 
 READ_HEADROOM = 64 * 1024
 """The most one socket read adds: connections read into buffers of this size at most."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from . import _eager
 from .api import Method
 from .backlog import EventBacklog
-from .budget import READ_HEADROOM
+from .budget import IN_FLIGHT_COST, READ_HEADROOM
 from .codec import DecodeError
 from .connection_endings import _Endings
 from .connection_events import _Subscriber, event_frame
@@ -44,9 +44,6 @@ logger = logging.getLogger("timer_sdk.server")
 
 _QUANTUM = 64
 """Frames one connection handles per loop turn before the others get theirs."""
-
-_IN_FLIGHT_COST = 2048
-"""Bytes charged per running proc over its payload: its Task, frame and slot."""
 
 _WRITE_HIGH = 64 * 1024
 """Unsent bytes past which a connection handles no more requests until its peer reads."""
@@ -317,7 +314,7 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
             if len(outcome) - _REPLY_HEAD > self._max_frame_size:
                 return self._oversize(method, len(outcome) - _REPLY_HEAD)
             return outcome
-        slot = self._open_slot(len(request.payload) + _IN_FLIGHT_COST)
+        slot = self._open_slot(len(request.payload) + IN_FLIGHT_COST)
         self._track(self._loop.create_task(self._finish(method, outcome, slot)))
         return None
 

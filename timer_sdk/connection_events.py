@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from .api import SUBSCRIBE, UNSUBSCRIBE, decode_subscribe, encode_event, encode_events_dropped
+from .budget import IN_FLIGHT_COST
 from .codec import DecodeError, encode_item
 from .framing import (
     RET_EVENT,
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["event_frame"]
-
-_SUBSCRIBE_COST = 2048
-"""Bytes charged while a subscribe reply waits for the bus: its Task and slot, as for a proc."""
 
 
 def event_frame(event: EchoEvent) -> bytes:
@@ -91,7 +89,7 @@ class _Subscriber:
         if waiter is None:
             return reply
         # The reply promises every event from here on: wait until the bus delivers them.
-        slot = self._open_slot(_SUBSCRIBE_COST)
+        slot = self._open_slot(IN_FLIGHT_COST)  # as for a proc: its Task and slot
         self._track(self._loop.create_task(self._reply_when(waiter, slot, reply)))
         return None
 
