@@ -18,6 +18,7 @@ from timer_sdk.bus_batch import (
     MAX_BATCH_EVENTS,
     batch_length,
     decode_batch,
+    encode_echo_event,
     take_batch,
 )
 from timer_sdk.bus_nats import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
@@ -81,6 +82,15 @@ def test_a_batch_is_bounded_in_events_and_bytes() -> None:
     assert take_batch(outbox, limit) == (3, big[2][1])
     outbox = deque(big)
     assert take_batch(outbox, 10) == (1, big[0][1])  # one too large still goes, alone
+
+
+@pytest.mark.parametrize(
+    "message", ["", "hello", "é" * 12, "x" * 23, "x" * 24, "x" * 256, "y" * 70000]
+)
+@pytest.mark.parametrize("count", [0, 1, 23, 24, 255, 65536, 2**32, 2**63 - 1, -1, -25, -(2**63)])
+def test_the_bus_encodes_events_as_the_api_does(message: str, count: int) -> None:
+    event = EchoEvent(message=message, echo_count=count)
+    assert encode_echo_event(event) == encode_event("on_echo_fired", event)
 
 
 @pytest.mark.parametrize(

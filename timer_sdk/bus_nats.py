@@ -47,9 +47,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .api import encode_event
 from .bus import BusError, EventBus, EventSink, subject_for
-from .bus_batch import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, batch_length, decode_batch, take_batch
+from .bus_batch import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    batch_length,
+    decode_batch,
+    encode_echo_event,
+    take_batch,
+)
 from .codec import DecodeError
 from .models import EchoEvent
 from .timer import Timer
@@ -183,7 +189,7 @@ class NatsBus(EventBus):
     def _on_local(self, event: EchoEvent) -> None:
         self._seq += 1
         if self._connected.is_set() and len(self._outbox) < self._max_outbox:
-            self._outbox.append((self._seq, encode_event("on_echo_fired", event)))
+            self._outbox.append((self._seq, encode_echo_event(event)))
             self._wake.set()
         # Otherwise it is lost, and the next message's Timer-Seq says so.
 
