@@ -39,7 +39,7 @@ _COUNT_KEY = cbor_text("echoCount")
 
 
 def encode_echo_event(event: EchoEvent) -> bytes:
-    """``api.encode_event("on_echo_fired", event)``, byte for byte, at a fifth of its cost.
+    """``api.encode_event("on_echo_fired", event)``, byte for byte, at a third of its cost.
 
     Every echo of a worker pays it; the generic path builds two dicts first.
     """

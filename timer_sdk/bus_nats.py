@@ -8,9 +8,9 @@ and subscribes to it; NATS does not echo a server's own messages back
 Message layout, for consumers in any language (docs/scaling.md):
 
 - payload: the body of a ``ret 16`` event frame, ``{event, data}`` in CBOR,
-  for one event; for several, a CBOR array of such bodies (2 to
-  :data:`~timer_sdk.bus_batch.MAX_BATCH_EVENTS` of them, each encoded once and joined behind the
-  array head); an empty payload is a *marker*, which carries no event;
+  for one event; for several, a CBOR array of such bodies (2 to 256, each
+  encoded once and joined behind the array head); an empty payload is a
+  *marker*, which carries no event;
 - header ``Timer-Publisher``: a random id per server run, and
   ``Timer-Seq``: 1, 2, 3, ... for each event that server fired. A message
   carries consecutive events, and its ``Timer-Seq`` is that of its last one; a
