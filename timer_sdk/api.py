@@ -46,6 +46,7 @@ __all__ = [
     "decode_subscribe",
     "encode_event",
     "encode_events_dropped",
+    "validate_event",
 ]
 
 P = TypeVar("P", bound=BaseModel)
@@ -226,7 +227,11 @@ def encode_event(name: str, event: BaseModel) -> bytes:
 
 def decode_event(body: bytes) -> EchoEvent:
     """Decode an event frame body; raise :class:`~timer_sdk.codec.DecodeError`."""
-    item = codec.decode_item(body)
+    return validate_event(codec.decode_item(body))
+
+
+def validate_event(item: object) -> EchoEvent:
+    """Validate a decoded event frame body; raise :class:`~timer_sdk.codec.DecodeError`."""
     if not isinstance(item, dict) or item.get("event") != "on_echo_fired":
         raise codec.DecodeError(f"invalid event frame: {item!r:.80}")
     event: EchoEvent = codec.validate(_EVENT_ADAPTER, item.get("data"), "on_echo_fired")

@@ -7,17 +7,29 @@ and subscribes to it; NATS does not echo a server's own messages back
 
 Message layout, for consumers in any language (docs/scaling.md):
 
-- payload: the body of a ``ret 16`` event frame, ``{event, data}`` in CBOR;
-  an empty payload is a *marker*, which carries no event;
+- payload: the body of a ``ret 16`` event frame, ``{event, data}`` in CBOR,
+  for one event; for several, a CBOR array of such bodies (2 to 256, each
+  encoded once and joined behind the array head); an empty payload is a
+  *marker*, which carries no event;
 - header ``Timer-Publisher``: a random id per server run, and
-  ``Timer-Seq``: 1, 2, 3, ... for each event that server fired.
+  ``Timer-Seq``: 1, 2, 3, ... for each event that server fired. A message
+  carries consecutive events, and its ``Timer-Seq`` is that of its last one; a
+  marker's is the publisher's latest.
+
+A message per event would cost each echo a publish in Python, about as much
+as the echo itself; so the publisher sends what piled up since it last ran in
+one message (:mod:`timer_sdk.bus_batch`).
 
 A gap in a publisher's sequence is the exact count of its events lost on the
-way: not published while the server was cut off from NATS, dropped by NATS,
-or missed while the receiver was cut off. Each receiver turns gaps into drop
-notices (``ret 17``). So that a gap is seen even when its publisher falls
-quiet, a server publishes a marker after reconnecting and whenever another
-server asks (on ``<subject>.sync``, which each sends after it reconnects).
+way: a message of *n* events with ``Timer-Seq`` *s*, after *last*, means
+*s* - *last* - *n* lost (*n* = 0 for a marker). So a message never spans a
+hole in the sequence, nor a marker. Lost means: not published while the
+server was cut off from NATS or its outbox was full, dropped by NATS, missed
+while the receiver was cut off, or refused by the receiver as malformed
+(whole, with a log line). Each receiver turns gaps into drop notices
+(``ret 17``). So that a gap is seen even when its publisher falls quiet, a
+server publishes a marker after reconnecting and whenever another server asks
+(on ``<subject>.sync``, which each sends after it reconnects).
 """
 
 from __future__ import annotations
@@ -35,19 +47,27 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .api import decode_event, encode_event
 from .bus import BusError, EventBus, EventSink, subject_for
+from .bus_batch import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    batch_length,
+    decode_batch,
+    encode_echo_event,
+    take_batch,
+)
 from .codec import DecodeError
 from .models import EchoEvent
 from .timer import Timer
 
-__all__ = ["PUBLISHER_HEADER", "SEQ_HEADER", "NatsBus"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "PUBLISHER_HEADER", "SEQ_HEADER", "NatsBus"]
 
 logger = logging.getLogger("timer_sdk.bus")
 
 PUBLISHER_HEADER = "Timer-Publisher"
 SEQ_HEADER = "Timer-Seq"
 _MAX_PUBLISHERS = 4096  # remembered per receiver; the least recent is forgotten
+_HEADER_ROOM = 1024  # NATS counts headers within its max_payload
 
 
 class NatsBus(EventBus):
@@ -169,7 +189,7 @@ class NatsBus(EventBus):
     def _on_local(self, event: EchoEvent) -> None:
         self._seq += 1
         if self._connected.is_set() and len(self._outbox) < self._max_outbox:
-            self._outbox.append((self._seq, encode_event("on_echo_fired", event)))
+            self._outbox.append((self._seq, encode_echo_event(event)))
             self._wake.set()
         # Otherwise it is lost, and the next message's Timer-Seq says so.
 
@@ -185,13 +205,15 @@ class NatsBus(EventBus):
         while True:
             await wake.wait()
             wake.clear()
+            # What the server allows can change with a reconnect (to another server).
+            max_bytes = min(MAX_BATCH_BYTES, nc.max_payload - _HEADER_ROOM)
             while outbox:
-                seq, body = outbox.popleft()
+                seq, payload = take_batch(outbox, max_bytes)
                 headers[SEQ_HEADER] = str(seq)
                 try:
-                    await nc.publish(self.subject, body, headers=headers)
+                    await nc.publish(self.subject, payload, headers=headers)
                 except nats.errors.Error:
-                    continue  # cut off meanwhile: lost, and the sequence shows it
+                    continue  # cut off meanwhile (or too large): lost, and the sequence shows it
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()
@@ -270,6 +292,21 @@ class NatsBus(EventBus):
         if sink is None or publisher is None or seq <= 0:
             logger.warning("event bus %s: ignoring a message without %s", self.url, SEQ_HEADER)
             return
+        events: list[EchoEvent] = []
+        try:
+            if msg.data and sink.subscribers:
+                events = decode_batch(msg.data)
+                n = len(events)
+            else:
+                n = batch_length(msg.data)  # no one here to tell: the count will do
+            if n > seq:
+                raise DecodeError(f"{n} events cannot end at {SEQ_HEADER} {seq}")
+        except DecodeError as exc:
+            # Refused whole: its events count as lost at the publisher's next message.
+            logger.warning(
+                "event bus %s: ignoring an invalid message of %s: %s", self.url, publisher, exc
+            )
+            return
         seen = self._seen
         last = seen.pop(publisher, None)
         seen[publisher] = max(seq, last or 0)
@@ -278,16 +315,12 @@ class NatsBus(EventBus):
         if last is not None:
             if seq <= last:
                 return  # a marker for what was already seen, or a stale one
-            # A marker says "I fired up to seq"; an event is seq itself.
-            missed = seq - last - (1 if msg.data else 0)
-            if missed:
+            # The message holds seq - n + 1 .. seq; a marker (n = 0) says "I fired up to seq".
+            missed = seq - last - n
+            if missed > 0:
                 self.gaps += missed
                 sink.deliver_dropped(missed)
-        if not msg.data or not sink.subscribers:
-            return  # a marker, or no one here to tell
-        try:
-            event = decode_event(msg.data)
-        except DecodeError as exc:
-            logger.warning("event bus %s: ignoring an invalid event: %s", self.url, exc)
-            return
-        sink.deliver_echo(event)
+            elif missed < 0:
+                events = events[-missed:]  # some seen already (publishers never overlap)
+        for event in events:
+            sink.deliver_echo(event)
