@@ -247,3 +247,13 @@ def nats_server() -> Iterator[NatsServer]:
     natsd.start()
     yield natsd
     natsd.stop()
+
+
+@pytest.fixture
+async def pair(nats_server: NatsServer) -> AsyncIterator[tuple[Server, Server]]:
+    """Two servers of one timer on one NATS URL, as two hosts would be."""
+    first = await Timer(TimerConfig()).serve("tcp:127.0.0.1:0", bus=nats_server.url)
+    second = await Timer(TimerConfig()).serve("tcp:127.0.0.1:0", bus=nats_server.url)
+    yield first, second
+    await first.close()
+    await second.close()

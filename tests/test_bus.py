@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import cbor2
@@ -55,16 +54,6 @@ class Tally:
 
 async def _serve(url: str, name: str = "ipc-server") -> Server:
     return await Timer(TimerConfig(name=name)).serve("tcp:127.0.0.1:0", bus=url)
-
-
-@pytest.fixture
-async def pair(nats_server: NatsServer) -> AsyncIterator[tuple[Server, Server]]:
-    """Two servers of one timer on one NATS URL, as two hosts would be."""
-    first = await _serve(nats_server.url)
-    second = await _serve(nats_server.url)
-    yield first, second
-    await first.close()
-    await second.close()
 
 
 def _bus(server: Server) -> NatsBus:

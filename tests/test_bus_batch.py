@@ -117,16 +117,6 @@ def test_malformed_payloads_are_refused(payload: bytes, error: str) -> None:
 
 
 @pytest.fixture
-async def pair(nats_server: NatsServer) -> AsyncIterator[tuple[Server, Server]]:
-    """Two servers of one timer on one NATS URL."""
-    first = await _serve(nats_server.url)
-    second = await _serve(nats_server.url)
-    yield first, second
-    await first.close()
-    await second.close()
-
-
-@pytest.fixture
 async def consumer(nats_server: NatsServer) -> AsyncIterator[Client]:
     client = await nats.connect(nats_server.url)
     yield client
