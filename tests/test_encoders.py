@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from timer_sdk import codec, models
-from timer_sdk.encoders import _generic, _scalar, frame_encoder
+from timer_sdk.encoders import _generic, frame_encoder, scalar_field
 from timer_sdk.framing import RET_OK, encode_reply
 from timer_sdk.models import INT64_MAX, INT64_MIN
 
@@ -20,20 +20,20 @@ FLAT = [
     if isinstance(model, type)
     and issubclass(model, models.TimerModel)
     and model.model_fields
-    and all(_scalar(f.annotation) for f in model.model_fields.values())
+    and all(scalar_field(f.annotation) for f in model.model_fields.values())
 ]
 
 _VALUES = {
-    "cbor_text": st.text(max_size=300),
-    "cbor_int": st.integers(INT64_MIN, INT64_MAX),
-    "cbor_bool": st.booleans(),
+    str: st.text(max_size=300),
+    int: st.integers(INT64_MIN, INT64_MAX),
+    bool: st.booleans(),
 }
 
 
 def _instances(model: type[BaseModel]) -> st.SearchStrategy[BaseModel]:
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for name, info in model.model_fields.items():
-        kind = _scalar(info.annotation)
+        kind = scalar_field(info.annotation)
         assert kind is not None
         values = _VALUES[kind[0]]
         fields[name] = st.none() | values if kind[1] else values

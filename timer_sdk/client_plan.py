@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import types
-import typing
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -28,7 +26,7 @@ import annotated_types
 from pydantic import BaseModel
 
 from . import api, codec
-from .encoders import cbor_bool, cbor_head, cbor_int, cbor_text
+from .encoders import SCALARS, cbor_bool, cbor_head, cbor_int, cbor_text, scalar_field
 from .framing import encode_request
 
 __all__ = ["Plan", "plan"]
@@ -38,7 +36,6 @@ R = TypeVar("R")
 
 _pack_u32 = struct.Struct(">I").pack
 _ENCODERS = {"cbor_text": cbor_text, "cbor_int": cbor_int, "cbor_bool": cbor_bool}
-_SCALARS = {str: "cbor_text", int: "cbor_int", bool: "cbor_bool"}
 
 
 class _Decoders(threading.local):
@@ -185,10 +182,10 @@ class _Writer:
             value = self.name("v")
             self.lines.append(f"{value} = {var}.{name}" if var else f"{value} = {name}_")
             annotation = info.annotation
-            kind = _scalar(annotation)
+            kind = scalar_field(annotation)
             if kind is not None:
                 scalar, optional = kind
-                encoder = _SCALARS[scalar]
+                encoder = SCALARS[scalar]
                 check = f"type({value}) is not {scalar.__name__}"
                 if optional:
                     self.lines.append(f"if {value} is None: {count} -= 1")
@@ -205,17 +202,6 @@ class _Writer:
                 self.model(value, annotation)
             else:
                 raise _Unsupported(name)  # lists, unions of models: the generic path
-
-
-def _scalar(annotation: Any) -> tuple[type, bool] | None:
-    """A field's scalar type, and whether it may be ``None``; ``None`` if not a scalar."""
-    optional = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(members) != 1:
-            return None
-        annotation, optional = members[0], True
-    return (annotation, optional) if annotation in _SCALARS else None
 
 
 def _generate(params: type[BaseModel], head: bytes) -> Callable[..., bytes | None] | None:

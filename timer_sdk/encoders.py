@@ -22,13 +22,23 @@ from pydantic import BaseModel
 from . import codec
 from .framing import RET_OK, encode_reply
 
-__all__ = ["FrameEncoder", "cbor_bool", "cbor_head", "cbor_int", "cbor_text", "frame_encoder"]
+__all__ = [
+    "SCALARS",
+    "FrameEncoder",
+    "cbor_bool",
+    "cbor_head",
+    "cbor_int",
+    "cbor_text",
+    "frame_encoder",
+    "scalar_field",
+]
 
 FrameEncoder = Callable[[Any], bytes]
 """A result in, its whole success frame (head and body) out."""
 
 _frame_head = struct.Struct(">iI").pack
-_SCALARS = {str: "cbor_text", int: "cbor_int", bool: "cbor_bool"}
+SCALARS = {str: "cbor_text", int: "cbor_int", bool: "cbor_bool"}
+"""The field types written without the generic path, and the function that writes each."""
 _U64 = 1 << 64
 
 
@@ -68,8 +78,11 @@ def cbor_bool(value: bool) -> bytes:
     return b"\xf5" if value else b"\xf4"
 
 
-def _scalar(annotation: Any) -> tuple[str, bool] | None:
-    """The encoder's name for a field's type, and whether it may be ``None``."""
+def scalar_field(annotation: Any) -> tuple[type, bool] | None:
+    """A field's scalar type (a key of :data:`SCALARS`) and whether it may be ``None``.
+
+    ``None`` if the field is not a scalar. Bounds (``Int64``) are left to validation.
+    """
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -77,15 +90,14 @@ def _scalar(annotation: Any) -> tuple[str, bool] | None:
             return None
         annotation, optional = members[0], True
     if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]  # bounds were checked by validation
-    name = _SCALARS.get(annotation)
-    return None if name is None else (name, optional)
+        annotation = typing.get_args(annotation)[0]
+    return (annotation, optional) if annotation in SCALARS else None
 
 
 def frame_encoder(result_type: type[Any]) -> FrameEncoder:
     """Return an encoder from ``result_type`` values to success frames."""
-    if result_type in _SCALARS:
-        scalar = globals()[_SCALARS[result_type]]
+    if result_type in SCALARS:
+        scalar = globals()[SCALARS[result_type]]
         return lambda value: encode_reply(RET_OK, scalar(value))
     if isinstance(result_type, type) and issubclass(result_type, BaseModel):
         generated = _generate(result_type)
@@ -107,10 +119,10 @@ def _generate(model: type[BaseModel]) -> FrameEncoder | None:
     """
     fields = []
     for name, info in model.model_fields.items():
-        kind = _scalar(info.annotation)
+        kind = scalar_field(info.annotation)
         if kind is None or not name.isidentifier():
             return None
-        fields.append((name, info.alias or name, *kind))
+        fields.append((name, info.alias or name, SCALARS[kind[0]], kind[1]))
     namespace: dict[str, Any] = {
         "cbor_text": cbor_text, "cbor_int": cbor_int, "cbor_bool": cbor_bool,
         "_frame_head": _frame_head, "_short": _SHORT_TEXT, "cbor_head": cbor_head,
