@@ -26,6 +26,7 @@ from pydantic.alias_generators import to_camel
 from . import api, schema
 from ._version import __version__
 from .codec import DecodeError
+from .description import unwrap
 from .limits import Limits
 from .models import TimerConfig
 
@@ -171,7 +172,7 @@ def _snake_hints(model: type[BaseModel], item: object, where: str = "") -> list[
         if info is None and isinstance(key, str) and to_camel(key) in fields:
             hints.append(f"{where}{key} is spelled {to_camel(key)} on the wire")
         elif info is not None:
-            inner = schema._unwrap(info.annotation)[0]
+            inner = unwrap(info.annotation)[0]
             if typing.get_origin(inner) is list:
                 inner = typing.get_args(inner)[0]
                 values = value if isinstance(value, list) else []
