@@ -453,6 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _example(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "stubs":
+            from .stubs import run_command as run_stubs
+
+            return run_stubs(args)
         if args.command == "bench":
             from .bench import run_command
 

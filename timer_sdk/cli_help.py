@@ -359,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a server process and make a round trip of every method against it.",
     )
 
+    from .stubs import add_arguments as add_stubs_arguments
+
+    stubs = commands.add_parser(
+        "stubs",
+        help="write a typed client package for another language",
+        description="Write a typed client package for another language, generated from the "
+        "SDK's one declaration of its API: its types, one method per proc, the framing "
+        "and the event extension.",
+    )
+    add_stubs_arguments(stubs)
+
     from .bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="measure the server and client beside a floor")

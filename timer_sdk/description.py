@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
@@ -32,6 +32,7 @@ __all__ = [
     "TypeRef",
     "describe",
     "describe_model",
+    "spell",
     "unwrap",
 ]
 
@@ -183,3 +184,22 @@ def describe(
     envelopes = {p.params for p in procs}
     models = tuple(m for m in _reachable(roots) if m not in envelopes)
     return ApiDescription(procs, models, event_list)
+
+
+def spell(
+    ref: TypeRef,
+    scalars: Mapping[str, str],
+    array: Callable[[str], str],
+    nullable: Callable[[str], str],
+) -> str:
+    """A type in a target's syntax: its scalar names, list form and nullable form.
+
+    Models are spelled by name.
+    """
+    if ref.item is not None:
+        text = array(spell(ref.item, scalars, array, nullable))
+    elif ref.model is not None:
+        text = ref.model.name
+    else:
+        text = scalars[ref.scalar]
+    return nullable(text) if ref.nullable else text

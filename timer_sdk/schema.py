@@ -22,7 +22,14 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from .description import ApiDescription, ModelDescription, TypeRef, describe, describe_model
+from .description import (
+    ApiDescription,
+    ModelDescription,
+    TypeRef,
+    describe,
+    describe_model,
+    spell,
+)
 from .models import INT64_MAX
 
 __all__ = ["cddl", "example", "json_schema", "method_table", "shape"]
@@ -35,13 +42,7 @@ _SCALARS_CDDL = {"text": "tstr", "int64": "int64", "bool": "bool", "float": "flo
 
 
 def _cddl_type(ref: TypeRef) -> str:
-    if ref.item is not None:
-        text = f"[* {_cddl_type(ref.item)}]"
-    elif ref.model is not None:
-        text = ref.model.name
-    else:
-        text = _SCALARS_CDDL[ref.scalar]
-    return f"{text} / nil" if ref.nullable else text
+    return spell(ref, _SCALARS_CDDL, lambda t: f"[* {t}]", lambda t: f"{t} / nil")
 
 
 def _cddl_map(model: ModelDescription) -> str:

@@ -1,0 +1,234 @@
+"""The generated TypeScript client: it type-checks, speaks the wire byte for byte, and works.
+
+The client is generated into a temporary folder, compiled with ``tsc --strict``
+together with the programs in ``tests/node/``, and run by Node against real
+servers. Without node or npm these tests skip, except on CI (``CI`` set),
+where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from timer_sdk import cli, stubs
+from timer_sdk.api import METHODS
+from timer_sdk.description import describe
+from timer_sdk.models import (
+    ComplexRequest,
+    EchoRequest,
+    EchoResponse,
+    Int64,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
+    TimerModel,
+)
+from timer_sdk.server import Server
+
+from . import _node, vectors
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh client with the test programs, compiled; the folder it is in."""
+    out = tmp_path_factory.mktemp("ts-client")
+    compiled = _node.build(out)
+    assert compiled.returncode == 0, f"tsc --strict:\n{compiled.stdout}{compiled.stderr}"
+    return out
+
+
+async def run_node(built: Path, program: str, address: str) -> Any:
+    """Run a compiled test program against ``address``; what it printed, as JSON."""
+    node, _ = _node.require_node()
+    proc = await asyncio.create_subprocess_exec(
+        node, str(built / "build" / "test" / f"{program}.js"), address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+def test_the_fresh_client_type_checks_under_strict(built: Path) -> None:
+    # The fixture compiled it; here, that the compile produced the whole client.
+    compiled = {path.name for path in (built / "build" / "src").glob("*.js")}
+    assert compiled == {"client.js", "connection.js", "index.js", "types.js", "wire.js"}
+
+
+async def test_every_method_end_to_end(built: Path, server: Server) -> None:
+    timer = server.timer
+    job = JobSpec(name="j", payload=["p"], priority=1)
+    retry = RetryPolicy(max_attempts=3, backoff_ms=100, retry_on=["timeout"])
+    when = ScheduleConfig(start_at_ms=1000, interval_ms=500, jitter=7)
+    two = [EchoRequest(message="a", delay_ms=0), EchoRequest(message="b", delay_ms=0)]
+    # What the Python procs answer to the same inputs, by wire names.
+    expected = {
+        "version": await timer.version(),
+        "complex": (
+            await timer.complex(ComplexRequest(messages=two, tags=["x", "y"], note="n", retries=3))
+        ).model_dump(by_alias=True),
+        "complexBare": (await timer.complex(ComplexRequest(messages=[], tags=[]))).model_dump(
+            by_alias=True
+        ),
+        "schedule": (await timer.schedule(job, retry, when)).model_dump(by_alias=True),
+    }
+
+    seen = await run_node(built, "e2e", server.address)
+
+    assert {key: seen[key] for key in expected} == expected
+    assert seen["echo"] == {"echoed": "hello over the wire", "timerName": "ipc-server"}
+    assert seen["error"] == ["RemoteCallError", "schedule", "job name must not be empty"]
+    assert seen["burst"] == [f"burst {i}" for i in range(1000)]
+    assert seen["timeout"] == "CallTimeoutError echo"
+    assert seen["afterTimeout"] == "next"  # not "slow": the late reply was consumed
+
+    def event(i: int) -> dict[str, Any]:
+        data = {"message": f"event {i}", "echoCount": 1}
+        return {"kind": "event", "event": "on_echo_fired", "data": data}
+
+    assert seen["events"] == [event(i) for i in range(5)]
+    assert seen["smallEvents"] == [{"kind": "dropped", "count": 3}, event(3), event(4)]
+    assert seen["afterUnsubscribe"] == expected["version"]
+    assert seen["afterClose"] == "ConnectionClosedError"
+
+
+async def test_the_frames_are_the_captured_vectors_byte_for_byte(built: Path) -> None:
+    """A stand-in for the reference: it records the client's bytes and answers its bytes."""
+    received: list[bytes] = []
+    exchanges = [
+        (vectors.VERSION_REQUEST, vectors.VERSION_REPLY_OF_REFERENCE),
+        (vectors.ECHO_REQUEST, vectors.ECHO_REPLY),
+    ]
+
+    async def reference(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for request, reply in exchanges:
+            try:
+                received.append(await reader.readexactly(len(request)))
+            except asyncio.IncompleteReadError as exc:  # a shorter frame: keep it to compare
+                received.append(exc.partial)
+                break
+            # In pieces, as the reference writes: the client must reassemble them.
+            for piece in (reply[:4], reply[4:8], reply[8:9], reply[9:]):
+                writer.write(piece)
+                await writer.drain()
+        writer.close()
+
+    stand_in = await asyncio.start_server(reference, "127.0.0.1", 0)
+    async with stand_in:
+        port = stand_in.sockets[0].getsockname()[1]
+        seen = await run_node(built, "vectors", f"tcp:127.0.0.1:{port}")
+
+    assert received == [vectors.VERSION_REQUEST, vectors.ECHO_REQUEST]
+    assert seen == {
+        "version": "nim-timer v0.1.0",
+        "echo": {"echoed": "hello over the wire", "timerName": "ipc-server"},
+    }
+
+
+class _Method:
+    """A stand-in for api.Method: what the description reads."""
+
+    def __init__(self, name: str, params: type[BaseModel], result: type[Any]) -> None:
+        self.name, self.params, self.result = name, params, result
+
+
+def _interface(types_ts: str, name: str) -> str:
+    return types_ts.split(f"export interface {name} {{\n", 1)[1].split("}", 1)[0]
+
+
+def test_a_changed_model_changes_the_generated_types() -> None:
+    # A throwaway copy of the echo declaration: one field changed, one added.
+    class EchoRequest(TimerModel):  # the same name, as an edit of models.py would keep it
+        message: list[str]
+        delay_ms: Int64
+        reply_to: str | None = None
+
+    class EchoParams(TimerModel):
+        req: EchoRequest
+
+    changed = describe([_Method("echo", EchoParams, EchoResponse)], events={})
+    before = _interface(stubs.render("typescript")["src/types.ts"], "EchoRequest")
+    after = stubs.render("typescript", changed)["src/types.ts"]
+
+    assert before == "  message: string;\n  delayMs: Int64;\n"
+    assert _interface(after, "EchoRequest") == (
+        "  message: string[];\n  delayMs: Int64;\n  replyTo?: string | null;\n"
+    )
+    assert "ComplexRequest" not in after  # only what the copied declaration uses
+    client_ts = stubs.render("typescript", changed)["src/client.ts"]
+    assert "echo(req: EchoRequest, options?: CallOptions): Promise<EchoResponse>" in client_ts
+    assert "schedule(" not in client_ts
+
+
+def test_every_proc_gets_one_typed_method() -> None:
+    client_ts = stubs.render("typescript")["src/client.ts"]
+    for name in METHODS:
+        assert client_ts.count(f'this.call("{name}", ') == 1, name
+    assert (
+        "schedule(job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig, "
+        "options?: CallOptions): Promise<ScheduleResult>"
+    ) in client_ts
+
+
+def test_the_stubs_command_writes_the_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["stubs", "--lang", "typescript", "--out", str(tmp_path / "ts")]) == 0
+    files = stubs.render("typescript")
+    assert {
+        str(path.relative_to(tmp_path / "ts")) for path in (tmp_path / "ts").rglob("*.*")
+    } == set(files)
+    assert (tmp_path / "ts" / "src" / "types.ts").read_text() == files["src/types.ts"]
+    assert "wrote 8 files of the typescript client" in capsys.readouterr().out
+    package = json.loads(files["package.json"])
+    # Pinned exactly: the same install on every machine.
+    for version in {**package["dependencies"], **package["devDependencies"]}.values():
+        assert version[0].isdigit(), package
+
+
+def test_an_unknown_language_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown language 'cobol'; the languages are: typescript"):
+        stubs.render("cobol")
+    with pytest.raises(SystemExit):
+        cli.main(["stubs", "--lang", "cobol", "--out", "x"])
+
+
+def test_node_is_found_or_ci_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="node and npm not found on PATH"):
+        _node.require_node()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        _node.require_node()
+
+
+def test_tsc_reports_a_type_error_in_a_program(built: Path) -> None:
+    """The type check is real: a call with a wrong field type does not compile."""
+    bad = built / "bad"
+    bad.mkdir()
+    (bad / "bad.ts").write_text(
+        'import { TimerClient } from "../src/index.js";\n'
+        "declare const client: TimerClient;\n"
+        'await client.echo({ message: "hi", delayMs: "5" });\n'
+    )
+    (bad / "tsconfig.json").write_text((built / "test" / "tsconfig.json").read_text())
+    tsc = built / "node_modules" / ".bin" / "tsc"
+    out = subprocess.run(
+        [str(tsc), "-p", "bad", "--strict", "--noEmit"],
+        cwd=built, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "Type 'string' is not assignable to type 'number'" in out.stdout

@@ -1,0 +1,327 @@
+// One connection to a timer server over node:net (TCP or a Unix socket): pipelined
+// calls paired with replies by order, call timeouts that keep that order, and the
+// event extension as async iterators.
+import * as net from "node:net";
+import {
+  FrameReader,
+  RET_ERROR,
+  RET_EVENT,
+  RET_EVENTS_DROPPED,
+  RET_OK,
+  decodeItem,
+  encodeRequest,
+  type Frame,
+} from "./wire.js";
+
+/** The server answered a call with an error reply (ret 1). */
+export class RemoteCallError extends Error {
+  override readonly name = "RemoteCallError";
+  constructor(
+    readonly method: string,
+    readonly remoteMessage: string,
+  ) {
+    super(`${method}: ${remoteMessage}`);
+  }
+}
+
+/**
+ * A call got no reply within its timeout. Its reply, when it comes, is read and
+ * dropped, so every later call still gets its own reply.
+ */
+export class CallTimeoutError extends Error {
+  override readonly name = "CallTimeoutError";
+  constructor(
+    readonly method: string,
+    readonly timeoutMs: number,
+  ) {
+    super(`${method}: no reply within ${timeoutMs} ms`);
+  }
+}
+
+/** The connection closed (or broke) before this call's reply or this stream's end. */
+export class ConnectionClosedError extends Error {
+  override readonly name = "ConnectionClosedError";
+}
+
+export interface CallOptions {
+  /** Milliseconds to wait for this call's reply; 0 waits for ever. Default: the connection's. */
+  timeoutMs?: number;
+}
+
+export interface ConnectOptions {
+  /** Default milliseconds to wait for each reply; 0 waits for ever (default 30000). */
+  timeoutMs?: number;
+  /** Milliseconds to wait for the connection (default 10000). */
+  connectTimeoutMs?: number;
+}
+
+/** One item of an event stream: an event, or how many events were lost right here. */
+export type EventItem<M> =
+  | { [K in keyof M]: { kind: "event"; event: K; data: M[K] } }[keyof M]
+  | { kind: "dropped"; count: number };
+
+export interface SubscribeOptions {
+  /** Events held for a slow reader before the oldest are dropped (default 1024). */
+  maxQueue?: number;
+}
+
+interface Pending {
+  method: string;
+  resolve: (value: unknown) => void;
+  reject: (error: Error) => void;
+  timer: NodeJS.Timeout | undefined;
+  done: boolean;
+}
+
+/** Open a socket to `tcp:HOST:PORT` (HOST may be `[v6]`) or `unix:PATH`. */
+export function dial(address: string, options: ConnectOptions = {}): Promise<net.Socket> {
+  let target: net.NetConnectOpts;
+  if (address.startsWith("unix:")) {
+    target = { path: address.slice("unix:".length) };
+  } else if (address.startsWith("tcp:")) {
+    const rest = address.slice("tcp:".length);
+    const colon = rest.lastIndexOf(":");
+    const port = Number(rest.slice(colon + 1));
+    if (colon < 0 || !Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new Error(`${address}: expected tcp:HOST:PORT with a port from 1 to 65535`);
+    }
+    target = { host: rest.slice(0, colon).replace(/^\[(.*)\]$/, "$1"), port };
+  } else {
+    throw new Error(`${address}: expected tcp:HOST:PORT or unix:PATH (this client has no TLS)`);
+  }
+  const timeoutMs = options.connectTimeoutMs ?? 10_000;
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(target);
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`${address}: no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once("connect", () => {
+      clearTimeout(timer);
+      socket.removeAllListeners("error");
+      socket.setNoDelay(true);
+      resolve(socket);
+    });
+    socket.once("error", (error) => {
+      clearTimeout(timer);
+      reject(new Error(`${address}: ${error.message}`, { cause: error }));
+    });
+  });
+}
+
+/** A stream of events on one connection; `for await` it, and `close()` it when done. */
+export class Subscription<M> implements AsyncIterableIterator<EventItem<M>> {
+  private readonly queue: EventItem<M>[] = [];
+  private dropped = 0;
+  private waiter: ((result: IteratorResult<EventItem<M>>) => void) | undefined;
+  private failWaiter: ((error: Error) => void) | undefined;
+  private ended = false;
+  private error: Error | undefined;
+
+  constructor(
+    private readonly maxQueue: number,
+    private readonly onClose: (subscription: Subscription<M>) => Promise<void>,
+  ) {}
+
+  /** Queue an item; beyond `maxQueue`, drop the oldest and count it. */
+  push(item: EventItem<M>): void {
+    if (this.ended) return;
+    if (this.waiter !== undefined && this.dropped === 0) {
+      const resolve = this.waiter;
+      this.waiter = this.failWaiter = undefined;
+      resolve({ value: item, done: false });
+      return;
+    }
+    this.queue.push(item);
+    if (this.queue.length > this.maxQueue) {
+      const lost = this.queue.shift();
+      this.dropped += lost?.kind === "dropped" ? lost.count : 1;
+    }
+  }
+
+  /** End the stream: cleanly, or with the error the next read raises. */
+  end(error?: Error): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.error = error;
+    if (error !== undefined && this.failWaiter !== undefined) this.failWaiter(error);
+    else this.waiter?.({ value: undefined, done: true });
+    this.waiter = this.failWaiter = undefined;
+  }
+
+  next(): Promise<IteratorResult<EventItem<M>>> {
+    if (this.dropped > 0) {
+      // The gap comes before the events still held: the oldest were the ones dropped.
+      const count = this.dropped;
+      this.dropped = 0;
+      return Promise.resolve({ value: { kind: "dropped", count }, done: false });
+    }
+    const item = this.queue.shift();
+    if (item !== undefined) return Promise.resolve({ value: item, done: false });
+    if (this.error !== undefined) return Promise.reject(this.error);
+    if (this.ended) return Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve, reject) => {
+      this.waiter = resolve;
+      this.failWaiter = reject;
+    });
+  }
+
+  /** Stop the stream; the last one on a connection unsubscribes it. */
+  async close(): Promise<void> {
+    if (this.ended) return;
+    this.end();
+    await this.onClose(this);
+  }
+
+  async return(): Promise<IteratorResult<EventItem<M>>> {
+    await this.close();
+    return { value: undefined, done: true };
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+}
+
+/**
+ * Calls over one socket. Requests may be pipelined: each reply goes to the oldest
+ * call still waiting, which is why a call that timed out keeps its place.
+ * `M` maps each event name to its payload type.
+ */
+export class Connection<M> {
+  private readonly reader = new FrameReader();
+  private readonly pending: Pending[] = [];
+  private readonly subscriptions = new Set<Subscription<M>>();
+  private readonly defaultTimeoutMs: number;
+  private closedError: Error | undefined;
+  private readonly closed: Promise<void>;
+
+  protected constructor(
+    private readonly socket: net.Socket,
+    options: ConnectOptions = {},
+  ) {
+    this.defaultTimeoutMs = options.timeoutMs ?? 30_000;
+    socket.on("data", (data: Buffer) => this.received(data));
+    socket.on("error", (error) => this.fail(new ConnectionClosedError(error.message, { cause: error })));
+    this.closed = new Promise((resolve) =>
+      socket.once("close", () => {
+        this.fail(new ConnectionClosedError("the connection closed"));
+        resolve();
+      }),
+    );
+  }
+
+  /** Send one request and wait for its reply; any method, any payload map. */
+  call(method: string, payload: object, options: CallOptions = {}): Promise<unknown> {
+    if (this.closedError !== undefined) return Promise.reject(this.closedError);
+    const frame = encodeRequest(method, payload);
+    const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
+    return new Promise((resolve, reject) => {
+      const entry: Pending = { method, resolve, reject, timer: undefined, done: false };
+      if (timeoutMs > 0) {
+        entry.timer = setTimeout(() => {
+          entry.done = true; // stays queued: its reply is still read, then dropped
+          reject(new CallTimeoutError(method, timeoutMs));
+        }, timeoutMs);
+      }
+      this.pending.push(entry);
+      this.socket.write(frame);
+    });
+  }
+
+  /**
+   * Subscribe this connection to events (all of them by default). Events may come
+   * before the subscribe reply, so the stream is registered before the request goes.
+   */
+  async subscribe(
+    events?: (keyof M & string)[],
+    options: SubscribeOptions = {},
+  ): Promise<Subscription<M>> {
+    const subscription = new Subscription<M>(options.maxQueue ?? 1024, (s) => this.unsubscribe(s));
+    this.subscriptions.add(subscription);
+    try {
+      await this.call("events.subscribe", events === undefined ? {} : { events });
+    } catch (error) {
+      this.subscriptions.delete(subscription);
+      throw error;
+    }
+    return subscription;
+  }
+
+  private async unsubscribe(subscription: Subscription<M>): Promise<void> {
+    this.subscriptions.delete(subscription);
+    if (this.subscriptions.size === 0 && this.closedError === undefined) {
+      await this.call("events.unsubscribe", {});
+    }
+  }
+
+  /** Close the connection; calls still waiting fail with ConnectionClosedError. */
+  async close(): Promise<void> {
+    for (const subscription of this.subscriptions) subscription.end();
+    this.subscriptions.clear();
+    this.socket.end();
+    await this.closed;
+  }
+
+  private received(data: Buffer): void {
+    let frames: Frame[];
+    try {
+      frames = this.reader.push(data);
+    } catch (error) {
+      this.socket.destroy(error as Error);
+      return;
+    }
+    for (const frame of frames) {
+      if (frame.ret === RET_EVENT || frame.ret === RET_EVENTS_DROPPED) this.event(frame);
+      else this.reply(frame);
+    }
+  }
+
+  private reply(frame: Frame): void {
+    const entry = this.pending.shift();
+    if (entry === undefined) {
+      this.socket.destroy(new Error(`a reply (ret ${frame.ret}) with no call waiting`));
+      return;
+    }
+    clearTimeout(entry.timer);
+    if (entry.done) return; // timed out: consumed, so the next reply goes to the next call
+    entry.done = true;
+    if (frame.ret === RET_OK) {
+      try {
+        entry.resolve(decodeItem(frame.body));
+      } catch (error) {
+        entry.reject(new Error(`${entry.method}: invalid reply: ${(error as Error).message}`));
+      }
+    } else if (frame.ret === RET_ERROR) {
+      entry.reject(new RemoteCallError(entry.method, frame.body.toString("utf8")));
+    } else {
+      entry.reject(new Error(`${entry.method}: unexpected reply code ${frame.ret}`));
+    }
+  }
+
+  private event(frame: Frame): void {
+    let item: EventItem<M>;
+    try {
+      const body = decodeItem(frame.body) as Record<string, unknown>;
+      item =
+        frame.ret === RET_EVENT
+          ? ({ kind: "event", event: body.event, data: body.data } as EventItem<M>)
+          : { kind: "dropped", count: body.dropped as number };
+    } catch (error) {
+      this.socket.destroy(new Error(`invalid event frame: ${(error as Error).message}`));
+      return;
+    }
+    for (const subscription of this.subscriptions) subscription.push(item);
+  }
+
+  private fail(error: Error): void {
+    if (this.closedError !== undefined) return;
+    this.closedError = error;
+    for (const entry of this.pending.splice(0)) {
+      clearTimeout(entry.timer);
+      if (!entry.done) entry.reject(error);
+    }
+    for (const subscription of this.subscriptions) subscription.end(error);
+    this.subscriptions.clear();
+  }
+}
