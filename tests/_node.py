@@ -58,17 +58,27 @@ def node_modules() -> Path:
     return root / "node_modules"
 
 
-def build(out: Path, api: ApiDescription | None = None) -> subprocess.CompletedProcess[str]:
-    """Generate the client into ``out`` with the test programs and compile all with tsc --strict.
+def build(
+    out: Path, api: ApiDescription | None = None, *, programs: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Generate the client into ``out`` and build it as its README says, with tsc --strict.
 
-    The compiled client is ``out/build/src``, the programs ``out/build/test``.
+    The client compiles to ``out/dist``; with ``programs``, the test programs
+    are compiled against it (its ``.d.ts``, as a user's code is) to ``out/test-build``.
+    The first failing compile is returned, else the last.
     """
     modules = node_modules()
     stubs.generate("typescript", out, api)
     (out / "node_modules").symlink_to(modules, target_is_directory=True)
-    shutil.copytree(PROGRAMS, out / "test")
-    tsc = modules / ".bin" / "tsc"
+    tsc = str(modules / ".bin" / "tsc")
+    compiled = _run([tsc, "-p", ".", "--strict"], out)
+    if compiled.returncode == 0 and programs:
+        shutil.copytree(PROGRAMS, out / "test")
+        compiled = _run([tsc, "-p", "test", "--strict"], out)
+    return compiled
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(tsc), "-p", "test", "--strict"],
-        cwd=out, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )

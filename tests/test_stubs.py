@@ -48,7 +48,7 @@ async def run_node(built: Path, program: str, address: str) -> Any:
     """Run a compiled test program against ``address``; what it printed, as JSON."""
     node, _ = _node.require_node()
     proc = await asyncio.create_subprocess_exec(
-        node, str(built / "build" / "test" / f"{program}.js"), address,
+        node, str(built / "test-build" / f"{program}.js"), address,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -63,7 +63,7 @@ async def run_node(built: Path, program: str, address: str) -> Any:
 
 def test_the_fresh_client_type_checks_under_strict(built: Path) -> None:
     # The fixture compiled it; here, that the compile produced the whole client.
-    compiled = {path.name for path in (built / "build" / "src").glob("*.js")}
+    compiled = {path.name for path in (built / "dist").glob("*.js")}
     assert compiled == {"client.js", "connection.js", "index.js", "types.js", "wire.js"}
 
 
@@ -220,7 +220,7 @@ def test_tsc_reports_a_type_error_in_a_program(built: Path) -> None:
     bad = built / "bad"
     bad.mkdir()
     (bad / "bad.ts").write_text(
-        'import { TimerClient } from "../src/index.js";\n'
+        'import { TimerClient } from "../dist/index.js";\n'
         "declare const client: TimerClient;\n"
         'await client.echo({ message: "hi", delayMs: "5" });\n'
     )

@@ -1,6 +1,6 @@
 // Every method of the generated client against a real server; prints what it saw as JSON.
 // Usage: node e2e.js ADDRESS
-import { CallTimeoutError, RemoteCallError, TimerClient, type EventItem, type EventMap } from "../src/index.js";
+import { CallTimeoutError, RemoteCallError, TimerClient, type EventItem, type EventMap } from "../dist/index.js";
 
 const address = process.argv[2] ?? "";
 const client = await TimerClient.connect(address, { timeoutMs: 20_000 });

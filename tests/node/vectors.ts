@@ -1,6 +1,6 @@
 // The two requests of the captured vectors through the generated client; prints the replies.
 // Usage: node vectors.js ADDRESS (a server that answers as the reference did)
-import { TimerClient } from "../src/index.js";
+import { TimerClient } from "../dist/index.js";
 
 const client = await TimerClient.connect(process.argv[2] ?? "");
 const version = await client.version();
