@@ -66,7 +66,7 @@ def test_top_level_help_is_plain_text_and_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0
     assert "``" not in out.stdout and ":mod:" not in out.stdout
-    for command in ("serve", "call", "example", "schema", "demo", "bench"):
+    for command in ("serve", "call", "example", "schema", "stubs", "demo", "bench"):
         assert re.search(rf"^\s+{command}\s+\w", out.stdout, re.MULTILINE), command
         text = run(command, "--help").stdout
         assert text.startswith(f"usage: timer-sdk {command}"), command

@@ -9,6 +9,8 @@ before each fence says how the block runs, ``<!-- readme-test: KIND: why -->``:
 - ``client``: a Python script run against the ``server`` block's server.
 - ``shell-client``: shell commands run against it.
 - ``shell``: shell commands on their own.
+- ``node-client``: an ES module run by Node, with the generated TypeScript
+  client installed, against a server named like the ``server`` block's.
 - ``kernel``: a cell of a real Jupyter kernel (top-level ``await``).
 - ``output``: what the block before printed, compared exactly.
 - ``parse-only``: a long-running command; its arguments are parsed by the
@@ -21,6 +23,7 @@ A block without a comment fails the suite, so a new one cannot go untested.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -36,12 +39,14 @@ from typing import Any, NoReturn
 
 import pytest
 
-from timer_sdk import Limits, cli, soak
+from timer_sdk import Limits, Timer, TimerConfig, cli, soak
 
+from . import _node
 from ._kernel import Kernel
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KINDS = {"server", "client", "shell-client", "shell", "kernel", "output", "parse-only", "skip"}
+KINDS.add("node-client")  # Node ES modules, with the generated TypeScript client
 BIN = str(Path(sys.executable).parent)  # where the timer-sdk script is
 
 
@@ -183,6 +188,30 @@ def test_the_kernel_blocks_run_in_a_real_kernel(tmp_path: Path) -> None:
             expected = output_after(block)
             if expected is not None:
                 assert cell.stdout == expected, block
+
+
+async def test_the_node_blocks_run_with_the_generated_client(tmp_path: Path) -> None:
+    node, _ = _node.require_node()
+    assert of("node-client")
+    compiled = _node.build(tmp_path / "timer-client", programs=False)
+    assert compiled.returncode == 0, compiled.stdout
+    app = tmp_path / "app"  # a Node project that installed the client, as the README says
+    (app / "node_modules").mkdir(parents=True)
+    (app / "node_modules" / "timer-sdk-client").symlink_to(tmp_path / "timer-client")
+    with port_9099():
+        async with await Timer(TimerConfig(name="kitchen")).serve("tcp:127.0.0.1:9099"):
+            for i, block in enumerate(of("node-client")):
+                (app / f"block{i}.mjs").write_text(block.code)
+                proc = await asyncio.create_subprocess_exec(
+                    node, f"block{i}.mjs", cwd=app,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+                assert proc.returncode == 0, f"{block}:\n{err.decode()}"
+                assert out, block
+                expected = output_after(block)
+                if expected is not None:
+                    assert out.decode() == expected, block
 
 
 class _Parsed(Exception):

@@ -1,10 +1,11 @@
-"""The ``timer-sdk`` command: serve, call, example, schema, demo, bench.
+"""The ``timer-sdk`` command: serve, call, example, schema, stubs, demo, bench.
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
 SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
 call ADDRESS METHOD [JSON]`` calls any method and prints the reply as JSON, as
 grpcurl does for gRPC; ``timer-sdk example METHOD`` prints a payload to start
-from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema.
+from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema, and
+``timer-sdk stubs`` writes a typed client for another language (:mod:`timer_sdk.stubs`).
 ``timer-sdk demo`` starts a server process and makes a round trip of every
 method against it. ``timer-sdk bench`` measures the server and client beside a
 minimal floor (see :mod:`timer_sdk.bench`). Help texts and errors are in
