@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from pydantic import BaseModel
 
@@ -61,6 +63,12 @@ async def run_node(built: Path, program: str, address: str) -> Any:
     return json.loads(out)
 
 
+def item(message: str) -> dict[str, Any]:
+    """An event as the client's stream yields it."""
+    data = {"message": message, "echoCount": 1}
+    return {"kind": "event", "event": "on_echo_fired", "data": data}
+
+
 def test_the_fresh_client_type_checks_under_strict(built: Path) -> None:
     # The fixture compiled it; here, that the compile produced the whole client.
     compiled = {path.name for path in (built / "dist").glob("*.js")}
@@ -94,12 +102,12 @@ async def test_every_method_end_to_end(built: Path, server: Server) -> None:
     assert seen["timeout"] == "CallTimeoutError echo"
     assert seen["afterTimeout"] == "next"  # not "slow": the late reply was consumed
 
-    def event(i: int) -> dict[str, Any]:
-        data = {"message": f"event {i}", "echoCount": 1}
-        return {"kind": "event", "event": "on_echo_fired", "data": data}
-
-    assert seen["events"] == [event(i) for i in range(5)]
-    assert seen["smallEvents"] == [{"kind": "dropped", "count": 3}, event(3), event(4)]
+    assert seen["events"] == [item(f"event {i}") for i in range(5)]
+    assert seen["smallEvents"] == [
+        {"kind": "dropped", "count": 3},
+        item("event 3"),
+        item("event 4"),
+    ]
     assert seen["afterUnsubscribe"] == expected["version"]
     assert seen["afterClose"] == "ConnectionClosedError"
 
@@ -134,6 +142,53 @@ async def test_the_frames_are_the_captured_vectors_byte_for_byte(built: Path) ->
     assert seen == {
         "version": "nim-timer v0.1.0",
         "echo": {"echoed": "hello over the wire", "timerName": "ipc-server"},
+    }
+
+
+async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
+    """Events before the subscribe reply, a server's drop notice, events between replies."""
+    methods: list[str] = []
+
+    def frame(ret: int, item: object) -> bytes:
+        body = item if isinstance(item, bytes) else cbor2.dumps(item)
+        return struct.pack(">iI", ret, len(body)) + body
+
+    def event(message: str) -> bytes:
+        return frame(16, {"event": item(message)["event"], "data": item(message)["data"]})
+
+    answers = [
+        event("before the reply")
+        + frame(17, {"dropped": 5})
+        + frame(0, {"events": ["on_echo_fired"]}),
+        event("before the error") + frame(1, b"boom"),
+        event("before the echo") + vectors.ECHO_REPLY,
+    ]
+
+    async def stand_in(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            name = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+            methods.append(name.decode())
+            writer.write(answer)
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(stand_in, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        seen = await run_node(built, "frames", f"tcp:127.0.0.1:{port}")
+
+    assert methods == ["events.subscribe", "version", "echo"]
+    assert seen == {
+        "error": ["RemoteCallError", "version: boom"],
+        "echo": {"echoed": "hello over the wire", "timerName": "ipc-server"},
+        "items": [
+            item("before the reply"),
+            {"kind": "dropped", "count": 5},
+            item("before the error"),
+            item("before the echo"),
+        ],
+        "ended": True,
     }
 
 
