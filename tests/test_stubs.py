@@ -98,6 +98,16 @@ async def test_every_method_end_to_end(built: Path, server: Server) -> None:
     assert {key: seen[key] for key in expected} == expected
     assert seen["echo"] == {"echoed": "hello over the wire", "timerName": "ipc-server"}
     assert seen["error"] == ["RemoteCallError", "schedule", "job name must not be empty"]
+    assert seen["unsafeRequest"] == (
+        "RangeError: req.delayMs: 1152921504606847000 "
+        "is beyond Number.MAX_SAFE_INTEGER, so not exact"
+    )
+    assert seen["unsafeReply"] == (
+        "InvalidReplyError: schedule: invalid reply: "
+        "firstRunAtMs: 9007199254740993 is beyond Number.MAX_SAFE_INTEGER"
+    )
+    assert seen["wide"] == -(2**40)
+    assert seen["afterUnsafe"] == "still in step"
     assert seen["burst"] == [f"burst {i}" for i in range(1000)]
     assert seen["timeout"] == "CallTimeoutError echo"
     assert seen["afterTimeout"] == "next"  # not "slow": the late reply was consumed

@@ -28,6 +28,16 @@ try {
   seen.error = error instanceof RemoteCallError ? [error.name, error.method, error.remoteMessage] : String(error);
 }
 
+// Integers beyond 2^53 - 1 are refused both ways rather than rounded: this request
+// before it is sent, and a reply whose firstRunAtMs (startAtMs + jitter) is past it.
+const refused = (error: unknown) => (error instanceof Error ? `${error.name}: ${error.message}` : "?");
+seen.unsafeRequest = await client.echo({ message: "big", delayMs: 2 ** 60 }).then(String, refused);
+const edge = { ...when, startAtMs: Number.MAX_SAFE_INTEGER, jitter: 2 };
+seen.unsafeReply = await client.schedule(job, retry, edge).then(String, refused);
+const wide = { ...when, startAtMs: 2 ** 40, jitter: -(2 ** 41) }; // beyond 32 bits both ways
+seen.wide = (await client.schedule(job, retry, wide)).firstRunAtMs;
+seen.afterUnsafe = (await client.echo({ message: "still in step", delayMs: 0 })).echoed;
+
 const burst = await Promise.all(
   Array.from({ length: 1000 }, (_, i) => client.echo({ message: `burst ${i}`, delayMs: 0 })),
 );

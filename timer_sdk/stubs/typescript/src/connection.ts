@@ -38,6 +38,17 @@ export class CallTimeoutError extends Error {
   }
 }
 
+/** A success reply that this client cannot decode, or an integer in it beyond 2^53 - 1. */
+export class InvalidReplyError extends Error {
+  override readonly name = "InvalidReplyError";
+  constructor(
+    readonly method: string,
+    cause: Error,
+  ) {
+    super(`${method}: invalid reply: ${cause.message}`, { cause });
+  }
+}
+
 /** The connection closed (or broke) before this call's reply or this stream's end. */
 export class ConnectionClosedError extends Error {
   override readonly name = "ConnectionClosedError";
@@ -214,7 +225,12 @@ export class Connection<M> {
   /** Send one request and wait for its reply; any method, any payload map. */
   call(method: string, payload: object, options: CallOptions = {}): Promise<unknown> {
     if (this.closedError !== undefined) return Promise.reject(this.closedError);
-    const frame = encodeRequest(method, payload);
+    let frame: Buffer;
+    try {
+      frame = encodeRequest(method, payload);
+    } catch (error) {
+      return Promise.reject(error as Error); // a promise's caller expects no synchronous throw
+    }
     const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
     return new Promise((resolve, reject) => {
       const entry: Pending = { method, resolve, reject, timer: undefined, done: false };
@@ -290,7 +306,7 @@ export class Connection<M> {
       try {
         entry.resolve(decodeItem(frame.body));
       } catch (error) {
-        entry.reject(new Error(`${entry.method}: invalid reply: ${(error as Error).message}`));
+        entry.reject(new InvalidReplyError(entry.method, error as Error));
       }
     } else if (frame.ret === RET_ERROR) {
       entry.reject(new RemoteCallError(entry.method, frame.body.toString("utf8")));

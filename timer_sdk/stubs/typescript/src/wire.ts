@@ -31,11 +31,15 @@ export interface Frame {
 /**
  * A value as the wire wants it: members that are `undefined` left out (an absent
  * optional field), and integers checked to be exact, since a JavaScript number beyond
- * 2^53 - 1 is no longer the integer it was meant to be (and would go out as a float).
+ * 2^53 - 1 is no longer the integer it was meant to be.
  */
 function toWire(value: unknown, path: string): unknown {
-  if (typeof value === "number" && Number.isInteger(value) && !Number.isSafeInteger(value)) {
-    throw new RangeError(`${path || "value"}: ${value} is beyond Number.MAX_SAFE_INTEGER, so not exact`);
+  if (typeof value === "number" && Number.isInteger(value)) {
+    if (!Number.isSafeInteger(value)) {
+      throw new RangeError(`${path || "value"}: ${value} is beyond Number.MAX_SAFE_INTEGER, so not exact`);
+    }
+    // cbor-x writes a number beyond 32 bits as a float; a bigint goes out as the integer.
+    return value > 0xffffffff || value < -0xffffffff ? BigInt(value) : value;
   }
   if (Array.isArray(value)) return value.map((item, i) => toWire(item, `${path}.${i}`));
   if (value !== null && typeof value === "object" && !ArrayBuffer.isView(value)) {
