@@ -119,6 +119,7 @@ async def test_every_method_end_to_end(built: Path, server: Server) -> None:
         item("event 4"),
     ]
     assert seen["afterUnsubscribe"] == expected["version"]
+    assert seen["lateReply"] == "late"
     assert seen["afterClose"] == "ConnectionClosedError"
 
 

@@ -68,7 +68,9 @@ await all.close();
 seen.afterUnsubscribe = await client.version();
 
 await other.close();
-await client.close();
+const late = client.echo({ message: "late", delayMs: 50 });
+await client.close(); // graceful: a call already sent still gets its reply
+seen.lateReply = await late.then((reply) => reply.echoed, refused);
 try {
   await client.version();
   seen.afterClose = "answered";

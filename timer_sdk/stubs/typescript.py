@@ -63,9 +63,9 @@ def _types(api: ApiDescription) -> str:
         _HEADER,
         "\n/**\n"
         f" * A 64-bit integer on the wire ({lo}..{hi}),\n"
-        " * a `number` here: exact within ±(2^53 - 1), `Number.MAX_SAFE_INTEGER`. A request\n"
-        " * integer beyond that throws a RangeError before anything is sent; a reply integer\n"
-        " * beyond it fails the call rather than being rounded.\n"
+        " * a `number` here: exact within ±(2^53 - 1), `Number.MAX_SAFE_INTEGER`. A call with\n"
+        " * a request integer beyond that rejects with a RangeError before anything is sent;\n"
+        " * a reply integer beyond it rejects the call with InvalidReplyError, not rounded.\n"
         " */\nexport type Int64 = number;\n",
     ]
     parts += [f"\n{_interface(model)}" for model in api.models]

@@ -205,6 +205,7 @@ export class Connection<M> {
   private readonly subscriptions = new Set<Subscription<M>>();
   private readonly defaultTimeoutMs: number;
   private closedError: Error | undefined;
+  private closing = false;
   private readonly closed: Promise<void>;
 
   protected constructor(
@@ -225,6 +226,7 @@ export class Connection<M> {
   /** Send one request and wait for its reply; any method, any payload map. */
   call(method: string, payload: object, options: CallOptions = {}): Promise<unknown> {
     if (this.closedError !== undefined) return Promise.reject(this.closedError);
+    if (this.closing) return Promise.reject(new ConnectionClosedError("the client is closing"));
     let frame: Buffer;
     try {
       frame = encodeRequest(method, payload);
@@ -266,13 +268,18 @@ export class Connection<M> {
 
   private async unsubscribe(subscription: Subscription<M>): Promise<void> {
     this.subscriptions.delete(subscription);
-    if (this.subscriptions.size === 0 && this.closedError === undefined) {
+    if (this.subscriptions.size === 0 && !this.closing && this.closedError === undefined) {
       await this.call("events.unsubscribe", {});
     }
   }
 
-  /** Close the connection; calls still waiting fail with ConnectionClosedError. */
+  /**
+   * Close the connection: new calls fail at once, calls already sent get the replies
+   * the server sends before it closes its side, and the rest fail with
+   * ConnectionClosedError.
+   */
   async close(): Promise<void> {
+    this.closing = true;
     for (const subscription of this.subscriptions) subscription.end();
     this.subscriptions.clear();
     this.socket.end();
