@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from timer_sdk import cli, stubs
 from timer_sdk.api import METHODS
-from timer_sdk.description import describe
+from timer_sdk.description import describe, describe_model
 from timer_sdk.models import (
     ComplexRequest,
     EchoRequest,
@@ -236,6 +236,14 @@ def test_a_changed_model_changes_the_generated_types() -> None:
     client_ts = stubs.render("typescript", changed)["src/client.ts"]
     assert "echo(req: EchoRequest, options?: CallOptions): Promise<EchoResponse>" in client_ts
     assert "schedule(" not in client_ts
+
+
+def test_a_field_without_a_wire_type_is_named() -> None:
+    class Odd(TimerModel):
+        when: dict[str, int]
+
+    with pytest.raises(TypeError, match=r"no wire type for dict\[str, int\]"):
+        describe_model(Odd)
 
 
 def test_every_proc_gets_one_typed_method() -> None:
