@@ -11,7 +11,14 @@ import re
 from importlib import resources
 
 from .._version import __version__
-from ..description import ApiDescription, FieldDescription, ModelDescription, TypeRef, spell
+from ..description import (
+    ApiDescription,
+    FieldDescription,
+    ModelDescription,
+    ProcDescription,
+    TypeRef,
+    spell,
+)
 
 __all__ = ["PACKAGE", "render"]
 
@@ -33,10 +40,10 @@ _RESERVED = frozenset(
 )  # fmt: skip
 
 
-def _doc(text: str, indent: str = "") -> str:
+def _doc(text: str) -> str:
     """A JSDoc comment from a reST docstring."""
     text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`.]+)`", r"`\1`", text).replace("``", "`")
-    return f"{indent}/** {text.replace('*/', '* /')} */\n" if text else ""
+    return f"/** {text.replace('*/', '* /')} */\n" if text else ""
 
 
 def _type(ref: TypeRef) -> str:
@@ -84,27 +91,25 @@ def _param(field: FieldDescription) -> str:
     return f"{name}{'' if field.required else '?'}: {_type(field.type)}"
 
 
-def _method(proc_name: str, params: ModelDescription, result: TypeRef) -> str:
-    ident = re.sub(r"\W", "_", proc_name)
-    args = [_param(field) for field in params.fields] + ["options?: CallOptions"]
-    envelope = ", ".join(
-        f"{field.wire}: {field.wire}_" if field.wire in _RESERVED else field.wire
-        for field in params.fields
-    )
-    envelope = f"{{ {envelope} }}" if envelope else "{}"
-    shape = ", ".join(field.wire for field in params.fields)
+def _method(proc: ProcDescription) -> str:
+    ident = re.sub(r"\W", "_", proc.name)
+    fields = proc.params.fields
+    args = [_param(field) for field in fields] + ["options?: CallOptions"]
+    members = ", ".join(f"{f.wire}: {f.wire}_" if f.wire in _RESERVED else f.wire for f in fields)
+    envelope = f"{{ {members} }}" if members else "{}"
+    result = _type(proc.result)
     return (
-        f"  /** `{proc_name}`: request `{{{shape}}}`, reply `{_type(result)}`. */\n"
-        f"  {ident}({', '.join(args)}): Promise<{_type(result)}> {{\n"
-        f'    return this.call("{proc_name}", {envelope}, options) '
-        f"as Promise<{_type(result)}>;\n"
+        f"  /** `{proc.name}`: request `{{{', '.join(f.wire for f in fields)}}}`, "
+        f"reply `{result}`. */\n"
+        f"  {ident}({', '.join(args)}): Promise<{result}> {{\n"
+        f'    return this.call("{proc.name}", {envelope}, options) as Promise<{result}>;\n'
         "  }\n"
     )
 
 
 def _client(api: ApiDescription) -> str:
     used = sorted({m.name for m in api.models})
-    methods = "\n".join(_method(p.name, p.params, p.result) for p in api.procs)
+    methods = "\n".join(_method(proc) for proc in api.procs)
     return (
         f"{_HEADER}"
         "import { Connection, dial, type CallOptions, type ConnectOptions } "
