@@ -135,7 +135,7 @@ _INDEX = (
 
 def render(api: ApiDescription) -> dict[str, str]:
     """Every file of the package, by path relative to its root."""
-    here = resources.files(__package__ or "timer_sdk.stubs") / "typescript"
+    here = resources.files(__package__ or "timer_sdk.stubs") / "templates" / "typescript"
     tokens = {
         "@@PACKAGE@@": PACKAGE,
         "@@VERSION@@": __version__,
