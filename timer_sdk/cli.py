@@ -47,6 +47,7 @@ from .cli_help import (
 from .client import TimerClient
 from .codec import decode_item, encode_item
 from .errors import CallError, RemoteCallError, TimerError
+from .logs import configure as configure_logging
 from .models import (
     ComplexRequest,
     EchoRequest,
@@ -56,6 +57,8 @@ from .models import (
     TimerConfig,
 )
 from .natsd import NatsServer, nats_server_binary
+from .observe import start_metrics
+from .server import Server
 from .timer import Timer
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -112,6 +115,7 @@ async def _serve(
     reuse_port: bool = False,
     ready: multiprocessing.connection.Connection | None = None,
 ) -> int:
+    configure_logging(args.log_format, args.log_level)
     limits = limits_from_args(args)
     timer = Timer(TimerConfig(name=args.name))
     bus: str | Unshared | None = args.events_url
@@ -124,7 +128,23 @@ async def _serve(
         unix_mode=int(args.unix_mode, 8),
         reuse_port=reuse_port,
         bus=bus,
+        stats=args.stats or None,  # None: the default, on for unix: only
     )
+    try:
+        stop_metrics = start_metrics(server, args, worker=ready is not None)
+    except BaseException:
+        await server.close(timeout=0)
+        raise
+    try:
+        return await _serve_until_stopped(server, args, ready)
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+
+
+async def _serve_until_stopped(
+    server: Server, args: argparse.Namespace, ready: multiprocessing.connection.Connection | None
+) -> int:
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -138,7 +158,7 @@ async def _serve(
         await server.close(timeout=args.shutdown_timeout)
         return 0
     print(
-        f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
+        f"timer-sdk {__version__}: timer {server.timer.name!r} listening on {server.address}",
         flush=True,
     )
     # Same task step as the print: the handlers are in place before any request is read.
@@ -453,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _example(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "top":
+            from .top import run_command as run_top
+
+            return run_top(args)
         if args.command == "bench":
             from .bench import run_command
 

@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_limit_flags(serve)
     _add_tls(serve, server=True)
+    from .observe import add_serve_flags
+
+    add_serve_flags(serve)
 
     call = commands.add_parser(
         "call",
@@ -357,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a server process and call every method on it",
         description="Start a server process and make a round trip of every method against it.",
     )
+
+    from .top import add_arguments as add_top_arguments
+
+    top = commands.add_parser("top", help="watch a running server: calls/s, latency, errors")
+    add_top_arguments(top)
 
     from .bench import add_arguments as add_bench_arguments
 
