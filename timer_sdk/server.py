@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 # asyncio's default of 100 makes a burst of connects fail before max_connections applies.
 _BACKLOG = socket.SOMAXCONN

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EchoListener", "Timer"]
 
-logger = logging.getLogger("timer_sdk")
+logger = logging.getLogger(__name__)
 
 _VERSION = f"timer-sdk v{__version__}"
 
