@@ -109,12 +109,13 @@ def render(address: str, before: Sample, now: Sample) -> RenderableType:
     counters, old = now["counters"], before["counters"]
     budget = now["budget"]
     summary = Text(
-        f"timer {now['timer']!r} at {address}   connections {now['connections']}   "
-        f"subscribers {now['subscribers']}\n"
+        f"timer {now['timer']!r} at {address}\n"
+        f"connections {now['connections']}   subscribers {now['subscribers']}   "
+        f"error replies {counters['error_replies']}\n"
         f"budget used {_mib(budget['used'])} of {_mib(budget['limit'])}, "
         f"{budget['waiting']} waiting   "
         f"events sent {(counters['events_sent'] - old['events_sent']) / elapsed:.0f}/s, "
-        f"dropped {counters['events_dropped']}   error replies {counters['error_replies']}"
+        f"dropped {counters['events_dropped']}"
     )
     table = Table(expand=False)
     for heading in ("method", "calls/s", "p50", "p99", "errors/s", "calls", "errors"):
