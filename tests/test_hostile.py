@@ -149,7 +149,8 @@ def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 def logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
     return any(
-        r.name.startswith(f"{SERVER_LOG}.") and all(p in r.getMessage() for p in parts) for r in caplog.records
+        r.name.startswith(f"{SERVER_LOG}.") and all(p in r.getMessage() for p in parts)
+        for r in caplog.records
     )
 
 
