@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 import urllib.request
@@ -158,3 +159,36 @@ def test_metrics_refuses_a_wildcard_or_non_tcp_address(
         cli.main(["serve", "--metrics", flag])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+async def test_serve_logs_json_lines_under_each_modules_name() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0",
+        "--log-format", "json", "--log-level", "info",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        entry = json.loads(line)
+    finally:
+        proc.terminate()
+        code, _, err = await _finish(proc)
+    assert entry["logger"] == "timer_sdk.server"
+    assert entry["level"] == "info"
+    assert entry["message"].startswith("timer 'ipc-server' listening on tcp:127.0.0.1:")
+    assert code == 0, err
+    assert all(json.loads(rest)["logger"].startswith("timer_sdk.") for rest in err.splitlines())
+
+
+async def test_top_says_why_a_tcp_server_without_stats_refuses() -> None:
+    async with await Timer().serve("tcp:127.0.0.1:0") as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "timer_sdk", "top", server.address, "--count", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        code, out, err = await _finish(proc)
+    assert code == 1
+    assert "server.stats: not enabled on this server" in err
+    assert "--stats" in err
+    assert "Traceback" not in err + out
