@@ -26,25 +26,27 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @asynccontextmanager
-async def serving(*args: str) -> AsyncIterator[tuple[str, list[str]]]:
+async def serving(workers: int = 1) -> AsyncIterator[tuple[str, list[str]]]:
     """``serve --metrics`` on port 0; yield the server's address and each metrics URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0",
-        "--metrics", "tcp:127.0.0.1:0", *args,
+        "--metrics", "tcp:127.0.0.1:0", "--workers", str(workers),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         urls: list[str] = []
+        address = None
         async with asyncio.timeout(60):
-            while True:  # each metrics line comes before the listening line
+            # A single server says where after its listening line, workers before it.
+            while address is None or len(urls) < workers:
                 line = (await proc.stdout.readline()).decode()
                 assert line, "the server exited before listening"
                 if found := METRICS.search(line):
                     urls.append(found.group(1))
                 elif listening := cli.LISTENING.search(line):
-                    break
-        yield listening.group(1), urls
+                    address = listening.group(1)
+        yield address, urls
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -111,7 +113,7 @@ async def test_a_scrape_counts_every_call() -> None:
 
 
 async def test_a_scrape_under_two_workers_shows_each_worker() -> None:
-    async with serving("--workers", "2") as (address, urls):
+    async with serving(workers=2) as (address, urls):
         assert len(urls) == 2
         await asyncio.gather(*(_calls(address, echoes=6) for _ in range(4)))
         scrapes = [await scrape(url) for url in urls]

@@ -131,19 +131,22 @@ async def _serve(
         stats=args.stats or None,  # None: the default, on for unix: only
     )
     try:
-        stop_metrics = start_metrics(server, args, worker=ready is not None)
+        metrics = start_metrics(server, args, worker=ready is not None)
     except BaseException:
         await server.close(timeout=0)
         raise
     try:
-        return await _serve_until_stopped(server, args, ready)
+        return await _serve_until_stopped(server, args, ready, metrics and metrics[1])
     finally:
-        if stop_metrics is not None:
-            stop_metrics()
+        if metrics is not None:
+            metrics[0]()  # stop serving /metrics
 
 
 async def _serve_until_stopped(
-    server: Server, args: argparse.Namespace, ready: multiprocessing.connection.Connection | None
+    server: Server,
+    args: argparse.Namespace,
+    ready: multiprocessing.connection.Connection | None,
+    metrics_url: str | None,
 ) -> int:
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
@@ -161,6 +164,8 @@ async def _serve_until_stopped(
         f"timer-sdk {__version__}: timer {server.timer.name!r} listening on {server.address}",
         flush=True,
     )
+    if metrics_url:
+        print(f"timer-sdk: metrics at {metrics_url}", flush=True)
     # Same task step as the print: the handlers are in place before any request is read.
     graceful = await server.serve_until_signal(
         shutdown_timeout=args.shutdown_timeout,

@@ -95,21 +95,23 @@ def _worker_index() -> int:
 
 def start_metrics(
     server: Server, args: argparse.Namespace, *, worker: bool
-) -> Callable[[], None] | None:
-    """Serve ``/metrics`` if ``--metrics`` was given; print where; return how to stop it."""
+) -> tuple[Callable[[], None], str] | None:
+    """Serve ``/metrics`` if ``--metrics`` was given; return how to stop it, and its URL.
+
+    A worker says where at once; a single server after its listening line.
+    """
     if not args.metrics:
         return None
     from .metrics import start_http, stop_http
 
     address = metrics_address(args.metrics)
     labels = None
-    who = ""
     if worker:
         index = _worker_index()
         labels = {"worker": str(index)}
-        who = f"worker {index} "
         if address.port:
             address = dataclasses.replace(address, port=address.port + index)
     httpd, url = start_http(server, str(address), labels)
-    print(f"timer-sdk: {who}metrics at {url}", flush=True)
-    return lambda: stop_http(httpd)
+    if worker:
+        print(f"timer-sdk: worker {index} metrics at {url}", flush=True)
+    return lambda: stop_http(httpd), url
