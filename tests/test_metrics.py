@@ -170,9 +170,11 @@ async def test_serve_logs_json_lines_under_each_modules_name() -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert proc.stderr is not None
+        assert proc.stderr is not None and proc.stdout is not None
         line = await asyncio.wait_for(proc.stderr.readline(), 60)
         entry = json.loads(line)
+        # The listening line on stdout: the signal handlers are in place.
+        assert cli.LISTENING.search((await proc.stdout.readline()).decode())
     finally:
         proc.terminate()
         code, _, err = await _finish(proc)

@@ -14,7 +14,7 @@ from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
 from timer_sdk.codec import decode_item, encode_item
 from timer_sdk.framing import RET_OK, encode_request
 from timer_sdk.logs import JsonFormatter
-from timer_sdk.stats import BOUNDS, STATS
+from timer_sdk.stats import BOUNDS, STATS, MethodTiming
 from timer_sdk.top import quantile, rows
 
 from .conftest import RawConnection
@@ -138,3 +138,16 @@ def test_json_log_lines_carry_the_logger_name() -> None:
     assert line["level"] == "warning"
     assert line["message"] == "peer 1.2.3.4:5: bad"
     assert line["time"].endswith("Z")
+
+
+def test_a_duration_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() -> None:
+    timing = MethodTiming()
+    first, last = round(BOUNDS[0] * 1e9), round(BOUNDS[-1] * 1e9)  # 1024 ns, 2**34 ns
+    for ns in (0, 1, first, first + 1, 2 * first, 3000, last, last + 1, 10**12):
+        timing.record(ns)
+    buckets = timing.buckets()
+    assert len(buckets) == len(BOUNDS) + 1
+    assert buckets[:3] == [3, 2, 1]  # <= 1.024 µs; <= 2.048 µs; 3000 ns <= 4.096 µs
+    assert buckets[-2:] == [1, 2]  # exactly the last bound; over it
+    assert sum(buckets) == 9
+    assert timing.ns == sum((0, 1, first, first + 1, 2 * first, 3000, last, last + 1, 10**12))

@@ -3,8 +3,10 @@
 Timing is off until someone reads it (``--metrics``, a registered collector,
 or the first ``server.stats`` call): :func:`enable_timing` then wraps each
 method's plan in place, so a server nobody observes runs its plans as they
-are. A timed call costs two clock reads, a bisect and a few integer adds: no
-locks, no metric objects. The collector (:mod:`timer_sdk.metrics`) and the
+are. A timed call costs two clock reads and a few integer operations: no
+locks, no metric objects. The buckets are powers of two in nanoseconds (as
+Prometheus' native histograms, factor 2), so a duration's bucket is its bit
+length, with no search. The collector (:mod:`timer_sdk.metrics`) and the
 ``server.stats`` extension turn the counts into metrics when they are read.
 
 :func:`snapshot` may run on another thread (prometheus_client's HTTP server):
@@ -14,7 +16,6 @@ it copies plain ints, lists and dicts, each copy atomic under the GIL.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from . import _eager
@@ -38,26 +39,31 @@ __all__ = [
 STATS = "server.stats"
 """The extension method that answers with :func:`snapshot`."""
 
-BOUNDS: tuple[float, ...] = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+_LOW, _HIGH = 10, 34
+"""Bounds from 2**_LOW ns (1.024 µs) to 2**_HIGH ns (17.2 s), doubling."""
+
+BOUNDS: tuple[float, ...] = tuple(2**bits / 1e9 for bits in range(_LOW, _HIGH + 1))
 """Upper bounds of the duration buckets, in seconds; a last bucket holds the rest."""
 
 
 class MethodTiming:
     """One method's completed calls: error count, and a duration histogram."""
 
-    __slots__ = ("buckets", "errors", "sum")
+    __slots__ = ("by_bits", "errors", "ns")
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(BOUNDS) + 1)  # not cumulative; the last is +Inf
-        self.sum = 0.0
+        self.by_bits = [0] * 65  # calls by the bit length of (duration in ns - 1)
+        self.ns = 0
         self.errors = 0
 
-    def record(self, seconds: float) -> None:
-        self.buckets[bisect_left(BOUNDS, seconds)] += 1
-        self.sum += seconds
+    def record(self, took_ns: int) -> None:
+        self.by_bits[(took_ns - 1).bit_length()] += 1  # took_ns <= 2**bits: le is inclusive
+        self.ns += took_ns
+
+    def buckets(self) -> list[int]:
+        """Calls per bucket of :data:`BOUNDS`, then the rest; not cumulative."""
+        by_bits = list(self.by_bits)  # one atomic copy: this may run on another thread
+        return [sum(by_bits[: _LOW + 1]), *by_bits[_LOW + 1 : _HIGH + 1], sum(by_bits[_HIGH + 1 :])]
 
 
 class CallTiming:
@@ -70,9 +76,8 @@ class CallTiming:
     def timed(self, name: str, answer: Plan) -> Plan:
         """``answer`` that records each call's duration and failure under ``name``."""
         into = self.methods[name]
-        buckets = into.buckets
-        clock = time.perf_counter
-        bounds, where = BOUNDS, bisect_left  # closure cells: cheaper than globals
+        by_bits = into.by_bits
+        clock = time.perf_counter_ns
 
         def run(payload: bytes) -> bytes | _eager.Suspended:
             started = clock()
@@ -85,8 +90,8 @@ class CallTiming:
             if isinstance(outcome, bytes):
                 # MethodTiming.record, inlined: this runs for every call.
                 took = clock() - started
-                buckets[where(bounds, took)] += 1
-                into.sum += took
+                by_bits[(took - 1).bit_length()] += 1
+                into.ns += took
                 return outcome
             assert isinstance(outcome, _eager.Suspended)
             # Step the wrapper once, to where the proc suspended: the connection resumes it.
@@ -95,14 +100,14 @@ class CallTiming:
         return run
 
 
-async def _finish(suspended: _eager.Suspended, into: MethodTiming, started: float) -> Any:
+async def _finish(suspended: _eager.Suspended, into: MethodTiming, started: int) -> Any:
     try:
         result = await _eager.resume(suspended)
     except BaseException:
         into.errors += 1  # the connection answers it with an error reply
-        into.record(time.perf_counter() - started)
+        into.record(time.perf_counter_ns() - started)
         raise
-    into.record(time.perf_counter() - started)
+    into.record(time.perf_counter_ns() - started)
     return result
 
 
@@ -129,8 +134,8 @@ def snapshot(server: Server) -> dict[str, Any]:
         if timing is not None:
             one = timing.methods[name]
             entry["errors"] = one.errors
-            entry["buckets"] = list(one.buckets)
-            entry["sum"] = one.sum
+            entry["buckets"] = one.buckets()
+            entry["sum"] = one.ns / 1e9
         methods[name] = entry
     counters = {
         name: getattr(stats, name)
