@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -196,3 +197,19 @@ async def test_top_says_why_a_tcp_server_without_stats_refuses() -> None:
     assert "server.stats: not enabled on this server" in err
     assert "--stats" in err
     assert "Traceback" not in err + out
+
+
+async def test_a_taken_metrics_port_stops_serve_with_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0",
+            "--metrics", f"tcp:127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        code, _, err = await _finish(proc)
+    assert code == 1
+    assert f"--metrics tcp:127.0.0.1:{port}: Address already in use" in err
+    assert "Traceback" not in err

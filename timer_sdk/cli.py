@@ -1,4 +1,4 @@
-"""The ``timer-sdk`` command: serve, call, example, schema, demo, bench.
+"""The ``timer-sdk`` command: serve, call, example, schema, demo, top, bench.
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
 SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
@@ -7,7 +7,8 @@ grpcurl does for gRPC; ``timer-sdk example METHOD`` prints a payload to start
 from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema.
 ``timer-sdk demo`` starts a server process and makes a round trip of every
 method against it. ``timer-sdk bench`` measures the server and client beside a
-minimal floor (see :mod:`timer_sdk.bench`). Help texts and errors are in
+minimal floor (see :mod:`timer_sdk.bench`); ``timer-sdk top`` watches a running
+server (:mod:`timer_sdk.top`). Help texts and errors are in
 :mod:`timer_sdk.cli_help`.
 """
 

@@ -148,7 +148,10 @@ def start_http(
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     registry.register(ServerCollector(server, labels))
-    httpd, _thread = start_http_server(port, host, registry=registry)
+    try:
+        httpd, _thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        raise OSError(exc.errno, f"--metrics {address}: {exc.strerror}") from None
     bound = httpd.server_address[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}/metrics"
