@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient, cli
+from timer_sdk.bench import metrics_cost
 from timer_sdk.codec import encode_item
 from timer_sdk.metrics import register
 
@@ -213,3 +214,11 @@ async def test_a_taken_metrics_port_stops_serve_with_a_clear_error() -> None:
     assert code == 1
     assert f"--metrics tcp:127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
+
+
+def test_the_cost_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert metrics_cost.main(["--rounds", "1", "--duration", "0.05"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["load", "metrics", "off", "metrics", "on", "on/off"]
+    assert len(rows) == 6  # three loads, and server CPU for the two pipelined ones
+    assert all(float(row.split()[-1]) > 0 for row in rows[1:])
