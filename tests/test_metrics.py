@@ -39,15 +39,19 @@ async def serving(workers: int = 1) -> AsyncIterator[tuple[str, list[str]]]:
         assert proc.stdout is not None
         urls: list[str] = []
         address = None
-        async with asyncio.timeout(60):
-            # A single server says where after its listening line, workers before it.
-            while address is None or len(urls) < workers:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "the server exited before listening"
-                if found := METRICS.search(line):
-                    urls.append(found.group(1))
-                elif listening := cli.LISTENING.search(line):
-                    address = listening.group(1)
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(120):
+                # A single server says where after its listening line, workers before it.
+                while address is None or len(urls) < workers:
+                    lines.append((await proc.stdout.readline()).decode())
+                    assert lines[-1], f"the server exited before listening: {lines}"
+                    if found := METRICS.search(lines[-1]):
+                        urls.append(found.group(1))
+                    elif listening := cli.LISTENING.search(lines[-1]):
+                        address = listening.group(1)
+        except TimeoutError:
+            pytest.fail(f"not listening with {workers} metrics URLs after 120 s: {lines}")
         yield address, urls
     finally:
         if proc.returncode is None:
@@ -175,8 +179,11 @@ async def test_serve_logs_json_lines_under_each_modules_name() -> None:
         assert proc.stderr is not None and proc.stdout is not None
         line = await asyncio.wait_for(proc.stderr.readline(), 60)
         entry = json.loads(line)
-        # The listening line on stdout: the signal handlers are in place.
-        assert cli.LISTENING.search((await proc.stdout.readline()).decode())
+        listening = cli.LISTENING.search((await proc.stdout.readline()).decode())
+        assert listening
+        # A reply: the signal handlers are in place too.
+        async with await TimerClient.connect(listening.group(1), timeout=30) as client:
+            await client.version()
     finally:
         proc.terminate()
         code, _, err = await _finish(proc)
