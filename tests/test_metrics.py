@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient, cli
 from timer_sdk.bench import metrics_cost
-from timer_sdk.codec import encode_item
+from timer_sdk.codec import decode_item, encode_item
 from timer_sdk.metrics import register
 
 from .test_bus import Tally
@@ -229,3 +230,36 @@ def test_the_cost_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0].split() == ["load", "metrics", "off", "metrics", "on", "on/off"]
     assert len(rows) == 6  # three loads, and server CPU for the two pipelined ones
     assert all(float(row.split()[-1]) > 0 for row in rows[1:])
+
+
+@pytest.mark.parametrize(
+    ("where", "flags", "answers"),
+    [("tcp", [], False), ("tcp", ["--stats"], True), ("unix", [], True),
+     ("unix", ["--no-stats"], False)],
+)  # fmt: skip
+async def test_serve_answers_stats_as_its_flags_say(
+    where: str, flags: list[str], answers: bool, tmp_path: Path
+) -> None:
+    address = f"unix:{tmp_path / 's.sock'}" if where == "unix" else "tcp:127.0.0.1:0"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", address, *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        listening = cli.LISTENING.search(
+            (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        )
+        assert listening
+        async with await TimerClient.connect(listening.group(1), timeout=30) as client:
+            if answers:
+                reply = decode_item(await client.call_raw("server.stats"))
+                assert isinstance(reply, dict)
+                assert reply["timer"] == "ipc-server"
+            else:
+                with pytest.raises(RemoteCallError, match=r"server\.stats: not enabled"):
+                    await client.call_raw("server.stats")
+    finally:
+        proc.terminate()
+        code, _, err = await _finish(proc)
+    assert code == 0, err

@@ -129,7 +129,7 @@ async def _serve(
         unix_mode=int(args.unix_mode, 8),
         reuse_port=reuse_port,
         bus=bus,
-        stats=args.stats or None,  # None: the default, on for unix: only
+        stats=args.stats,  # None: the default, on for unix: only
     )
     try:
         metrics = start_metrics(server, args, worker=ready is not None)

@@ -70,9 +70,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--stats",
-        action="store_true",
-        help="answer the server.stats method (what timer-sdk top reads) on tcp: and tls: "
-        "too; a unix: socket answers it without this flag",
+        action=argparse.BooleanOptionalAction,
+        help="answer the server.stats method, which timer-sdk top reads and which reveals "
+        "load (default: on a unix: socket only; --no-stats refuses it there too)",
     )
     group.add_argument(
         "--log-format",
