@@ -110,7 +110,7 @@ def _per_method(snap: dict[str, Any], names: list[str], values: list[str]) -> It
     )
     durations = HistogramMetricFamily(
         f"{PREFIX}_request_duration_seconds",
-        "Time from a request's dispatch to its reply, per method.",
+        "Time from a request's dispatch until its reply is ready, per method.",
         labels=labels,
     )
     bounds = [*map(str, snap["bounds"]), "+Inf"]
