@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import ipaddress
 import multiprocessing
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -89,8 +90,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _worker_index() -> int:
-    name = multiprocessing.current_process().name  # set by serve --workers
-    return int(name.rpartition("-")[2])
+    # serve --workers names its processes timer-sdk-worker-I (cli._start_workers).
+    name = multiprocessing.current_process().name
+    match = re.fullmatch(r"timer-sdk-worker-(\d+)", name)
+    if match is None:
+        raise RuntimeError(f"--metrics: cannot tell which worker process {name!r} is")
+    return int(match.group(1))
 
 
 def start_metrics(
