@@ -94,7 +94,7 @@ def _worker_index() -> int:
     name = multiprocessing.current_process().name
     match = re.fullmatch(r"timer-sdk-worker-(\d+)", name)
     if match is None:
-        raise RuntimeError(f"--metrics: cannot tell which worker process {name!r} is")
+        raise ValueError(f"--metrics: cannot tell which worker process {name!r} is")
     return int(match.group(1))
 
 
