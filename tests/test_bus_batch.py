@@ -209,7 +209,7 @@ async def test_malformed_batches_are_ignored_with_a_log_and_counted_as_lost(
         headers = {PUBLISHER_HEADER: "feedface", SEQ_HEADER: str(seq)}
         await consumer.publish(SUBJECT, payload, headers=headers)
 
-    caplog.set_level(logging.WARNING, logger="timer_sdk.bus")
+    caplog.set_level(logging.WARNING, logger="timer_sdk.bus_nats")
     async with (
         await TimerClient.connect(first.address) as subscriber,
         subscriber.events() as events,

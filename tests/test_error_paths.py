@@ -49,7 +49,7 @@ from timer_sdk.framing import encode_reply, encode_request
 from .conftest import RawConnection, Reads, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST
 
-SERVER_LOG = "timer_sdk.server"
+SERVER_LOG = "timer_sdk.connection"
 INT64_MAX = 9_223_372_036_854_775_807
 INT64_MIN = -9_223_372_036_854_775_808
 
@@ -637,7 +637,7 @@ async def test_a_listener_that_raises_is_logged_and_spares_the_rest(
     reply = await timer.echo(EchoRequest(message="m", delay_ms=0))
     assert reply == EchoResponse(echoed="m", timer_name="ipc-server")
     assert seen == [EchoEvent(message="m", echo_count=1)]
-    [record] = [r for r in caplog.records if r.name == "timer_sdk"]
+    [record] = [r for r in caplog.records if r.name == "timer_sdk.timer"]
     assert "an on_echo_fired listener raised" in record.getMessage()
     remove_broken()
     remove_broken()  # a second removal is harmless

@@ -61,7 +61,7 @@ from timer_sdk.soak import ServerProcess
 from .conftest import RawConnection, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
 
-SERVER_LOG = "timer_sdk.server"
+SERVER_LOG = "timer_sdk"  # the connection modules log each under its own name
 MiB = 1024  # in KiB, the unit of /proc/PID/status
 
 
@@ -149,7 +149,8 @@ def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 def logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
     return any(
-        r.name == SERVER_LOG and all(p in r.getMessage() for p in parts) for r in caplog.records
+        r.name.startswith(f"{SERVER_LOG}.") and all(p in r.getMessage() for p in parts)
+        for r in caplog.records
     )
 
 

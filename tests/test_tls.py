@@ -177,7 +177,7 @@ async def test_plain_tcp_client_on_a_tls_port_fails_cleanly(
 async def test_tls_client_on_a_plain_port_fails_cleanly(
     ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="timer_sdk.server")
+    caplog.set_level(logging.INFO, logger="timer_sdk")
     async with await Timer().serve("tcp:127.0.0.1:0") as server:
         tls = server.address.replace("tcp:", "tls:")
         async with asyncio.timeout(5):

@@ -62,7 +62,7 @@ from .timer import Timer
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "PUBLISHER_HEADER", "SEQ_HEADER", "NatsBus"]
 
-logger = logging.getLogger("timer_sdk.bus")
+logger = logging.getLogger(__name__)
 
 PUBLISHER_HEADER = "Timer-Publisher"
 SEQ_HEADER = "Timer-Seq"

@@ -1,4 +1,4 @@
-"""The ``timer-sdk`` command: serve, call, example, schema, stubs, demo, bench.
+"""The ``timer-sdk`` command: serve, call, example, schema, stubs, demo, top, bench.
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
 SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
@@ -8,7 +8,8 @@ from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema, and
 ``timer-sdk stubs`` writes a typed client for another language (:mod:`timer_sdk.stubs`).
 ``timer-sdk demo`` starts a server process and makes a round trip of every
 method against it. ``timer-sdk bench`` measures the server and client beside a
-minimal floor (see :mod:`timer_sdk.bench`). Help texts and errors are in
+minimal floor (see :mod:`timer_sdk.bench`); ``timer-sdk top`` watches a running
+server (:mod:`timer_sdk.top`). Help texts and errors are in
 :mod:`timer_sdk.cli_help`.
 """
 
@@ -48,6 +49,7 @@ from .cli_help import (
 from .client import TimerClient
 from .codec import decode_item, encode_item
 from .errors import CallError, RemoteCallError, TimerError
+from .logs import configure as configure_logging
 from .models import (
     ComplexRequest,
     EchoRequest,
@@ -57,6 +59,8 @@ from .models import (
     TimerConfig,
 )
 from .natsd import NatsServer, nats_server_binary
+from .observe import start_metrics
+from .server import Server
 from .timer import Timer
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -113,6 +117,7 @@ async def _serve(
     reuse_port: bool = False,
     ready: multiprocessing.connection.Connection | None = None,
 ) -> int:
+    configure_logging(args.log_format, args.log_level)
     limits = limits_from_args(args)
     timer = Timer(TimerConfig(name=args.name))
     bus: str | Unshared | None = args.events_url
@@ -125,7 +130,26 @@ async def _serve(
         unix_mode=int(args.unix_mode, 8),
         reuse_port=reuse_port,
         bus=bus,
+        stats=args.stats,  # None: the default, on for unix: only
     )
+    try:
+        metrics = start_metrics(server, args, worker=ready is not None)
+    except BaseException:
+        await server.close(timeout=0)
+        raise
+    try:
+        return await _serve_until_stopped(server, args, ready, metrics and metrics[1])
+    finally:
+        if metrics is not None:
+            metrics[0]()  # stop serving /metrics
+
+
+async def _serve_until_stopped(
+    server: Server,
+    args: argparse.Namespace,
+    ready: multiprocessing.connection.Connection | None,
+    metrics_url: str | None,
+) -> int:
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -139,9 +163,11 @@ async def _serve(
         await server.close(timeout=args.shutdown_timeout)
         return 0
     print(
-        f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
+        f"timer-sdk {__version__}: timer {server.timer.name!r} listening on {server.address}",
         flush=True,
     )
+    if metrics_url:
+        print(f"timer-sdk: metrics at {metrics_url}", flush=True)
     # Same task step as the print: the handlers are in place before any request is read.
     graceful = await server.serve_until_signal(
         shutdown_timeout=args.shutdown_timeout,
@@ -458,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .stubs import run_command as run_stubs
 
             return run_stubs(args)
+        if args.command == "top":
+            from .top import run_command as run_top
+
+            return run_top(args)
         if args.command == "bench":
             from .bench import run_command
 

@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_limit_flags(serve)
     _add_tls(serve, server=True)
+    from .observe import add_serve_flags
+
+    add_serve_flags(serve)
 
     call = commands.add_parser(
         "call",
@@ -369,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and the event extension.",
     )
     add_stubs_arguments(stubs)
+    from .top import add_arguments as add_top_arguments
+
+    top = commands.add_parser("top", help="watch a running server: calls/s, latency, errors")
+    add_top_arguments(top)
 
     from .bench import add_arguments as add_bench_arguments
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl as _ssl
 from collections.abc import Awaitable
 from types import TracebackType
@@ -53,6 +54,8 @@ from .models import (
 )
 
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
+
+logger = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -364,11 +367,13 @@ class TimerClient(_Events):
         except ConnectError:
             self._backoff = min(max(self._backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
             self._next_dial_at = self._loop.time() + self._backoff
+            logger.info("reconnect to %s failed; next try in %.1f s", self.address, self._backoff)
             raise
         if self._closing:  # closed while we were dialing
             protocol.fail(ClientClosedError(f"the client for {self.address} is closed"))
             raise ClientClosedError(f"the client for {self.address} is closed")
         self._backoff = 0.0
+        logger.info("reconnected to %s", self.address)
         protocol.adopt = self._adopt
         self._protocol = protocol
         return protocol

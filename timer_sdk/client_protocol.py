@@ -11,6 +11,7 @@ in the FIFO; its reply is read and dropped in its place. Opening it is
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from .framing import (
 )
 
 __all__ = ["DEFAULT_MAX_PENDING"]
+
+logger = logging.getLogger(__name__)
 
 _unpack_reply_head = struct.Struct(">iI").unpack_from
 
@@ -344,6 +347,8 @@ class _ClientProtocol(asyncio.Protocol):
         if exc is not None and self.pending and self.failure is None and self._drainable:
             self._drain()
         reason = f": {exc}" if exc else ""
+        if self.failure is None:  # not closed by us: the server or the network ended it
+            logger.info("connection to %s lost%s", self.address, reason)
         self.fail(ConnectionLost(f"connection to {self.address} lost{reason}"))
         self.transport = None
         if not self.lost.done():

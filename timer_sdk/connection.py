@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "event_frame"]
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 _QUANTUM = 64
 """Frames one connection handles per loop turn before the others get theirs."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .framing import RequestReader
     from .limits import ServerStats
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 _LINGER = 2.0
 """Seconds to drain a peer's unread requests after our last reply, before closing."""

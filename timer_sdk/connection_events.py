@@ -26,6 +26,7 @@ from .framing import (
     encode_reply,
 )
 from .models import EchoEvent
+from .stats import STATS, stats_reply
 
 if TYPE_CHECKING:
     from .backlog import EventBacklog
@@ -64,12 +65,14 @@ class _Subscriber:
     # --- its requests -----------------------------------------------------------
 
     def _dispatch_extension(self, request: Request) -> bytes | None:
-        """Answer a method that is not a Timer proc: the event extension, or unknown."""
+        """Answer a method that is not a Timer proc: an extension, or unknown."""
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:
             self._server.unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
             return encode_reply(RET_OK, encode_item(None))
+        if request.method == STATS:
+            return stats_reply(self._server)
         self._stats.error_replies += 1
         return encode_error(f"unknown method: {request.method}")
 

@@ -22,7 +22,7 @@ from .limits import ServerStats
 
 __all__ = ["Acceptor"]
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 _RETRY = 0.1  # seconds between tries while out of descriptors
 _BATCH = 64  # connections accepted per wake-up, so a flood cannot hold the loop

@@ -24,7 +24,7 @@ from .bus import NATS_EXTRA, BusError
 
 __all__ = ["NatsServer", "nats_server_binary"]
 
-logger = logging.getLogger("timer_sdk.natsd")
+logger = logging.getLogger(__name__)
 
 _LISTENING = re.compile(rb"Listening for client connections on (\S+):(\d+)")
 _WORTH_SHOWING = re.compile(rb"\[(WRN|ERR|FTL)\]")

@@ -36,10 +36,11 @@ from .timer import Timer
 
 if TYPE_CHECKING:
     from .bus import EventBus
+    from .stats import CallTiming
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 # asyncio's default of 100 makes a burst of connects fail before max_connections applies.
 _BACKLOG = socket.SOMAXCONN
@@ -77,6 +78,10 @@ class Server:
         self._subscribers: set[Connection] = set()
         self.bus: EventBus | None = None
         """Where events travel beyond this process; ``None``: in process only."""
+        self.timing: CallTiming | None = None
+        """Per-method durations and errors, once someone reads them (stats.py)."""
+        self.stats_enabled = False
+        """Whether peers may call the ``server.stats`` extension."""
         self._stop_listening: Callable[[], None] | None = None
         self._address: Address | None = None
         self._server: asyncio.Server | None = None
@@ -344,6 +349,7 @@ async def serve(
     unix_mode: int = 0o600,
     reuse_port: bool = False,
     bus: str | EventBus | None = None,
+    stats: bool | None = None,
 ) -> Server:
     """Serve ``timer`` at ``address`` on the running loop; return once listening.
 
@@ -355,12 +361,16 @@ async def serve(
     ``bus`` carries events between servers of one timer: a ``nats://HOST:PORT``
     URL (the ``nats`` extra) or an :class:`~timer_sdk.bus.EventBus`; by
     default events stay in this process.
+    ``stats`` lets peers call the ``server.stats`` extension, which reveals
+    load; by default only on a ``unix:`` address, where the file mode guards it.
 
     Raises :class:`~timer_sdk.errors.AddressError` for a malformed address,
     :class:`~timer_sdk.bus.BusError` for a bus that cannot be used, and
     :class:`OSError` when the address cannot be bound.
     """
     server = Server(timer, limits or Limits(), asyncio.get_running_loop())
+    parsed = Address.parse(address)
+    server.stats_enabled = parsed.scheme == "unix" if stats is None else stats
     if bus is not None:
         from .bus import open_bus
 
@@ -368,7 +378,7 @@ async def serve(
         assert server.bus is not None
         await server.bus.start(timer, server)
     try:
-        await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
+        await server._start(parsed, ssl, unix_mode, reuse_port)
     except BaseException:
         if server.bus is not None:
             await server.bus.close()

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["serve_until_signal"]
 
-logger = logging.getLogger("timer_sdk.server")
+logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

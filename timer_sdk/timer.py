@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EchoListener", "Timer"]
 
-logger = logging.getLogger("timer_sdk")
+logger = logging.getLogger(__name__)
 
 _VERSION = f"timer-sdk v{__version__}"
 
@@ -176,6 +176,7 @@ class Timer:
         unix_mode: int = 0o600,
         reuse_port: bool = False,
         bus: str | EventBus | None = None,
+        stats: bool | None = None,
     ) -> Server:
         """Serve this timer at ``address`` on the running loop; return once listening.
 
@@ -191,4 +192,5 @@ class Timer:
             unix_mode=unix_mode,
             reuse_port=reuse_port,
             bus=bus,
+            stats=stats,
         )
