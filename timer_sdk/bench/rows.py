@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._extras import install_hint
+
 __all__ = [
     "GROUPS",
     "TARGETS",
@@ -72,7 +74,7 @@ class Settings:
             if name not in ("asyncio", "uvloop"):
                 raise ValueError(f"unknown event loop {name!r}")
             if name == "uvloop" and "uvloop" not in available_loops():
-                raise ValueError("--loop uvloop needs: pip install 'timer-sdk[fast]'")
+                raise ValueError(f"--loop uvloop needs the fast extra: {install_hint('fast')}")
         for group in self.groups:
             if group not in GROUPS:
                 raise ValueError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")
