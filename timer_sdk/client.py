@@ -75,7 +75,11 @@ class TimerClient(_Events):
     A client belongs to the event loop it connected on.
     """
 
-    def __init__(
+    def __init__(self) -> None:
+        """Not called directly: ``await TimerClient.connect(address)`` returns a client."""
+        raise TypeError("a TimerClient is made by: await TimerClient.connect(address)")
+
+    def _set_up(
         self,
         dialer: _Dialer,
         protocol: _ClientProtocol,
@@ -83,7 +87,6 @@ class TimerClient(_Events):
         timeout: float | None,
         reconnect: bool,
     ) -> None:
-        """Use :meth:`connect` instead."""
         self._dialer = dialer
         self._address = dialer.address
         self._protocol = protocol
@@ -178,7 +181,9 @@ class TimerClient(_Events):
             parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
         )
         protocol = await dialer.dial(asyncio.get_running_loop())
-        return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
+        client = cls.__new__(cls)
+        client._set_up(dialer, protocol, timeout=timeout, reconnect=reconnect)
+        return client
 
     @property
     def address(self) -> str:

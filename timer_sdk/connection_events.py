@@ -68,7 +68,7 @@ class _Subscriber:
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:
-            self._server.unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
+            self._server._unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
             return encode_reply(RET_OK, encode_item(None))
         self._stats.error_replies += 1
         return encode_error(f"unknown method: {request.method}")
@@ -83,7 +83,7 @@ class _Subscriber:
         if bus is not None and bus.refusal is not None:
             self._stats.error_replies += 1
             return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
-        self._server.subscribe(self)  # type: ignore[arg-type]  # self is a Connection
+        self._server._subscribe(self)  # type: ignore[arg-type]  # self is a Connection
         reply = encode_reply(RET_OK, encode_item({"events": names}))
         waiter = bus.ready() if bus is not None else None
         if waiter is None:

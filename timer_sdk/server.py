@@ -188,7 +188,7 @@ class Server:
         """How many connections are subscribed to events."""
         return len(self._subscribers)
 
-    def subscribe(self, conn: Connection) -> None:
+    def _subscribe(self, conn: Connection) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
         if self.bus is not None and len(self._subscribers) == 1:
@@ -196,7 +196,7 @@ class Server:
         if self._stop_listening is None:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
-    def reclaim(self) -> None:
+    def _reclaim(self) -> None:
         """Free what the budget can spare first: held events, and stale write charges.
 
         Called when a connection must wait for room, as gRPC reclaims idle
@@ -207,7 +207,7 @@ class Server:
         for conn in self.connections:
             conn.refresh_charge()  # a write buffer the peer has drained since is not held
 
-    def unsubscribe(self, conn: Connection) -> None:
+    def _unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
         if self.bus is not None and not self._subscribers:
@@ -234,15 +234,6 @@ class Server:
                 if frame is None:
                     frame = event_frame(event)
                 conn.send_event(frame)
-
-    def deliver_echo(self, event: EchoEvent) -> None:
-        """Fan out an event another server published on the bus."""
-        self._publish_echo(event)
-
-    def deliver_dropped(self, count: int) -> None:
-        """Tell every subscriber that ``count`` events were lost on the bus."""
-        for conn in self._subscribers:
-            conn.note_dropped(count)
 
     def _connection_gone(self) -> None:
         if not self.connections and not self.refused:
@@ -307,6 +298,28 @@ class Server:
         await self.close()
 
 
+class _BusSink:
+    """The server as its bus sees it (:class:`~timer_sdk.bus.EventSink`): others' events."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    @property
+    def subscribers(self) -> int:
+        return self._server.subscribers
+
+    def deliver_echo(self, event: EchoEvent) -> None:
+        """Fan out an event another server published on the bus."""
+        self._server._publish_echo(event)
+
+    def deliver_dropped(self, count: int) -> None:
+        """Tell every subscriber that ``count`` events were lost on the bus."""
+        for conn in self._server._subscribers:
+            conn.note_dropped(count)
+
+
 def _bind_unix(path: str, mode: int) -> socket.socket:
     """Bind a listening Unix socket; replace only a stale socket file."""
     try:
@@ -366,7 +379,7 @@ async def serve(
 
         server.bus = open_bus(bus)
         assert server.bus is not None
-        await server.bus.start(timer, server)
+        await server.bus.start(timer, _BusSink(server))
     try:
         await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
     except BaseException:

@@ -214,8 +214,11 @@ class TimerClient:
     spread over several with ``connect(..., connections=N)``.
     """
 
-    def __init__(self, client: AsyncTimerClient, portal: _Portal) -> None:
-        """Use :meth:`connect` instead."""
+    def __init__(self) -> None:
+        """Not called directly: ``TimerClient.connect(address)`` returns a client."""
+        raise TypeError("a TimerClient is made by: TimerClient.connect(address)")
+
+    def _set_up(self, client: AsyncTimerClient, portal: _Portal) -> None:
         self._client = client
         self._portal = portal
         self._finalizer = weakref.finalize(self, _finalize, portal, client)
@@ -259,7 +262,9 @@ class TimerClient:
             ),
             _close,
         )
-        return cls(client, portal)
+        blocking = cls.__new__(cls)
+        blocking._set_up(client, portal)
+        return blocking
 
     @property
     def address(self) -> str:
