@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -14,7 +15,10 @@ import pytest
 
 from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
 from timer_sdk._extras import EXTRAS, install_hint
+from timer_sdk.bench.rows import Row, Target
+from timer_sdk.bench.table import LEGEND, TARGET_NOTE
 from timer_sdk.bus import NATS_EXTRA
+from timer_sdk.cli_help import build_parser
 
 from .conftest import wait_until
 
@@ -78,3 +82,22 @@ async def test_an_embedded_stop_with_work_in_flight_says_so(
 async def test_an_immediate_embedded_stop_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
     logged = await _stop_with_sigint(slow_call=False, caplog=caplog)
     assert logged == ["INFO shutting down, finishing 0 requests in flight"]
+
+
+def _subcommand_helps() -> dict[str, str]:
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {"timer-sdk": parser.format_help()}
+    helps.update({name: sub.format_help() for name, sub in commands.choices.items()})
+    return helps
+
+
+def test_help_texts_are_plain_words() -> None:
+    for name, text in _subcommand_helps().items():
+        assert "``" not in text and ":class:" not in text, name  # no raw reST
+        assert not re.search(r"\bissue\b", text, re.IGNORECASE), name  # no tracker numbers
+
+
+def test_bench_words_name_no_tracker() -> None:
+    words = " ".join([TARGET_NOTE, LEGEND, *(t.__doc__ or "" for t in (Target, Row))])
+    assert not re.search(r"\bissues?\b", words, re.IGNORECASE)

@@ -358,8 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a server process and make a round trip of every method against it.",
     )
 
+    from .bench import DESCRIPTION as BENCH_DESCRIPTION
     from .bench import add_arguments as add_bench_arguments
 
-    bench = commands.add_parser("bench", help="measure the server and client beside a floor")
+    bench = commands.add_parser(
+        "bench",
+        help="measure the server and client beside a floor",
+        description=BENCH_DESCRIPTION,
+    )
     add_bench_arguments(bench)
     return parser

@@ -26,7 +26,7 @@ GROUPS = ("memory", "ping-pong", "pipelined", "workers", "client", "codec")
 
 @dataclass(frozen=True)
 class Target:
-    """A goal the project set itself (issue 11): not a measurement of anyone."""
+    """A goal the project set itself: not a measurement of anyone."""
 
     bound: str
     """``">= 1.2"`` or ``"<= 12"``."""
@@ -48,7 +48,7 @@ TARGETS: dict[str, Target] = {
     "client gather echo": Target(">= 0.9", "models floor"),
     "server CPU per pipelined echo unix 4x32": Target("<= 12", "value"),
 }
-"""The project's own targets from issue 11, by row name, on every event loop."""
+"""The project's own targets, by row name, on every event loop."""
 
 
 @dataclass(frozen=True)
