@@ -75,6 +75,11 @@ class TimerClient(_Events):
     A client belongs to the event loop it connected on.
     """
 
+    timeout: float | None
+    """The default per-call timeout in seconds; ``None`` waits forever."""
+    reconnect: bool
+    """Whether a new call reopens a lost connection (never replaying old calls)."""
+
     def __init__(self) -> None:
         """Not called directly: ``await TimerClient.connect(address)`` returns a client."""
         raise TypeError("a TimerClient is made by: await TimerClient.connect(address)")
@@ -92,9 +97,7 @@ class TimerClient(_Events):
         self._protocol = protocol
         self._loop = protocol.loop
         self.timeout = timeout
-        """The default per-call timeout in seconds; ``None`` waits forever."""
         self.reconnect = reconnect
-        """Whether a new call reopens a lost connection (never replaying old calls)."""
         self._closing = False
         self._redial: asyncio.Task[_ClientProtocol] | None = None
         self._backoff = 0.0

@@ -58,10 +58,14 @@ class Server:
     """
 
     def __init__(self, timer: Timer, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
+        """Not called directly: :func:`serve` returns a server that is listening."""
         self.timer = timer
+        """The timer whose procs this server calls."""
         self.limits = limits
+        """The bounds this server enforces."""
         self.loop = loop
         self.stats = ServerStats()
+        """What the server did and what its bounds did, counted since it started."""
         self.budget = Budget(limits.memory_budget)
         self.decoder = StrictDecoder(limits.max_depth)
         """Every connection's requests are decoded by this one: they share the loop's thread."""
@@ -112,8 +116,12 @@ class Server:
     ) -> bool:
         """Serve until Ctrl-C or SIGTERM, then close gracefully, without a traceback.
 
-        A second signal is acknowledged, a third stops at once; see
-        :func:`timer_sdk.shutdown.serve_until_signal`. Main thread only.
+        The first signal closes the server as :meth:`close` does, and says how
+        many requests it is finishing (``report`` gets each message; by default
+        the ``timer_sdk.shutdown`` logger, at WARNING when requests are in
+        flight). A second signal is acknowledged, a third stops at once. Returns
+        ``True`` if the close was graceful, ``False`` if a third signal cut it
+        short. Main thread only: it uses ``loop.add_signal_handler``.
         """
         return await serve_until_signal(self, shutdown_timeout=shutdown_timeout, report=report)
 

@@ -1,0 +1,94 @@
+"""The API reference: built from the docstrings, strictly, and covering every public name.
+
+``mkdocs build --strict`` fails on any warning, a cross-reference to nothing
+included (docs/roles.py turns the docstrings' reST roles into checked links).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import griffe
+import pytest
+
+import timer_sdk
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _roles() -> Any:
+    """docs/roles.py, the griffe extension (docs/ is no package)."""
+    spec = importlib.util.spec_from_file_location("docs_roles", ROOT / "docs" / "roles.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PAGES = ("client", "sync", "server", "models", "errors", "limits", "cli")
+
+
+def _load() -> griffe.Module:
+    package = griffe.load("timer_sdk", search_paths=[str(ROOT)])
+    assert isinstance(package, griffe.Module)
+    return package
+
+
+def test_every_public_name_and_member_has_a_docstring() -> None:
+    package = _load()
+    missing = []
+    for name in timer_sdk.__all__:
+        obj = package[name].final_target if package[name].is_alias else package[name]
+        if not obj.docstring:
+            missing.append(name)
+        if not obj.is_class:
+            continue
+        for member_name, found in obj.all_members.items():
+            member = found.final_target if found.is_alias else found
+            public = not member_name.startswith("_")
+            callable_ = member.is_function or "property" in member.labels
+            if public and callable_ and not member.docstring:
+                missing.append(f"{name}.{member_name}")
+    assert missing == []
+
+
+def test_roles_become_checked_links() -> None:
+    obj = _load()["TimerClient"].final_target
+    text = _roles()._markdown(
+        obj,
+        "See :meth:`connect`, :class:`~timer_sdk.errors.ConnectError`, :class:`OSError` "
+        "and :class:`~timer_sdk.nothing.Here`::\n\n>>> 1 + 1\n2\n",
+    )
+    assert "[`connect`][timer_sdk.client.TimerClient.connect]" in text
+    assert "[`ConnectError`][timer_sdk.errors.ConnectError]" in text
+    assert "`OSError`" in text and "][OSError]" not in text  # the standard library's: no link
+    assert "[`Here`][timer_sdk.nothing.Here]" in text  # a link to nothing: the build fails
+    assert "nothing.Here]:\n\n```pycon\n>>> 1 + 1\n2\n```" in text
+
+
+@pytest.mark.timeout(120)
+def test_the_reference_builds_strictly_and_covers_every_public_name(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "WARNING" not in built.stderr, built.stderr
+    html = {page: (site / "reference" / page / "index.html").read_text() for page in PAGES}
+    everything = "\n".join(html.values()) + (site / "index.html").read_text()
+    for name in timer_sdk.__all__:
+        assert f'id="timer_sdk.{name}"' in everything, name
+    assert 'id="timer_sdk.sync.TimerClient"' in html["sync"]
+    assert not re.search(r":(class|meth|func|attr|exc|data):", everything)  # no raw reST
+    for command in ("serve", "call", "example", "schema", "demo", "bench"):
+        assert f"usage: timer-sdk {command}" in html["cli"], command
+    # The plumbing stays out of the reference.
+    assert "deliver_echo" not in everything and "reclaim" not in everything
