@@ -85,7 +85,7 @@ def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: P
     assert meta["License-Expression"] == "MIT"
     assert meta["Description-Content-Type"] == "text/markdown"
     assert "Typing :: Typed" in meta.get_all("Classifier", [])
-    assert meta.get_payload().startswith("# timer-sdk")  # the README, as the index shows it
+    assert str(meta.get_payload()).startswith("# timer-sdk")  # the README, as an index shows it
 
     venv, away = tmp_path / "venv", tmp_path / "elsewhere"
     away.mkdir()
