@@ -92,3 +92,55 @@ def test_the_reference_builds_strictly_and_covers_every_public_name(tmp_path: Pa
         assert f"usage: timer-sdk {command}" in html["cli"], command
     # The plumbing stays out of the reference.
     assert "deliver_echo" not in everything and "reclaim" not in everything
+
+
+def _readme_blocks(*kinds: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    pattern = r"<!-- readme-test: ([\w-]+)[^\n]*-->\n```\w*\n(.*?)\n```"
+    return [code for kind, code in re.findall(pattern, text, re.DOTALL) if kind in kinds]
+
+
+def test_the_readme_layout_lists_every_module() -> None:
+    [layout] = [b for b in _readme_blocks("skip") if b.startswith("timer_sdk/\n")]
+    listed = set(re.findall(r"\b([\w]+\.py)\b", layout))
+    modules = {p.name for p in (ROOT / "timer_sdk").glob("*.py")}
+    assert modules - listed == set()
+    assert listed - modules == set()
+
+
+def test_the_readme_error_tree_has_every_error() -> None:
+    [tree] = [b for b in _readme_blocks("skip") if b.startswith("TimerError\n")]
+    named = set(re.findall(r"\b([A-Z]\w+)\b", tree)) - {"ConnectionError", "TimeoutError"}
+    named -= {"ValueError", "RuntimeError"}
+    assert named == set(timer_sdk.errors.__all__)
+
+
+@pytest.mark.timeout(180)
+def test_the_readme_python_scripts_pass_mypy_strict(tmp_path: Path) -> None:
+    # The typed-event example exists so that users' code passes this too.
+    scripts = _readme_blocks("server", "client")
+    for i, code in enumerate(scripts):
+        (tmp_path / f"readme_{i}.py").write_text(code)
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout
+    assert len(scripts) >= 4
+
+
+def test_the_guides_give_commands_that_work() -> None:
+    # Addresses need their scheme, and extras are installed without a package index.
+    for guide in ("scaling.md", "limits.md", "protocol.md"):
+        text = (ROOT / "docs" / guide).read_text()
+        assert not re.search(r"timer-sdk call (?!(tcp|tls|unix):)", text), guide
+        assert "timer-sdk[" not in text, guide
+    assert "timer-sdk[" not in (ROOT / "README.md").read_text()
+
+
+def test_the_changelog_has_this_version() -> None:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog\n")
+    assert re.search(
+        rf"^## \[{re.escape(timer_sdk.__version__)}\] - \d{{4}}-\d\d-\d\d$", text, re.M
+    )
