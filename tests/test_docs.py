@@ -7,7 +7,9 @@ included (docs/roles.py turns the docstrings' reST roles into checked links).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+import pydoc
 import re
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import griffe
 import pytest
 
 import timer_sdk
+from timer_sdk.sync import TimerClient as SyncTimerClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,3 +147,42 @@ def test_the_changelog_has_this_version() -> None:
     assert re.search(
         rf"^## \[{re.escape(timer_sdk.__version__)}\] - \d{{4}}-\d\d-\d\d$", text, re.M
     )
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    found: list[tuple[str, object]] = []
+    for name, obj in [(n, getattr(timer_sdk, n)) for n in timer_sdk.__all__] + [
+        ("sync.TimerClient", SyncTimerClient)
+    ]:
+        found.append((name, obj))
+        if inspect.isclass(obj):
+            found += [
+                (f"{name}.{member}", getattr(obj, member))
+                for member in dir(obj)
+                if not member.startswith("_")
+                and callable(getattr(obj, member, None))
+                and getattr(getattr(obj, member), "__module__", "").startswith("timer_sdk")
+            ]
+    return found
+
+
+def test_public_signatures_name_no_private_types() -> None:
+    leaking = []
+    for name, obj in _public_callables():
+        try:
+            signature = str(inspect.signature(obj))  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # builtins without one
+            continue
+        if re.search(r"\b_[A-Za-z]", signature):
+            leaking.append(f"{name}{signature}")
+    assert leaking == []
+
+
+def test_constructors_users_never_call_point_to_the_factory() -> None:
+    with pytest.raises(TypeError, match=r"await TimerClient\.connect\(address\)"):
+        timer_sdk.TimerClient()
+    with pytest.raises(TypeError, match=r"TimerClient\.connect\(address\)"):
+        SyncTimerClient()
+    shown = pydoc.plain(pydoc.render_doc(timer_sdk.Server))
+    for plumbing in ("deliver_echo", "deliver_dropped", "reclaim", "subscribe("):
+        assert plumbing not in shown, plumbing

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ssl as _ssl
 from collections.abc import Awaitable
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -114,7 +115,7 @@ class TimerClient(_Events):
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
         reconnect: bool = False,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,

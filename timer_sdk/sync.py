@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl as _ssl
 import sys
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -232,7 +232,7 @@ class TimerClient:
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
         reconnect: bool = False,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,
