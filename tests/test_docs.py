@@ -186,3 +186,11 @@ def test_constructors_users_never_call_point_to_the_factory() -> None:
     shown = pydoc.plain(pydoc.render_doc(timer_sdk.Server))
     for plumbing in ("deliver_echo", "deliver_dropped", "reclaim", "subscribe("):
         assert plumbing not in shown, plumbing
+
+
+def test_no_user_visible_text_names_a_tracker_issue() -> None:
+    # Users have no access to the project's tracker: its numbers mean nothing to them.
+    shipped = [*(ROOT / "timer_sdk").rglob("*.py"), *(ROOT / "docs").rglob("*.md")]
+    shipped += [ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "notebooks").glob("*.ipynb")]
+    naming = [p.name for p in shipped if re.search(r"\bissues? #?\d+", p.read_text(), re.I)]
+    assert naming == []
