@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -18,7 +17,7 @@ from timer_sdk._extras import EXTRAS, install_hint
 from timer_sdk.bench.rows import Row, Target
 from timer_sdk.bench.table import LEGEND, TARGET_NOTE
 from timer_sdk.bus import NATS_EXTRA
-from timer_sdk.cli_help import build_parser
+from timer_sdk.cli_help import help_texts
 
 from .conftest import wait_until
 
@@ -84,16 +83,8 @@ async def test_an_immediate_embedded_stop_is_quiet(caplog: pytest.LogCaptureFixt
     assert logged == ["INFO shutting down, finishing 0 requests in flight"]
 
 
-def _subcommand_helps() -> dict[str, str]:
-    parser = build_parser()
-    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    helps = {"timer-sdk": parser.format_help()}
-    helps.update({name: sub.format_help() for name, sub in commands.choices.items()})
-    return helps
-
-
 def test_help_texts_are_plain_words() -> None:
-    for name, text in _subcommand_helps().items():
+    for name, text in help_texts().items():
         assert "``" not in text and ":class:" not in text, name  # no raw reST
         assert not re.search(r"\bissue\b", text, re.IGNORECASE), name  # no tracker numbers
 

@@ -37,6 +37,7 @@ __all__ = [
     "call_epilog",
     "check_payload",
     "find_method",
+    "help_texts",
     "limits_from_args",
 ]
 
@@ -368,3 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     return parser
+
+
+def help_texts() -> dict[str, str]:
+    """Every ``--help`` the CLI prints, by command line: ``timer-sdk``, ``timer-sdk serve``..."""
+    parser = build_parser()
+    texts = {"timer-sdk": parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts.update({f"timer-sdk {n}": p.format_help() for n, p in action.choices.items()})
+    return texts
