@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -92,3 +94,18 @@ def test_help_texts_are_plain_words() -> None:
 def test_bench_words_name_no_tracker() -> None:
     words = " ".join([TARGET_NOTE, LEGEND, *(t.__doc__ or "" for t in (Target, Row))])
     assert not re.search(r"\bissues?\b", words, re.IGNORECASE)
+
+
+@pytest.mark.timeout(120)
+def test_running_one_test_prints_no_coverage_table() -> None:
+    # Its total (say 14%) says nothing about the suite; the whole run prints the table.
+    root = PYPROJECT.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    one = "tests/test_hints.py::test_an_error_reply_names_its_method_once"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", one, "-p", "no:randomly", "-p", "no:cacheprovider"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    assert "TOTAL" not in done.stdout and "Missing" not in done.stdout, done.stdout
