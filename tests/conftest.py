@@ -65,6 +65,21 @@ def _core_branch_coverage(session: pytest.Session) -> tuple[int, int, list[str]]
     return covered, total, short
 
 
+def _no_partial_table(session: pytest.Session) -> None:
+    """Part of the suite prints no coverage table: its total (say 14%) says nothing.
+
+    The terminal report of addopts is dropped before pytest-cov reports; one
+    asked for on the command line (``--cov-report=...``) stays.
+    """
+    if any(arg.startswith("--cov-report") for arg in session.config.invocation_params.args):
+        return
+    plugin = session.config.pluginmanager.getplugin("_cov")
+    reports = getattr(getattr(plugin, "options", None), "cov_report", None)
+    if isinstance(reports, dict):
+        for kind in ("term", "term-missing"):
+            reports.pop(kind, None)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
     """After a full run, fail it if the core modules are below the branch-coverage floor.
@@ -72,6 +87,8 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
     Outermost wrapper, so pytest-cov has combined the data of every process by now. A
     run of one file or one test measures and reports, but never fails on the floor.
     """
+    if not _whole_suite(session):
+        _no_partial_table(session)
     result = yield
     if not _whole_suite(session):
         return result

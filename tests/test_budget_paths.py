@@ -38,6 +38,7 @@ from timer_sdk.framing import (
     RequestReader,
 )
 from timer_sdk.framing import encode_request as request
+from timer_sdk.server import _BusSink
 
 from .conftest import RawConnection, wait_until
 
@@ -304,7 +305,7 @@ async def test_a_bus_drop_while_the_subscriber_is_not_reading_comes_with_its_nex
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
             await fill_until_paused(server, caller)
-            server.deliver_dropped(2)  # lost on the bus while this subscriber is paused
+            _BusSink(server).deliver_dropped(2)  # lost on the bus while this one is paused
             notices: list[int] = []
             async with asyncio.timeout(30):
                 while not notices:

@@ -116,7 +116,7 @@ async def test_a_proc_bug_after_suspending_is_an_internal_error_reply(
         fine = client.echo(EchoRequest(message="fine", delay_ms=0))
         outcomes = await asyncio.gather(bug, fine, return_exceptions=True)
     assert [type(o) for o in outcomes] == [RemoteCallError, EchoResponse]
-    assert str(outcomes[0]) == "echo: echo: internal error"
+    assert str(outcomes[0]) == "echo: internal error"  # the method named once
     assert outcomes[1] == EchoResponse(echoed="fine", timer_name="faulty")
     assert faulty.stats.error_replies == 1
     [record] = [r for r in caplog.records if r.name == SERVER_LOG]

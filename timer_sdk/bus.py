@@ -18,6 +18,7 @@ import re
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
+from ._extras import install_hint
 from .errors import TimerError
 from .models import EchoEvent
 
@@ -35,7 +36,7 @@ __all__ = [
     "subject_for",
 ]
 
-NATS_EXTRA = "pip install 'timer-sdk[nats]'"
+NATS_EXTRA = install_hint("nats")
 """How to install what a ``nats://`` bus needs."""
 
 _TOKEN_SAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import schema
+from ._extras import install_hint
 from ._version import __version__
 from .address import Address
 from .bus import NATS_EXTRA, Unshared, nats_available
@@ -77,7 +78,7 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     except ImportError:
         if choice == "uvloop":
             raise SystemExit(
-                "timer-sdk: --loop uvloop needs: pip install 'timer-sdk[fast]'"
+                f"timer-sdk: --loop uvloop needs the fast extra: {install_hint('fast')}"
             ) from None
         return None
     return uvloop.new_event_loop

@@ -38,6 +38,7 @@ __all__ = [
     "call_epilog",
     "check_payload",
     "find_method",
+    "help_texts",
     "limits_from_args",
 ]
 
@@ -377,8 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     top = commands.add_parser("top", help="watch a running server: calls/s, latency, errors")
     add_top_arguments(top)
 
+    from .bench import DESCRIPTION as BENCH_DESCRIPTION
     from .bench import add_arguments as add_bench_arguments
 
-    bench = commands.add_parser("bench", help="measure the server and client beside a floor")
+    bench = commands.add_parser(
+        "bench",
+        help="measure the server and client beside a floor",
+        description=BENCH_DESCRIPTION,
+    )
     add_bench_arguments(bench)
     return parser
+
+
+def help_texts() -> dict[str, str]:
+    """Every ``--help`` the CLI prints, by command line: ``timer-sdk``, ``timer-sdk serve``..."""
+    parser = build_parser()
+    texts = {"timer-sdk": parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts.update({f"timer-sdk {n}": p.format_help() for n, p in action.choices.items()})
+    return texts

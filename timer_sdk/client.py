@@ -22,6 +22,7 @@ import contextlib
 import logging
 import ssl as _ssl
 from collections.abc import Awaitable
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -78,7 +79,16 @@ class TimerClient(_Events):
     A client belongs to the event loop it connected on.
     """
 
-    def __init__(
+    timeout: float | None
+    """The default per-call timeout in seconds; ``None`` waits forever."""
+    reconnect: bool
+    """Whether a new call reopens a lost connection (never replaying old calls)."""
+
+    def __init__(self) -> None:
+        """Not called directly: ``await TimerClient.connect(address)`` returns a client."""
+        raise TypeError("a TimerClient is made by: await TimerClient.connect(address)")
+
+    def _set_up(
         self,
         dialer: _Dialer,
         protocol: _ClientProtocol,
@@ -86,15 +96,12 @@ class TimerClient(_Events):
         timeout: float | None,
         reconnect: bool,
     ) -> None:
-        """Use :meth:`connect` instead."""
         self._dialer = dialer
         self._address = dialer.address
         self._protocol = protocol
         self._loop = protocol.loop
         self.timeout = timeout
-        """The default per-call timeout in seconds; ``None`` waits forever."""
         self.reconnect = reconnect
-        """Whether a new call reopens a lost connection (never replaying old calls)."""
         self._closing = False
         self._redial: asyncio.Task[_ClientProtocol] | None = None
         self._backoff = 0.0
@@ -111,7 +118,7 @@ class TimerClient(_Events):
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
         reconnect: bool = False,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,
@@ -181,7 +188,9 @@ class TimerClient(_Events):
             parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
         )
         protocol = await dialer.dial(asyncio.get_running_loop())
-        return cls(dialer, protocol, timeout=timeout, reconnect=reconnect)
+        client = cls.__new__(cls)
+        client._set_up(dialer, protocol, timeout=timeout, reconnect=reconnect)
+        return client
 
     @property
     def address(self) -> str:

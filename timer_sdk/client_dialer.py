@@ -68,16 +68,34 @@ class _Dialer:
 
 # What OpenSSL says when the first bytes back are not a TLS record.
 _NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+# What certificate verification says when the chain ends at a CA we do not trust.
+_UNKNOWN_CA = (
+    "unable to get local issuer certificate",
+    "self-signed certificate",
+    "self signed certificate",
+)
 
 
 def _tls_reason(exc: OSError, reason: str) -> str:
     """Explain a failed TLS handshake as far as the error allows."""
     if isinstance(exc, _ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
         return f"the server does not speak TLS ({exc.reason}); use tcp: instead of tls:"
+    if isinstance(exc, _ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {(exc.verify_message or reason).rstrip('.')}"
+        if "mismatch" in detail:
+            return (
+                f"{detail}; the server's certificate names another host: connect by a "
+                "name it lists, or pass server_hostname="
+            )
+        if any(words in detail for words in _UNKNOWN_CA):
+            return (
+                f"{detail}; the server's certificate is not signed by a CA this client "
+                "trusts: trust its CA (--tls-ca, or the ssl context's load_verify_locations)"
+            )
     if isinstance(exc, ConnectionResetError):
         # A server refusing our certificate (TLS 1.2) closes the handshake like this.
         return (
             "the server closed the connection during the TLS handshake "
-            "(is a client certificate required?)"
+            "(is a client certificate required, or is yours from a CA it does not trust?)"
         )
     return reason

@@ -50,9 +50,10 @@ class _Events:
         entering ``async with`` (or at the first iteration). The stream ends
         when it is closed or the client is closed, and raises
         :class:`~timer_sdk.errors.ConnectionLost` if the connection drops.
-        With ``reconnect=True`` it survives that instead: the client reconnects
-        (with the backoff of :meth:`connect`, until it succeeds or the client
-        is closed), subscribes again, and the stream carries an
+        With ``reconnect=True`` it survives that instead: the client
+        reconnects (with the backoff of :meth:`~timer_sdk.TimerClient.connect`,
+        until it succeeds or the client is closed), subscribes again, and the
+        stream carries an
         :class:`~timer_sdk.events.EventsMayHaveBeenMissed` notice at the gap.
         Calls keep working on the same client meanwhile.
         """

@@ -110,6 +110,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._progress_at = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainable = drainable  # a plain socket: bytes left in it are replies
+        self._heard = False  # any byte from the server yet: a silent close hints at why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -142,6 +143,7 @@ class _ClientProtocol(asyncio.Protocol):
         backlog.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         if self.dead_after is not None:
             self._progress_at = self.loop.time()
         reader = self.reader
@@ -346,7 +348,7 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.pending and self.failure is None and self._drainable:
             self._drain()
-        reason = f": {exc}" if exc else ""
+        reason = f": {exc}" if exc else "" if self._heard else _silent_close(self)
         if self.failure is None:  # not closed by us: the server or the network ended it
             logger.info("connection to %s lost%s", self.address, reason)
         self.fail(ConnectionLost(f"connection to {self.address} lost{reason}"))
@@ -382,6 +384,25 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 _EVENT_RETS = (RET_EVENT, RET_EVENTS_DROPPED)
+
+
+def _silent_close(protocol: _ClientProtocol) -> str:
+    """Why a server may close a connection without sending a byte: the likely TLS mixups.
+
+    Under TLS 1.3 a server that refuses the client's certificate does so after
+    the client's side of the handshake, and asyncio's server closes without
+    sending its alert; a TLS server that gets a plain frame closes silently too.
+    """
+    if not protocol._drainable:  # TLS
+        return (
+            ": the server closed it before any reply, right after the TLS handshake "
+            "(is a client certificate required, or is yours from a CA it does not trust?)"
+        )
+    if protocol.address.startswith("tcp:"):
+        return (
+            ": the server closed it before any reply (if it serves TLS, use tls: instead of tcp:)"
+        )
+    return ""
 
 
 def _copy(error: TimerConnectionError | ProtocolError) -> Exception:

@@ -200,7 +200,7 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
             task.cancel()
         self._stats.orphans_cancelled += len(orphans)
         server.connections.discard(self)
-        server.unsubscribe(self)
+        server._unsubscribe(self)
         server._connection_gone()
 
     # --- requests -----------------------------------------------------------
@@ -269,7 +269,7 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
             if not self._budget_wait:
                 self._budget_wait = True
                 self._stats.budget_waits += 1
-                self._server.reclaim()  # idle buffers go before anyone waits long
+                self._server._reclaim()  # idle buffers go before anyone waits long
             # Still armed: a frame that never gets room gets an error, not a hang.
             self._arm_frame_deadline(completed_any, waiting_for_bytes=True)
             self._pause_reading(True)

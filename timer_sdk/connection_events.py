@@ -69,7 +69,7 @@ class _Subscriber:
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:
-            self._server.unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
+            self._server._unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
             return encode_reply(RET_OK, encode_item(None))
         if request.method == STATS:
             return stats_reply(self._server)
@@ -86,7 +86,7 @@ class _Subscriber:
         if bus is not None and bus.refusal is not None:
             self._stats.error_replies += 1
             return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
-        self._server.subscribe(self)  # type: ignore[arg-type]  # self is a Connection
+        self._server._subscribe(self)  # type: ignore[arg-type]  # self is a Connection
         reply = encode_reply(RET_OK, encode_item({"events": names}))
         waiter = bus.ready() if bus is not None else None
         if waiter is None:

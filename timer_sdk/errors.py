@@ -63,7 +63,12 @@ class RemoteCallError(CallError):
         self.method = method
 
     def __str__(self) -> str:
-        return f"{self.method}: {self.message}" if self.message else self.method
+        if not self.message:
+            return self.method
+        # Most server texts already start with the method name; say it once.
+        if self.message.startswith(f"{self.method}:"):
+            return self.message
+        return f"{self.method}: {self.message}"
 
     def __repr__(self) -> str:
         return f"RemoteCallError(method={self.method!r}, message={self.message!r})"

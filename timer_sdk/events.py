@@ -76,9 +76,10 @@ class Subscription:
         max_queue: int = 1024,
         opener: Callable[[Subscription], Awaitable[Callable[[], None]]] | None = None,
     ) -> None:
-        """Subscribe now through ``attach``, or on first use through ``opener``.
+        """Not called directly: ``timer.events()`` and ``client.events()`` return one.
 
-        Each returns the function that detaches the subscription again.
+        It subscribes now through ``attach``, or on first use through
+        ``opener``; each returns the function that detaches it again.
         """
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")

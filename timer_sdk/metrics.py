@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
+from ._extras import install_hint
 from .observe import metrics_address
 from .stats import enable_timing, snapshot
 
@@ -29,7 +30,7 @@ try:
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - the extra is in dev
     raise ImportError(
-        "timer_sdk.metrics needs prometheus_client: pip install 'timer-sdk[metrics]'"
+        f"timer_sdk.metrics needs prometheus_client: {install_hint('metrics')}"
     ) from exc
 
 if TYPE_CHECKING:

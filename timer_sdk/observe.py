@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._extras import install_hint
 from .address import Address
 from .errors import AddressError
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["add_serve_flags", "metrics_address", "start_metrics"]
 
-METRICS_EXTRA = "pip install 'timer-sdk[metrics]'"
+METRICS_EXTRA = install_hint("metrics")
 
 
 def metrics_address(text: str) -> Address:

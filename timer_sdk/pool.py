@@ -72,8 +72,7 @@ class _PooledClient(TimerClient):
     """A :class:`TimerClient` over several one-connection clients (its members)."""
 
     def __init__(self, members: list[TimerClient], *, timeout: float | None, reconnect: bool):
-        """Use ``TimerClient.connect(..., connections=N)`` instead."""
-        # No super().__init__(): every method that touches one connection is overridden.
+        # No TimerClient set-up: every method that touches one connection is overridden.
         self._members = members
         self._address = members[0]._address
         self._loop = members[0]._loop

@@ -59,10 +59,14 @@ class Server:
     """
 
     def __init__(self, timer: Timer, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
+        """Not called directly: :func:`serve` returns a server that is listening."""
         self.timer = timer
+        """The timer whose procs this server calls."""
         self.limits = limits
+        """The bounds this server enforces."""
         self.loop = loop
         self.stats = ServerStats()
+        """What the server did and what its bounds did, counted since it started."""
         self.budget = Budget(limits.memory_budget)
         self.decoder = StrictDecoder(limits.max_depth)
         """Every connection's requests are decoded by this one: they share the loop's thread."""
@@ -117,8 +121,12 @@ class Server:
     ) -> bool:
         """Serve until Ctrl-C or SIGTERM, then close gracefully, without a traceback.
 
-        A second signal is acknowledged, a third stops at once; see
-        :func:`timer_sdk.shutdown.serve_until_signal`. Main thread only.
+        The first signal closes the server as :meth:`close` does, and says how
+        many requests it is finishing (``report`` gets each message; by default
+        the ``timer_sdk.shutdown`` logger, at WARNING when requests are in
+        flight). A second signal is acknowledged, a third stops at once. Returns
+        ``True`` if the close was graceful, ``False`` if a third signal cut it
+        short. Main thread only: it uses ``loop.add_signal_handler``.
         """
         return await serve_until_signal(self, shutdown_timeout=shutdown_timeout, report=report)
 
@@ -193,7 +201,7 @@ class Server:
         """How many connections are subscribed to events."""
         return len(self._subscribers)
 
-    def subscribe(self, conn: Connection) -> None:
+    def _subscribe(self, conn: Connection) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
         if self.bus is not None and len(self._subscribers) == 1:
@@ -201,7 +209,7 @@ class Server:
         if self._stop_listening is None:
             self._stop_listening = self.timer.add_echo_listener(self._publish_echo)
 
-    def reclaim(self) -> None:
+    def _reclaim(self) -> None:
         """Free what the budget can spare first: held events, and stale write charges.
 
         Called when a connection must wait for room, as gRPC reclaims idle
@@ -212,7 +220,7 @@ class Server:
         for conn in self.connections:
             conn.refresh_charge()  # a write buffer the peer has drained since is not held
 
-    def unsubscribe(self, conn: Connection) -> None:
+    def _unsubscribe(self, conn: Connection) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
         if self.bus is not None and not self._subscribers:
@@ -239,15 +247,6 @@ class Server:
                 if frame is None:
                     frame = event_frame(event)
                 conn.send_event(frame)
-
-    def deliver_echo(self, event: EchoEvent) -> None:
-        """Fan out an event another server published on the bus."""
-        self._publish_echo(event)
-
-    def deliver_dropped(self, count: int) -> None:
-        """Tell every subscriber that ``count`` events were lost on the bus."""
-        for conn in self._subscribers:
-            conn.note_dropped(count)
 
     def _connection_gone(self) -> None:
         if not self.connections and not self.refused:
@@ -310,6 +309,28 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class _BusSink:
+    """The server as its bus sees it (:class:`~timer_sdk.bus.EventSink`): others' events."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    @property
+    def subscribers(self) -> int:
+        return self._server.subscribers
+
+    def deliver_echo(self, event: EchoEvent) -> None:
+        """Fan out an event another server published on the bus."""
+        self._server._publish_echo(event)
+
+    def deliver_dropped(self, count: int) -> None:
+        """Tell every subscriber that ``count`` events were lost on the bus."""
+        for conn in self._server._subscribers:
+            conn.note_dropped(count)
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:
@@ -376,7 +397,7 @@ async def serve(
 
         server.bus = open_bus(bus)
         assert server.bus is not None
-        await server.bus.start(timer, server)
+        await server.bus.start(timer, _BusSink(server))
     try:
         await server._start(parsed, ssl, unix_mode, reuse_port)
     except BaseException:

@@ -42,8 +42,9 @@ async def serve_until_signal(
     """Serve until one of ``signals`` arrives, then close ``server`` gracefully.
 
     A second signal is reported, a third aborts the close. ``report`` gets
-    each message (default: the ``timer_sdk.server`` logger, the first at
-    INFO, the others at WARNING). Returns ``True``
+    each message (default: the ``timer_sdk.shutdown`` logger, at WARNING, so
+    that an app without logging set up still shows them; the first one at
+    INFO when no request is in flight, as the stop is then immediate). Returns ``True``
     if the close was graceful (or the server was closed by someone else),
     ``False`` if a third signal cut it short.
 
@@ -52,8 +53,8 @@ async def serve_until_signal(
     server, as :meth:`Server.serve_forever` does.
     """
     loop = asyncio.get_running_loop()
-    # By default the first signal is routine (info); the others need a human (warning).
-    inform: Callable[[str], Any] = report or logger.info
+    # By default a stop that waits for work says so (warning: shown even without
+    # logging set up); an immediate one is routine (info).
     say: Callable[[str], Any] = report or logger.warning
     heard = 0
     first = asyncio.Event()
@@ -84,6 +85,7 @@ async def serve_until_signal(
             closed.cancel()
         if not first.is_set():
             return True  # closed by someone else
+        inform = say if server.tasks or report else logger.info
         inform(f"shutting down, finishing {_requests(server)}")
         closing = loop.create_task(server.close(timeout=shutdown_timeout))
         if heard >= 3:  # all three arrived before we got here

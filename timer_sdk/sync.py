@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl as _ssl
 import sys
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -214,8 +214,11 @@ class TimerClient:
     spread over several with ``connect(..., connections=N)``.
     """
 
-    def __init__(self, client: AsyncTimerClient, portal: _Portal) -> None:
-        """Use :meth:`connect` instead."""
+    def __init__(self) -> None:
+        """Not called directly: ``TimerClient.connect(address)`` returns a client."""
+        raise TypeError("a TimerClient is made by: TimerClient.connect(address)")
+
+    def _set_up(self, client: AsyncTimerClient, portal: _Portal) -> None:
         self._client = client
         self._portal = portal
         self._finalizer = weakref.finalize(self, _finalize, portal, client)
@@ -229,7 +232,7 @@ class TimerClient:
         timeout: float | None = None,
         connect_timeout: float | None = 10.0,
         reconnect: bool = False,
-        ssl: _ssl.SSLContext | None = None,
+        ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connections: int = 1,
@@ -259,7 +262,9 @@ class TimerClient:
             ),
             _close,
         )
-        return cls(client, portal)
+        blocking = cls.__new__(cls)
+        blocking._set_up(client, portal)
+        return blocking
 
     @property
     def address(self) -> str:

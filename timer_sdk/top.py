@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._extras import install_hint
 from .codec import decode_item
 from .errors import CallError, TimerError
 from .stats import STATS
@@ -159,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Watch a running server: calls/s, p50 and p99 per method, errors, connections, "
         "memory budget and events, refreshed in place until Ctrl-C. It reads the "
         "server.stats method, which a unix: server answers by default and a tcp: server "
-        "only when started with --stats. Needs: pip install 'timer-sdk[metrics]'"
+        "only when started with --stats. Needs the metrics extra: " + install_hint("metrics")
     )
     parser.add_argument("address", help="tcp:HOST:PORT or unix:PATH of the server")
     parser.add_argument(
@@ -181,7 +182,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         import rich  # noqa: F401
     except ImportError:
-        print("timer-sdk top: needs rich: pip install 'timer-sdk[metrics]'", file=sys.stderr)
+        print(f"timer-sdk top: needs rich: {install_hint('metrics')}", file=sys.stderr)
         return 1
     try:
         return asyncio.run(_watch(args))

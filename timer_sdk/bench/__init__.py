@@ -40,6 +40,14 @@ __all__ = [
 ]
 
 DEFAULT_JSON = "timer-sdk-bench.json"
+DESCRIPTION = (
+    "Measure our server and client beside two floors, in the same run, on the same event "
+    "loop, under the same load: the models floor (a plain server and client that decode with "
+    "cbor2 and validate into the same models, without our strict checks) and the floor "
+    "(cbor2 alone). Prints a table and writes the results as JSON, which "
+    "notebooks/benchmark.ipynb plots."
+)
+"""The help text of ``timer-sdk bench`` and ``python -m timer_sdk.bench``: plain words."""
 
 
 def quick_by_default() -> bool:
@@ -103,9 +111,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m timer_sdk.bench``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m timer_sdk.bench", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m timer_sdk.bench", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._extras import install_hint
+
 __all__ = [
     "GROUPS",
     "TARGETS",
@@ -24,7 +26,7 @@ GROUPS = ("memory", "ping-pong", "pipelined", "workers", "client", "codec")
 
 @dataclass(frozen=True)
 class Target:
-    """A goal the project set itself (issue 11): not a measurement of anyone."""
+    """A goal the project set itself: not a measurement of anyone."""
 
     bound: str
     """``">= 1.2"`` or ``"<= 12"``."""
@@ -46,7 +48,7 @@ TARGETS: dict[str, Target] = {
     "client gather echo": Target(">= 0.9", "models floor"),
     "server CPU per pipelined echo unix 4x32": Target("<= 12", "value"),
 }
-"""The project's own targets from issue 11, by row name, on every event loop."""
+"""The project's own targets, by row name, on every event loop."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Settings:
             if name not in ("asyncio", "uvloop"):
                 raise ValueError(f"unknown event loop {name!r}")
             if name == "uvloop" and "uvloop" not in available_loops():
-                raise ValueError("--loop uvloop needs: pip install 'timer-sdk[fast]'")
+                raise ValueError(f"--loop uvloop needs the fast extra: {install_hint('fast')}")
         for group in self.groups:
             if group not in GROUPS:
                 raise ValueError(f"unknown group {group!r}; choose from {', '.join(GROUPS)}")

@@ -36,8 +36,8 @@ ours. skip says why it has none: a unix address has no tcp rows (and the other w
 RSS and CPU need a process this run started, workers a server it starts; client and codec
 rows measure no server."""
 TARGET_NOTE = """\
-Targets are this project's own goals, set in issue 11 ("Performance"); they are not the
-numbers of any other implementation. Each bounds ours/models, except server CPU per call,
+Targets are this project's own goals; they are not the numbers of any other
+implementation. Each bounds ours/models, except server CPU per call,
 which bounds ours in µs (server-process CPU time over the measured window / calls)."""
 
 
@@ -144,7 +144,7 @@ def _headline(document: dict[str, Any]) -> list[str]:
             lines.append([cells[0], "", cells[1], "", cells[4], cells[6]])
     if not lines:
         return []
-    header = ["target (issue 11)", "loop", "ours", "models", "/models", "goal: result"]
+    header = ["target", "loop", "ours", "models", "/models", "goal: result"]
     return _fenced("Targets: ours against the models floor", _render(header, lines))
 
 

