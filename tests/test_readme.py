@@ -21,16 +21,13 @@ A block without a comment fails the suite, so a new one cannot go untested.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,6 +36,7 @@ import pytest
 from timer_sdk import Limits, cli, soak
 
 from ._kernel import Kernel
+from .conftest import port_9099
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KINDS = {"server", "client", "shell-client", "shell", "kernel", "output", "parse-only", "skip"}
@@ -111,14 +109,6 @@ def test_the_limits_table_lists_every_field() -> None:
     text = README.read_text()
     rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| [^|]+ \|$", text, re.MULTILINE)
     assert sorted(rows) == sorted(f.name for f in dataclasses.fields(Limits))
-
-
-@contextlib.contextmanager
-def port_9099() -> Iterator[None]:
-    """Hold the README's fixed port against other runs of this test on the machine."""
-    with open("/tmp/timer-sdk-readme-9099.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def test_the_quickstarts_run_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
