@@ -31,6 +31,7 @@ from timer_sdk import (
     TimerConfig,
     sync,
 )
+from timer_sdk.pool import _PooledClient
 
 from .conftest import wait_until
 from .test_sync import ThreadServer
@@ -98,6 +99,50 @@ async def test_concurrent_calls_land_on_different_connections(address: str) -> N
             assert (await asyncio.wait_for(tasks[i], 30)).echoed == names[i]
             assert not any(t.done() for t in tasks[:i])
         assert client.pending == 0
+
+
+async def test_a_call_goes_to_the_connection_with_fewest_pending_not_the_next_in_turn(
+    address: str,
+) -> None:
+    timer = _GatedTimer()
+    async with (
+        await timer.serve(address) as server,
+        await TimerClient.connect(server.address, connections=2, timeout=30) as client,
+    ):
+        assert isinstance(client, _PooledClient)
+        first, second = client._members
+        tasks: dict[str, asyncio.Task[EchoResponse]] = {}
+
+        async def held(name: str) -> None:
+            tasks[name] = asyncio.create_task(client.echo(EchoRequest(message=name, delay_ms=0)))
+            await wait_until(lambda: client.pending == len(tasks))
+
+        def loads() -> tuple[int, int]:
+            return first.pending, second.pending
+
+        await held("gated-a")
+        await held("gated-b")
+        assert loads() == (1, 1)  # ties go in turn; the first is next again
+        await held("gated-c")
+        await held("gated-d")
+        assert loads() == (2, 2)
+        timer.gates["gated-b"].set()
+        await tasks.pop("gated-b")
+        # The first connection is next in turn, but the second has fewer calls waiting.
+        assert loads() == (2, 1)
+        await held("gated-e")
+        assert loads() == (2, 2)
+        timer.gates["gated-d"].set()
+        timer.gates["gated-e"].set()
+        await tasks.pop("gated-d")
+        await tasks.pop("gated-e")
+        # An idle connection while the next in turn is busy: the call waits for nobody.
+        assert loads() == (2, 0)
+        await held("gated-f")
+        assert loads() == (2, 1)
+        for name in list(tasks):
+            timer.gates[name].set()
+            assert (await tasks.pop(name)).echoed == name
 
 
 async def test_cancellations_and_timeouts_never_shift_replies_on_any_connection(
