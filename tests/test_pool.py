@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import cbor2
@@ -25,13 +26,14 @@ from timer_sdk import (
     EchoResponse,
     EventsMayHaveBeenMissed,
     Limits,
+    LoopError,
     Server,
     Timer,
     TimerClient,
     TimerConfig,
     sync,
 )
-from timer_sdk.pool import _PooledClient
+from timer_sdk.pool import _PooledClient, connect_pool
 
 from .conftest import wait_until
 from .test_sync import ThreadServer
@@ -281,6 +283,57 @@ async def test_connect_is_all_or_nothing() -> None:
     await server.close()
     with pytest.raises(ConnectError, match=f"cannot connect to {address}"):
         await TimerClient.connect(address, connections=3)
+
+
+async def test_connect_closes_the_connections_it_made_when_another_fails(server: Server) -> None:
+    made: list[TimerClient] = []
+    calls = 0
+
+    async def connect() -> TimerClient:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            await wait_until(lambda: len(made) == 2)  # fails after the others are open
+            raise ConnectError("cannot connect: the third refused")
+        client = await TimerClient.connect(server.address)
+        made.append(client)
+        return client
+
+    with pytest.raises(ConnectError, match="the third refused"):
+        await connect_pool(3, connect, timeout=None, reconnect=False)
+    assert len(made) == 2
+    assert all(client.closed for client in made)
+    await wait_until(lambda: not server.connections)
+
+
+async def test_reconnect_is_set_on_every_connection(server: Server) -> None:
+    async with await TimerClient.connect(server.address, connections=2) as client:
+        assert isinstance(client, _PooledClient)
+        assert client.reconnect is False
+        client.reconnect = True
+        assert client.reconnect is True
+        assert all(member.reconnect for member in client._members)
+
+
+async def test_a_pool_used_from_another_loop_says_so(server: Server) -> None:
+    async with await TimerClient.connect(server.address, connections=2) as client:
+        with pytest.raises(LoopError, match="belongs to another event loop"):
+            await asyncio.to_thread(asyncio.run, client.version())
+
+
+async def test_a_reopen_that_fails_leaves_the_calls_to_the_next_attempt(tmp_path: Path) -> None:
+    server = await Timer().serve(f"unix:{tmp_path / 'gone.sock'}")
+    client = await TimerClient.connect(server.address, connections=2, reconnect=True)
+    assert isinstance(client, _PooledClient)
+    try:
+        await server.close()  # nobody listens: every reopen fails
+        await wait_until(lambda: all(m._protocol.failure is not None for m in client._members))
+        with pytest.raises(ConnectError):
+            await client.version()
+        await wait_until(lambda: not client._healing)  # each reopen gave up, quietly
+        assert not client.closed
+    finally:
+        await client.close()
 
 
 def test_blocking_client_one_threads_slow_call_does_not_stall_another() -> None:
