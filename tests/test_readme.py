@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import jsonschema
 import pytest
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from timer_sdk import Limits, __version__, api, cli, soak
 
@@ -186,9 +186,7 @@ def test_the_shell_blocks_run(tmp_path: Path) -> None:
     # The example it prints is a valid request by the schema it writes.
     schema = json.loads((tmp_path / "timer.schema.json").read_text())
     example = json.loads(out.stdout)
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": "#/$defs/schedule-request", "$defs": schema["$defs"]}
-    )
+    validator = Draft202012Validator({"$ref": "#/$defs/schedule-request", "$defs": schema["$defs"]})
     validator.validate(example)
     assert api.METHODS["schedule"].params.model_validate(example)
 
