@@ -374,15 +374,18 @@ async def test_close_while_reading_is_paused_answers_what_was_read(
         [conn] = server.connections
         assert conn._reading_paused
         assert server.stats.requests == 1
-        await server.close()
+        closing = asyncio.create_task(server.close())
         replies = [await raw.recv_reply() for _ in slow]
         assert [(ret, cbor2.loads(body)["echoed"]) for ret, body in replies] == [
             (0, "first"),
             (0, "second"),
         ]
         assert await raw.at_eof()
+        await raw.close()  # the server lingers until the peer closes: not its full 2 s
+        await asyncio.wait_for(closing, 30)
     finally:
         await raw.close()
+        await server.close()
 
 
 async def test_no_frame_deadline_when_it_is_off(address: str) -> None:
