@@ -20,12 +20,14 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 import timer_sdk
@@ -116,15 +118,24 @@ def execute(path: Path, *, tiny: bool = False) -> Any:
         nb.cells.append(cell)
     leak_check = nbformat.v4.new_code_cell(LEAK_CHECK)  # type: ignore[no-untyped-call]
     nb.cells.append(leak_check)
-    client = NotebookClient(
-        nb,
-        timeout=60,  # per cell
-        kernel_name="python3",
-        record_timing=False,
-        resources={"metadata": {"path": str(path.parent)}},
-    )
     env = {**os.environ, "PYTHONWARNINGS": "default::ResourceWarning"}
-    client.execute(env=env)
+    # The kernel listens on Unix sockets, not on TCP ports found free by binding port 0:
+    # a test running in parallel could take one of those before the kernel binds it.
+    with tempfile.TemporaryDirectory() as sockets:
+
+        class IpcKernelManager(KernelManager):
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(transport="ipc", ip=str(Path(sockets, "k")), **kwargs)
+
+        client = NotebookClient(
+            nb,
+            kernel_manager_class=IpcKernelManager,
+            timeout=60,  # per cell
+            kernel_name="python3",
+            record_timing=False,
+            resources={"metadata": {"path": str(path.parent)}},
+        )
+        client.execute(env=env)
     return nb
 
 
