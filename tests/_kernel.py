@@ -43,7 +43,9 @@ class Kernel:
 
     def __init__(self, cwd: Path, *, timeout: float = 60) -> None:
         self.timeout = timeout
-        self.manager = KernelManager(kernel_name="python3")
+        # Unix sockets in the test's own directory, not TCP ports picked by binding port 0
+        # and closing it: another process (a parallel test) could take one in between.
+        self.manager = KernelManager(kernel_name="python3", transport="ipc", ip=str(cwd / "k"))
         self.manager.start_kernel(cwd=str(cwd))
         try:
             self.client: BlockingKernelClient = self.manager.client()

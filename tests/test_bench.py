@@ -189,7 +189,7 @@ def _run_bench(*args: str) -> tuple[str, dict[str, Any]]:
 
 def test_bench_quick_runs_against_a_second_server(second_server: ServerProcess) -> None:
     against = second_server.address
-    table, document = _run_bench("--duration", "0.1", "--against", against)
+    table, document = _run_bench("--duration", "0.05", "--against", against)
     widest = max(table.splitlines(), key=len)
     assert len(widest) <= 100, widest
     assert table.index("Targets: ours against the models floor") < table.index("Event loop")

@@ -15,6 +15,8 @@ import pytest
 
 from timer_sdk.cli import LISTENING
 
+from .conftest import port_9099
+
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -133,7 +135,7 @@ def test_serve_shuts_down_gracefully(
 
 def test_serve_without_an_address_binds_loopback_port_9099() -> None:
     # Hold the port (or find it held), so the attempt fails at once and says where it was.
-    with contextlib.ExitStack() as stack:
+    with port_9099(), contextlib.ExitStack() as stack:
         with contextlib.suppress(OSError):
             stack.enter_context(socket.create_server(("127.0.0.1", 9099)))
         out = run("serve", timeout=30)

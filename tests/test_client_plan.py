@@ -59,12 +59,14 @@ def test_plans_are_made_once() -> None:
     assert repr(plan(api.ECHO)) == "<Plan echo>"
 
 
-def test_methods_made_per_call_are_not_kept() -> None:
-    client_plan._plans.clear()
+def test_methods_made_per_call_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache of its own: filling the process's cache would leave later tests uncached.
+    monkeypatch.setattr(client_plan, "_plans", {})
     made = [api.Method(f"m{i}", EchoParams, EchoResponse, api.ECHO.invoke) for i in range(100)]
     for method in made:
         assert plan(method).name == method.name
     assert len(client_plan._plans) == client_plan._MAX_PLANS
+    assert plan(made[-1]) is not plan(made[-1])  # past the bound: made, never kept
 
 
 # --- request frames --------------------------------------------------------------

@@ -53,17 +53,20 @@ def cpu_seconds(pid: int) -> float:
 # --- graceful shutdown loses no reply -----------------------------------------
 
 
+CLIENTS, IN_FLIGHT = 25, 100
+
+
 async def _shutdown_under_load(address: str) -> tuple[int, int, int]:
-    """50 clients keep 200 echoes each in flight; close the server mid-way.
+    """25 clients keep 100 echoes each in flight; close the server mid-way.
 
     Returns (replies delivered, calls failed with ConnectionLost, requests the
     server dispatched). The clients keep writing while the server closes, so
     requests are still unread in its sockets: the case where the kernel
     answered with RST and a client's next write destroyed delivered replies.
-    Replies of 4 KB make more than one read's worth wait in each client.
+    Replies of 4 KB make more than one read's worth (400 KB) wait in each client.
     """
     server = await Timer(TimerConfig(name="ipc-server")).serve(address)
-    clients = [await TimerClient.connect(server.address) for _ in range(50)]
+    clients = [await TimerClient.connect(server.address) for _ in range(CLIENTS)]
     delivered = lost = 0
 
     async def keep_calling(client: TimerClient) -> None:
@@ -76,8 +79,8 @@ async def _shutdown_under_load(address: str) -> tuple[int, int, int]:
                 return
             delivered += 1
 
-    workers = [asyncio.ensure_future(keep_calling(c)) for c in clients for _ in range(200)]
-    await wait_until(lambda: delivered >= 50 * 200, timeout=60)
+    workers = [asyncio.ensure_future(keep_calling(c)) for c in clients for _ in range(IN_FLIGHT)]
+    await wait_until(lambda: delivered >= CLIENTS * IN_FLIGHT, timeout=60)
     await server.close()
     await asyncio.gather(*workers)
     for client in clients:
@@ -96,7 +99,7 @@ def test_graceful_shutdown_delivers_every_reply_it_wrote(
     # Every request the server took was answered with a success, and every such
     # reply reached its caller; only requests it never read failed.
     assert delivered == dispatched
-    assert lost == 50 * 200, "each worker ends at its first ConnectionLost"
+    assert lost == CLIENTS * IN_FLIGHT, "each worker ends at its first ConnectionLost"
 
 
 # --- out of file descriptors ----------------------------------------------------

@@ -18,11 +18,21 @@ from timer_sdk.sync import TimerClient as SyncTimerClient
 
 from ._kernel import Kernel
 
+# The slow call waits on a gate the test opens, not on a clock: the proof holds however
+# long the interrupt takes to land, and costs no waiting.
 SETUP = """
 import asyncio
 from timer_sdk import EchoRequest, Timer, TimerClient
 
-server = await Timer().serve("tcp:127.0.0.1:0")
+gate = asyncio.Event()
+
+class GatedTimer(Timer):
+    async def echo(self, req):
+        if req.message == "slow":
+            await gate.wait()
+        return await super().echo(req)
+
+server = await GatedTimer().serve("tcp:127.0.0.1:0")
 client = await TimerClient.connect(server.address, timeout=60)
 print("serving on", server.address)
 """
@@ -31,12 +41,13 @@ print("serving on", server.address)
 # loop, so once it is out the request is written before the cell can be cancelled.
 SLOW = """
 print("calling", flush=True)
-reply = await client.echo(EchoRequest(message="slow", delay_ms=10_000))
+reply = await client.echo(EchoRequest(message="slow", delay_ms=0))
 print("the slow call returned", reply)
 """
 
 NEXT = """
 print("pending before:", client.pending)
+gate.set()  # the slow reply is sent now, ahead of this call's
 reply = await client.echo(EchoRequest(message="fresh", delay_ms=0))
 print("echoed:", reply.echoed)
 print("pending after:", client.pending)
@@ -63,7 +74,7 @@ def test_interrupted_call_leaves_client_and_server_usable(kernel: Kernel) -> Non
     # The embedded server answers while the cell waits. This also wakes the
     # kernel's loop: ipykernel queues the interrupt's cancellation without
     # waking the loop (ipython/ipykernel#881), so it would otherwise wait for
-    # the slow reply.
+    # the slow reply (here: for ever, as the gate stays shut).
     with SyncTimerClient.connect(address, timeout=30) as probe:
         assert probe.version().startswith("timer-sdk v")
 
@@ -73,8 +84,8 @@ def test_interrupted_call_leaves_client_and_server_usable(kernel: Kernel) -> Non
     assert "the slow call returned" not in cell.stdout
 
     after = kernel.run(NEXT)
-    # The slow request is still being served, its slot abandoned: its reply
-    # comes first and must be dropped, not handed to this call.
+    # The slow request was still being served, its slot abandoned: its reply
+    # came first and must be dropped, not handed to this call.
     assert "pending before: 1" in after.stdout
     assert "echoed: fresh" in after.stdout
     assert "pending after: 0" in after.stdout

@@ -30,9 +30,9 @@ KINDS = {
 
 @pytest.mark.timeout(60)
 async def test_load_in_process(server: Server) -> None:
-    report = await run_load(server.address, connections=200, calls=40, seed=1)
+    report = await run_load(server.address, connections=200, calls=20, seed=1)
     assert report.clean, report.summary()
-    assert report.calls == 200 * 40
+    assert report.calls == 200 * 20
     assert report.mismatches == 0
     counted = report.ok + report.error_replies + report.timeouts
     assert counted + report.cancelled == report.calls

@@ -181,3 +181,70 @@ async def test_a_subclass_override_is_called_not_bypassed() -> None:
     assert type(outcome) is _eager.Suspended  # the override ran, as a coroutine
     result = await asyncio.get_running_loop().create_task(_eager.resume(outcome))
     assert result == EchoResponse(echoed="HI", timer_name="ipc-server")
+
+
+# Every way a request can be wrong in shape, for every method, with the error text the
+# caller reads: checked against the text itself, not only against the reference path.
+_ECHO = {"message": "hi", "delayMs": 0}
+_JOB = {"name": "", "payload": [], "priority": 0}
+_RETRY = {"maxAttempts": 1, "backoffMs": 0, "retryOn": []}
+_SCHEDULE = {"startAtMs": 0, "intervalMs": 0, "jitter": 1}
+REFUSED: list[tuple[str, Any, str]] = [
+    # wrong type (what a lax validator would coerce: "1", 1.0, True)
+    ("version", [], "Input should be a valid dictionary or instance of VersionParams"),
+    ("echo", {"req": {**_ECHO, "message": 1}}, "req.message: Input should be a valid string"),
+    ("echo", {"req": {**_ECHO, "delayMs": "1"}}, "req.delayMs: Input should be a valid integer"),
+    ("echo", {"req": {**_ECHO, "delayMs": 1.0}}, "req.delayMs: Input should be a valid integer"),
+    ("echo", {"req": {**_ECHO, "delayMs": True}}, "req.delayMs: Input should be a valid integer"),
+    ("complex", {"req": {"messages": "a", "tags": []}},
+     "req.messages: Input should be a valid list"),
+    ("complex", {"req": {"messages": [], "tags": [1]}},
+     "req.tags.0: Input should be a valid string"),
+    ("complex", {"req": {"messages": [], "tags": [], "retries": "2"}},
+     "req.retries: Input should be a valid integer"),
+    ("schedule", {"job": {**_JOB, "name": 1}, "retry": _RETRY, "schedule": _SCHEDULE},
+     "job.name: Input should be a valid string"),
+    ("schedule", {"job": _JOB, "retry": {**_RETRY, "maxAttempts": "1"}, "schedule": _SCHEDULE},
+     "retry.maxAttempts: Input should be a valid integer"),
+    # missing field
+    ("echo", {}, "req: Field required"),
+    ("echo", {"req": {"delayMs": 0}}, "req.message: Field required"),
+    ("echo", {"req": {"message": "hi"}}, "req.delayMs: Field required"),
+    ("complex", {"req": {"tags": []}}, "req.messages: Field required"),
+    ("complex", {"req": {"messages": [{"message": "a"}], "tags": []}},
+     "req.messages.0.delayMs: Field required"),
+    ("schedule", {"job": _JOB, "retry": _RETRY}, "schedule: Field required"),
+    ("schedule", {"job": _JOB, "retry": {"maxAttempts": 1, "backoffMs": 0},
+                  "schedule": _SCHEDULE}, "retry.retryOn: Field required"),
+    # extra field (a Python name instead of the wire's camelCase is one too)
+    ("version", {"x": 1}, "x: Extra inputs are not permitted"),
+    ("echo", {"req": _ECHO, "x": 1}, "x: Extra inputs are not permitted"),
+    ("echo", {"req": {**_ECHO, "x": 1}}, "req.x: Extra inputs are not permitted"),
+    ("echo", {"req": {"message": "hi", "delay_ms": 0}},
+     "req.delayMs: Field required; req.delay_ms: Extra inputs are not permitted"),
+    ("complex", {"req": {"messages": [], "tags": [], "x": 1}},
+     "req.x: Extra inputs are not permitted"),
+    ("schedule", {"job": {**_JOB, "x": 1}, "retry": _RETRY, "schedule": _SCHEDULE},
+     "job.x: Extra inputs are not permitted"),
+    ("schedule", {"job": _JOB, "retry": _RETRY, "schedule": _SCHEDULE, "x": 2},
+     "x: Extra inputs are not permitted"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "item", "error"), REFUSED)
+def test_a_request_of_the_wrong_shape_is_refused_with_what_is_wrong(
+    name: str, item: Any, error: str
+) -> None:
+    expected = ("DecodeError", f"{name}: invalid request: {error}")
+    payload = cbor2.dumps(item)
+    assert _fast(api.METHODS[name], payload, 16, 4096) == expected
+    assert _reference(api.METHODS[name], payload, 16, 4096) == expected
+
+
+def test_every_method_has_each_kind_of_refusal() -> None:
+    for name in api.METHODS:
+        errors = [error for method, _, error in REFUSED if method == name]
+        assert any("Extra inputs" in e for e in errors), name
+        if api.METHODS[name].empty_params is None:  # a method with fields to get wrong
+            assert any("Field required" in e for e in errors), name
+            assert any("valid" in e for e in errors), name

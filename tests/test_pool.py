@@ -9,7 +9,8 @@ import random
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import cbor2
@@ -25,45 +26,19 @@ from timer_sdk import (
     EchoResponse,
     EventsMayHaveBeenMissed,
     Limits,
+    LoopError,
     Server,
     Timer,
     TimerClient,
     TimerConfig,
     sync,
 )
+from timer_sdk.pool import _PooledClient, connect_pool
 
 from .conftest import wait_until
 from .test_sync import ThreadServer
 
 T = TypeVar("T")
-
-
-async def _timed(call: Awaitable[T]) -> tuple[T, float]:
-    started = time.perf_counter()
-    result = await call
-    return result, time.perf_counter() - started
-
-
-async def _slow_and_quick(client: TimerClient) -> tuple[float, float]:
-    (echo, slow), (version, quick) = await asyncio.gather(
-        _timed(client.echo(EchoRequest(message="slow", delay_ms=1000))),
-        _timed(client.version()),
-    )
-    assert echo.echoed == "slow" and version.startswith("timer-sdk v")
-    return slow, quick
-
-
-async def test_a_quick_call_does_not_wait_behind_a_slow_one(server: Server) -> None:
-    async with await TimerClient.connect(server.address, connections=2, timeout=30) as client:
-        assert isinstance(client, TimerClient)
-        slow, quick = await _slow_and_quick(client)
-        assert slow >= 0.9  # the echo really was slow on the server...
-        assert quick < 0.1  # ...and version did not wait for it
-        assert len(server.connections) == 2
-    # The control: on one connection, version waits for the echo's reply.
-    async with await TimerClient.connect(server.address, timeout=30) as one:
-        _, quick = await _slow_and_quick(one)
-        assert quick >= 0.9
 
 
 class _GatedTimer(Timer):
@@ -77,6 +52,33 @@ class _GatedTimer(Timer):
         if req.message.startswith("gated"):
             await self.gates.setdefault(req.message, asyncio.Event()).wait()
         return await super().echo(req)
+
+
+async def test_a_quick_call_does_not_wait_behind_a_slow_one(address: str) -> None:
+    timer = _GatedTimer()
+    async with (
+        await timer.serve(address) as server,
+        await TimerClient.connect(server.address, connections=2, timeout=30) as client,
+    ):
+        assert isinstance(client, TimerClient)
+        slow = asyncio.create_task(client.echo(EchoRequest(message="gated", delay_ms=0)))
+        await wait_until(lambda: len(server.tasks) == 1)  # the echo is held on the server
+        # version returns while the echo is still held: it did not wait behind it.
+        assert (await asyncio.wait_for(client.version(), 30)).startswith("timer-sdk v")
+        assert not slow.done()
+        assert len(server.connections) == 2
+        timer.gates["gated"].set()
+        assert (await slow).echoed == "gated"
+        # The control: on one connection, version waits for the echo's reply.
+        async with await TimerClient.connect(server.address, timeout=30) as one:
+            slow = asyncio.create_task(one.echo(EchoRequest(message="gated1", delay_ms=0)))
+            quick = asyncio.create_task(one.version())
+            await wait_until(lambda: len(server.tasks) == 1)
+            done, _ = await asyncio.wait({quick}, timeout=0.2)
+            assert not done
+            timer.gates["gated1"].set()
+            assert (await slow).echoed == "gated1"
+            assert (await quick).startswith("timer-sdk v")
 
 
 async def test_concurrent_calls_land_on_different_connections(address: str) -> None:
@@ -99,6 +101,50 @@ async def test_concurrent_calls_land_on_different_connections(address: str) -> N
             assert (await asyncio.wait_for(tasks[i], 30)).echoed == names[i]
             assert not any(t.done() for t in tasks[:i])
         assert client.pending == 0
+
+
+async def test_a_call_goes_to_the_connection_with_fewest_pending_not_the_next_in_turn(
+    address: str,
+) -> None:
+    timer = _GatedTimer()
+    async with (
+        await timer.serve(address) as server,
+        await TimerClient.connect(server.address, connections=2, timeout=30) as client,
+    ):
+        assert isinstance(client, _PooledClient)
+        first, second = client._members
+        tasks: dict[str, asyncio.Task[EchoResponse]] = {}
+
+        async def held(name: str) -> None:
+            tasks[name] = asyncio.create_task(client.echo(EchoRequest(message=name, delay_ms=0)))
+            await wait_until(lambda: client.pending == len(tasks))
+
+        def loads() -> tuple[int, int]:
+            return first.pending, second.pending
+
+        await held("gated-a")
+        await held("gated-b")
+        assert loads() == (1, 1)  # ties go in turn; the first is next again
+        await held("gated-c")
+        await held("gated-d")
+        assert loads() == (2, 2)
+        timer.gates["gated-b"].set()
+        await tasks.pop("gated-b")
+        # The first connection is next in turn, but the second has fewer calls waiting.
+        assert loads() == (2, 1)
+        await held("gated-e")
+        assert loads() == (2, 2)
+        timer.gates["gated-d"].set()
+        timer.gates["gated-e"].set()
+        await tasks.pop("gated-d")
+        await tasks.pop("gated-e")
+        # An idle connection while the next in turn is busy: the call waits for nobody.
+        assert loads() == (2, 0)
+        await held("gated-f")
+        assert loads() == (2, 1)
+        for name in list(tasks):
+            timer.gates[name].set()
+            assert (await tasks.pop(name)).echoed == name
 
 
 async def test_cancellations_and_timeouts_never_shift_replies_on_any_connection(
@@ -237,6 +283,57 @@ async def test_connect_is_all_or_nothing() -> None:
     await server.close()
     with pytest.raises(ConnectError, match=f"cannot connect to {address}"):
         await TimerClient.connect(address, connections=3)
+
+
+async def test_connect_closes_the_connections_it_made_when_another_fails(server: Server) -> None:
+    made: list[TimerClient] = []
+    calls = 0
+
+    async def connect() -> TimerClient:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            await wait_until(lambda: len(made) == 2)  # fails after the others are open
+            raise ConnectError("cannot connect: the third refused")
+        client = await TimerClient.connect(server.address)
+        made.append(client)
+        return client
+
+    with pytest.raises(ConnectError, match="the third refused"):
+        await connect_pool(3, connect, timeout=None, reconnect=False)
+    assert len(made) == 2
+    assert all(client.closed for client in made)
+    await wait_until(lambda: not server.connections)
+
+
+async def test_reconnect_is_set_on_every_connection(server: Server) -> None:
+    async with await TimerClient.connect(server.address, connections=2) as client:
+        assert isinstance(client, _PooledClient)
+        assert client.reconnect is False
+        client.reconnect = True
+        assert client.reconnect is True
+        assert all(member.reconnect for member in client._members)
+
+
+async def test_a_pool_used_from_another_loop_says_so(server: Server) -> None:
+    async with await TimerClient.connect(server.address, connections=2) as client:
+        with pytest.raises(LoopError, match="belongs to another event loop"):
+            await asyncio.to_thread(asyncio.run, client.version())
+
+
+async def test_a_reopen_that_fails_leaves_the_calls_to_the_next_attempt(tmp_path: Path) -> None:
+    server = await Timer().serve(f"unix:{tmp_path / 'gone.sock'}")
+    client = await TimerClient.connect(server.address, connections=2, reconnect=True)
+    assert isinstance(client, _PooledClient)
+    try:
+        await server.close()  # nobody listens: every reopen fails
+        await wait_until(lambda: all(m._protocol.failure is not None for m in client._members))
+        with pytest.raises(ConnectError):
+            await client.version()
+        await wait_until(lambda: not client._healing)  # each reopen gave up, quietly
+        assert not client.closed
+    finally:
+        await client.close()
 
 
 def test_blocking_client_one_threads_slow_call_does_not_stall_another() -> None:

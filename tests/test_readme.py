@@ -24,25 +24,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import fcntl
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from timer_sdk import Limits, Timer, TimerConfig, cli, soak
+from timer_sdk import Limits, Timer, TimerConfig, __version__, api, cli, soak
 
 from . import _node
 from ._kernel import Kernel
+from .conftest import port_9099
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KINDS = {"server", "client", "shell-client", "shell", "kernel", "output", "parse-only", "skip"}
@@ -92,6 +92,27 @@ def output_after(block: Block) -> str | None:
     return None
 
 
+# What blocks without an ``output`` block print: a version, or a value shown by the kernel.
+UNPRINTED = {
+    "print(client.version())": (
+        f"timer-sdk v{__version__}\nechoed='hi' timer_name='kitchen'\n"  # the sync quickstart
+    ),
+    'await client.echo(EchoRequest(message="hi", delay_ms=50))': (
+        "EchoResponse(echoed='hi', timer_name='ipc-server')"  # the first kernel block
+    ),
+}
+
+
+def expected_output(block: Block) -> str:
+    """What ``block`` must print: its ``output`` block, or its entry in UNPRINTED."""
+    expected = output_after(block)
+    if expected is not None:
+        return expected
+    known = [text for line, text in UNPRINTED.items() if line in block.code]
+    assert len(known) == 1, f"{block}: add an output block after it"
+    return known[0]
+
+
 def shell(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
@@ -116,14 +137,6 @@ def test_the_limits_table_lists_every_field() -> None:
     text = README.read_text()
     rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| [^|]+ \|$", text, re.MULTILINE)
     assert sorted(rows) == sorted(f.name for f in dataclasses.fields(Limits))
-
-
-@contextlib.contextmanager
-def port_9099() -> Iterator[None]:
-    """Hold the README's fixed port against other runs of this test on the machine."""
-    with open("/tmp/timer-sdk-readme-9099.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def test_the_quickstarts_run_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
@@ -154,14 +167,11 @@ def test_the_quickstarts_run_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
                     cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
                 )  # fmt: skip
                 assert out.returncode == 0, f"{block}:\n{out.stderr}"
-                assert out.stdout, block
-                expected = output_after(block)
-                if expected is not None:
-                    assert out.stdout == expected, block
+                assert out.stdout == expected_output(block), block
             for block in of("shell-client"):
                 out = shell(block.code, tmp_path)
                 assert out.returncode == 0, f"{block}:\n{out.stderr}"
-                assert '"timerName": "kitchen"' in out.stdout, block
+                assert json.loads(out.stdout) == {"echoed": "hi", "timerName": "kitchen"}, block
             proc.send_signal(signal.SIGINT)
             rest, err = proc.communicate(timeout=30)
         finally:
@@ -174,10 +184,19 @@ def test_the_quickstarts_run_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_the_shell_blocks_run(tmp_path: Path) -> None:
-    for block in of("shell"):
-        out = shell(block.code, tmp_path)
-        assert out.returncode == 0, f"{block}:\n{out.stderr}"
+    schema_block, stubs_block = of("shell")
+    out = shell(stubs_block.code, tmp_path)
+    assert out.returncode == 0, f"{stubs_block}:\n{out.stderr}"
+    assert json.loads((tmp_path / "timer-client" / "package.json").read_text())["dependencies"]
+    out = shell(schema_block.code, tmp_path)
+    assert out.returncode == 0, f"{schema_block}:\n{out.stderr}"
     assert (tmp_path / "timer.cddl").read_text().startswith("; The timer wire API")
+    # The example it prints is a valid request by the schema it writes.
+    schema = json.loads((tmp_path / "timer.schema.json").read_text())
+    example = json.loads(out.stdout)
+    validator = Draft202012Validator({"$ref": "#/$defs/schedule-request", "$defs": schema["$defs"]})
+    validator.validate(example)
+    assert api.METHODS["schedule"].params.model_validate(example)
 
 
 def test_the_kernel_blocks_run_in_a_real_kernel(tmp_path: Path) -> None:
@@ -185,9 +204,7 @@ def test_the_kernel_blocks_run_in_a_real_kernel(tmp_path: Path) -> None:
         for block in of("kernel"):
             cell = kernel.run(block.code)
             assert cell.stderr == "", f"{block}:\n{cell.stderr}"
-            expected = output_after(block)
-            if expected is not None:
-                assert cell.stdout == expected, block
+            assert cell.text == expected_output(block), block
 
 
 async def test_the_node_blocks_run_with_the_generated_client(tmp_path: Path) -> None:

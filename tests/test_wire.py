@@ -199,11 +199,11 @@ async def test_oversized_method_name_closes_cleanly(raw: RawConnection, server: 
         assert await client.version()
 
 
+@pytest.mark.parametrize("transport", ["tcp"])  # a TCP option: no Unix-socket run to skip
 async def test_tcp_nodelay_is_set(server: Server, client: TimerClient) -> None:
     import socket
 
-    if not server.address.startswith("tcp:"):
-        pytest.skip("TCP only")
+    assert server.address.startswith("tcp:")
     [conn] = server.connections
     transport = conn._transport
     assert transport is not None
