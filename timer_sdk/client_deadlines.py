@@ -91,19 +91,24 @@ class Deadlines:
         due = max(self._loop.time(), self._armed_at)
         self._armed_at = math.inf
         earliest = math.inf
+        expired: list[tuple[float, float, _Entry]] = []
         by_timeout = self._by_timeout
         for timeout, fifo in list(by_timeout.items()):
             while fifo:
-                deadline, future, method = fifo[0]
-                if not future.done():
-                    if deadline > due:
-                        earliest = min(earliest, deadline)
+                entry = fifo[0]
+                if not entry[1].done():
+                    if entry[0] > due:
+                        earliest = min(earliest, entry[0])
                         break
-                    future.set_exception(CallTimeout(f"{method.name}: no reply within {timeout} s"))
+                    expired.append((entry[0], timeout, entry))
                 fifo.popleft()
                 self._count -= 1
             if not fifo:
                 del by_timeout[timeout]
+        # A late timer may find several FIFOs due: fail them in deadline order.
+        expired.sort(key=lambda item: item[0])
+        for _, timeout, (_, future, method) in expired:
+            future.set_exception(CallTimeout(f"{method.name}: no reply within {timeout} s"))
         if earliest < math.inf:
             self._arm(earliest)
 

@@ -80,7 +80,7 @@ def _target(row: dict[str, Any]) -> str:
     if row.get("target_basis") == "value":
         bound += f" {row['unit']}"
     elif row.get("target_basis") == "untimed":
-        bound += "×untimed"
+        bound += " untimed"
     verdict = "n/a" if row["met"] is None else "met" if row["met"] else "MISSED"
     return f"{bound}: {verdict}"
 
