@@ -56,6 +56,7 @@ from .models import (
     TimerConfig,
 )
 from .natsd import NatsServer, nats_server_binary
+from .serve_gc import freeze_startup_heap
 from .timer import Timer
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -125,6 +126,7 @@ async def _serve(
         reuse_port=reuse_port,
         bus=bus,
     )
+    freeze_startup_heap()  # before the first request: full collections skip startup's heap
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
