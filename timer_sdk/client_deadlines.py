@@ -28,7 +28,9 @@ class _Named(Protocol):
     def name(self) -> str: ...
 
 
-_Entry = tuple[float, "asyncio.Future[Any]", _Named]
+# A FIFO holds each call as three items in a row: deadline, future, method.
+# Flat, a call adds no object for the collector to track (a tuple would).
+_Fifo = deque[Any]
 
 
 class Deadlines:
@@ -43,8 +45,8 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._by_timeout: dict[float, deque[_Entry]] = {}
-        self._count = 0  # entries in all FIFOs, settled ones included
+        self._by_timeout: dict[float, _Fifo] = {}
+        self._count = 0  # calls in all FIFOs, settled ones included
         self._kept = 0  # entries left after the last sweep
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
@@ -59,10 +61,14 @@ class Deadlines:
         if fifo is None:
             fifo = self._by_timeout[timeout] = deque()
         else:
-            while fifo and fifo[0][1].done():  # settled calls, usually all of the front
+            while fifo and fifo[1].done():  # settled calls, usually all of the front
+                fifo.popleft()
+                fifo.popleft()
                 fifo.popleft()
                 self._count -= 1
-        fifo.append((deadline, future, method))
+        fifo.append(deadline)
+        fifo.append(future)
+        fifo.append(method)
         self._count += 1
         if deadline < self._armed_at:
             self._arm(deadline)
@@ -91,23 +97,25 @@ class Deadlines:
         due = max(self._loop.time(), self._armed_at)
         self._armed_at = math.inf
         earliest = math.inf
-        expired: list[tuple[float, float, _Entry]] = []
+        expired: list[tuple[float, float, asyncio.Future[Any], _Named]] = []
         by_timeout = self._by_timeout
         for timeout, fifo in list(by_timeout.items()):
             while fifo:
-                entry = fifo[0]
-                if not entry[1].done():
-                    if entry[0] > due:
-                        earliest = min(earliest, entry[0])
+                deadline, future = fifo[0], fifo[1]
+                if not future.done():
+                    if deadline > due:
+                        earliest = min(earliest, deadline)
                         break
-                    expired.append((entry[0], timeout, entry))
+                    expired.append((deadline, timeout, future, fifo[2]))
+                fifo.popleft()
+                fifo.popleft()
                 fifo.popleft()
                 self._count -= 1
             if not fifo:
                 del by_timeout[timeout]
         # A late timer may find several FIFOs due: fail them in deadline order.
         expired.sort(key=lambda item: item[0])
-        for _, timeout, (_, future, method) in expired:
+        for _, timeout, future, method in expired:
             future.set_exception(CallTimeout(f"{method.name}: no reply within {timeout} s"))
         if earliest < math.inf:
             self._arm(earliest)
@@ -116,9 +124,14 @@ class Deadlines:
         """Drop the entries of settled calls anywhere in the FIFOs."""
         by_timeout = self._by_timeout
         for timeout, fifo in list(by_timeout.items()):
-            live = deque(entry for entry in fifo if not entry[1].done())
+            live: _Fifo = deque()
+            items = iter(fifo)
+            for deadline in items:
+                future, method = next(items), next(items)
+                if not future.done():
+                    live.extend((deadline, future, method))
             if live:
                 by_timeout[timeout] = live
             else:
                 del by_timeout[timeout]
-        self._count = self._kept = sum(len(fifo) for fifo in by_timeout.values())
+        self._count = self._kept = sum(len(fifo) for fifo in by_timeout.values()) // 3

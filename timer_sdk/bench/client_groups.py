@@ -10,6 +10,7 @@ the floor's cbor2 alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import timeit
 from collections.abc import Callable, Coroutine
@@ -123,6 +124,9 @@ async def _client_measure(
             for i in range(ctx.rounds):
                 turn = i % len(roles)
                 for role in roles[turn:] + roles[:turn]:
+                    # Each run starts with no garbage left by the one before: a full
+                    # collection of this process's heap would land in one run only.
+                    gc.collect()
                     rates[role].append(await measure(by_role[role], ctx.duration))
             what = (
                 f"await client.{method}()"
