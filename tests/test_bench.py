@@ -318,7 +318,7 @@ def test_python_dash_m_bench_has_help() -> None:
 
 def test_timeout_targets_bound_ours_over_ours_without_a_timeout() -> None:
     def row(name: str, ours: float, untimed: float) -> Row:
-        detail = {"untimed": untimed}
+        detail = {"untimed": untimed, "vs_untimed": ours / untimed if untimed else math.nan}
         return Row("client", name, "calls/s", ours, 1.0, "asyncio", "higher",
                    models_floor=1.0, detail=detail)  # fmt: skip
 

@@ -30,13 +30,13 @@ class Target:
     """``">= 1.2"`` or ``"<= 12"``."""
     basis: str
     """``"models floor"``: the bound is on ours / models floor; ``"value"``: on ours itself;
-    ``"untimed"``: on ours / ours without a timeout, in the same rounds."""
+    ``"untimed"``: on ours / ours without a timeout, the median of the rounds' ratios."""
 
     def met(self, row: Row) -> bool | None:
         value: float | None
         if self.basis == "untimed":
-            untimed = row.detail.get("untimed")
-            value = row.ours / float(untimed) if untimed else None
+            ratio = row.detail.get("vs_untimed")
+            value = None if ratio is None else float(ratio)
         else:
             value = row.models_ratio if self.basis == "models floor" else row.ours
         if value is None or math.isnan(value):

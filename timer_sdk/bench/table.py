@@ -39,7 +39,7 @@ TARGET_NOTE = """\
 Targets are this project's own goals, set in issue 11 ("Performance"); they are not the
 numbers of any other implementation. Each bounds ours/models, except server CPU per call,
 which bounds ours in µs (server-process CPU time over the measured window / calls), and
-the timeout rows, which bound ours with a timeout over ours without, in the same rounds."""
+the timeout rows, which bound ours with a timeout over ours without (median of per-round ratios)."""
 
 
 def _number(value: float | None, unit: str) -> str:
