@@ -314,3 +314,16 @@ def test_python_dash_m_bench_has_help() -> None:
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
     assert "--loop" in done.stdout
+
+
+def test_timeout_targets_bound_ours_over_ours_without_a_timeout() -> None:
+    def row(name: str, ours: float, untimed: float) -> Row:
+        detail = {"untimed": untimed, "vs_untimed": ours / untimed if untimed else math.nan}
+        return Row("client", name, "calls/s", ours, 1.0, "asyncio", "higher",
+                   models_floor=1.0, detail=detail)  # fmt: skip
+
+    assert row("client gather echo, timeout=5", 95.0, 100.0).met is True
+    assert row("client gather echo, timeout=5", 94.0, 100.0).met is False
+    default = row("client gather echo, client timeout=5", 94.0, 100.0)
+    assert (default.target, default.target_basis, default.met) == (">= 0.95", "untimed", False)
+    assert row("client gather echo, timeout=5", 95.0, 0.0).met is None

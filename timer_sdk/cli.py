@@ -61,6 +61,7 @@ from .models import (
 )
 from .natsd import NatsServer, nats_server_binary
 from .observe import start_metrics
+from .serve_gc import freeze_startup_heap
 from .server import Server
 from .timer import Timer
 
@@ -138,6 +139,7 @@ async def _serve(
     except BaseException:
         await server.close(timeout=0)
         raise
+    freeze_startup_heap()  # before the first request: full collections skip startup's heap
     try:
         return await _serve_until_stopped(server, args, ready, metrics and metrics[1])
     finally:

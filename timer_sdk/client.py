@@ -283,19 +283,23 @@ class TimerClient(_Events):
     def _start(self, frame: bytes, method: _ReplyDecoder, timeout: float | None) -> Awaitable[Any]:
         """Start a call; return what its caller awaits for the reply.
 
-        The common call (no timeout, on an open connection with room) is
-        written now, and its caller awaits the reply's future itself: no
-        coroutine in between. Every other call takes :meth:`_send`.
+        A call on an open connection is written now (or held until there is
+        room), and its caller awaits the reply's future itself: no coroutine in
+        between. Its timeout is a deadline on the connection's one timer, which
+        fails the future with CallTimeout; held or written, the wait counts.
+        A reconnect, a closed client or another loop take :meth:`_send`.
         """
         protocol = self._protocol
+        if timeout is None:
+            timeout = self.timeout
         if (
-            timeout is None
-            and self.timeout is None
-            and protocol.failure is None
+            protocol.failure is None
             and not self._closing
             and asyncio.get_running_loop() is self._loop
         ):
             future = self._loop.create_future()
+            if timeout is not None:
+                protocol.deadlines.add(timeout, future, method)
             if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
                 protocol.send(frame, method, future)
             else:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from . import api
+from .client_deadlines import Deadlines
 from .errors import (
     ClientClosedError,
     ConnectionLost,
@@ -111,6 +112,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainable = drainable  # a plain socket: bytes left in it are replies
         self._heard = False  # any byte from the server yet: a silent close hints at why
+        self.deadlines = Deadlines(loop)  # the calls' timeouts, on one timer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -321,6 +323,7 @@ class _ClientProtocol(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self.deadlines.clear()  # every call fails here, in time or not
         while self.pending:
             _, future = self.pending.popleft()
             if not future.done():

@@ -10,6 +10,7 @@ the floor's cbor2 alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import timeit
 from collections.abc import Callable, Coroutine
@@ -33,6 +34,9 @@ __all__ = ["GATHER_CALLS", "bench_codec", "client_rows"]
 
 GATHER_CALLS = 10_000
 CLIENT_SKIPPED = "client row"
+TIMEOUT = 5.0
+TIMED = {"ours, timeout=5": "timeout=5", "ours, client timeout=5": "client timeout=5"}
+"""Our echo again with a deadline: per call, and as the client's default (the README's)."""
 
 Call = Callable[[], Coroutine[Any, Any, object]]
 
@@ -40,12 +44,14 @@ Call = Callable[[], Coroutine[Any, Any, object]]
 async def client_rows(ctx: Context, address: str) -> None:
     """Add the client rows, measured against the server at ``address``."""
     ours = await TimerClient.connect(address)  # the default: no per-call timeout
+    timed = await TimerClient.connect(address, timeout=TIMEOUT)
     models = await ModelsFloorClient.connect(address)
     floor = await FloorClient.connect(address)
     try:
-        await _client_measure(ctx, ours, models, floor)
+        await _client_measure(ctx, (ours, timed), models, floor)
     finally:
         await ours.close()
+        await timed.close()
         await models.close()
         await floor.close()
 
@@ -61,21 +67,37 @@ async def _sequential(call: Call, seconds: float) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def _gathered(call: Call, _seconds: float) -> float:
-    started = time.perf_counter()
-    results = await asyncio.gather(*(call() for _ in range(GATHER_CALLS)))
-    elapsed = time.perf_counter() - started
-    assert len(results) == GATHER_CALLS
-    return GATHER_CALLS / elapsed
+async def _gathered(call: Call, seconds: float) -> float:
+    """Gathers of ``GATHER_CALLS`` calls, one after another for about ``seconds``."""
+    count = 0
+    elapsed = 0.0
+    while not count or elapsed < seconds:
+        gc.collect()  # outside the clock: each gather starts with no garbage
+        started = time.perf_counter()
+        results = await asyncio.gather(*(call() for _ in range(GATHER_CALLS)))
+        elapsed += time.perf_counter() - started
+        assert len(results) == GATHER_CALLS
+        count += GATHER_CALLS
+    return count / elapsed
 
 
 async def _client_measure(
-    ctx: Context, ours: TimerClient, models: ModelsFloorClient, floor: FloorClient
+    ctx: Context,
+    clients: tuple[TimerClient, TimerClient],
+    models: ModelsFloorClient,
+    floor: FloorClient,
 ) -> None:
+    ours, timed = clients
     echo_req = {"message": ECHO_MESSAGE, "delayMs": 0}
 
     async def ours_echo() -> object:
         return await ours.echo(EchoRequest(message=ECHO_MESSAGE, delay_ms=0))
+
+    async def ours_echo_timeout() -> object:
+        return await ours.echo(EchoRequest(message=ECHO_MESSAGE, delay_ms=0), timeout=TIMEOUT)
+
+    async def ours_echo_default() -> object:
+        return await timed.echo(EchoRequest(message=ECHO_MESSAGE, delay_ms=0))
 
     async def models_echo() -> object:
         params = EchoParams(req=EchoRequest(message=ECHO_MESSAGE, delay_ms=0))
@@ -90,7 +112,13 @@ async def _client_measure(
             "models floor": lambda: models.call_model(b"version", VersionParams()),
             "floor": lambda: floor.call(b"version", {}),
         },
-        "echo": {"ours": ours_echo, "models floor": models_echo, "floor": floor_echo},
+        "echo": {
+            "ours": ours_echo,
+            "models floor": models_echo,
+            "floor": floor_echo,
+            "ours, timeout=5": ours_echo_timeout,
+            "ours, client timeout=5": ours_echo_default,
+        },
     }
     for kind, measure in (("sequential", _sequential), ("gather", _gathered)):
         for method, by_role in calls.items():
@@ -100,12 +128,16 @@ async def _client_measure(
             rates: dict[str, list[float]] = {role: [] for role in by_role}
             roles = list(by_role)
             for i in range(ctx.rounds):
-                for role in roles[i % 3 :] + roles[: i % 3]:
+                turn = i % len(roles)
+                for role in roles[turn:] + roles[:turn]:
+                    # Each run starts with no garbage left by the one before: a full
+                    # collection of this process's heap would land in one run only.
+                    gc.collect()
                     rates[role].append(await measure(by_role[role], ctx.duration))
             what = (
                 f"await client.{method}()"
                 if kind == "sequential"
-                else f"gather of {GATHER_CALLS:,} {method} calls"
+                else f"gathers of {GATHER_CALLS:,} {method} calls"
             )
             median = {role: sorted(values)[len(values) // 2] for role, values in rates.items()}
             ctx.add(
@@ -122,9 +154,36 @@ async def _client_measure(
                     detail={"what": what},
                 )
             )
+            for role, label in TIMED.items():
+                if role not in median:
+                    continue
+                ctx.add(
+                    Row(
+                        "client",
+                        f"client {kind} {method}, {label}",
+                        "calls/s",
+                        median[role],
+                        median["floor"],
+                        ctx.loop,
+                        "higher",
+                        models_floor=median["models floor"],
+                        against_skipped=ctx.skip_against(CLIENT_SKIPPED),
+                        detail={
+                            "what": f"{what}, {label}",
+                            "untimed": median["ours"],
+                            # Runs of one round are close in time: their ratio is steadier.
+                            "vs_untimed": _median_ratio(rates[role], rates["ours"]),
+                        },
+                    )
+                )
     replies = {await ours.version(), await models.call_model(b"version", VersionParams())}
     if replies != {await floor.call(b"version", {})}:
         raise RuntimeError(f"the clients disagree on the version reply: {replies}")
+
+
+def _median_ratio(values: list[float], bases: list[float]) -> float:
+    ratios = sorted(value / base for value, base in zip(values, bases, strict=True))
+    return ratios[len(ratios) // 2]
 
 
 def _per_call_us(fn: Callable[[], object], quick: bool) -> float:

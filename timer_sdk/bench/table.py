@@ -36,9 +36,10 @@ ours. skip says why it has none: a unix address has no tcp rows (and the other w
 RSS and CPU need a process this run started, workers a server it starts; client and codec
 rows measure no server."""
 TARGET_NOTE = """\
-Targets are this project's own goals; they are not the numbers of any other
-implementation. Each bounds ours/models, except server CPU per call,
-which bounds ours in µs (server-process CPU time over the measured window / calls)."""
+Targets are this project's own goals; they are not the numbers of any
+other implementation. Each bounds ours/models, except server CPU per call,
+which bounds ours in µs (server-process CPU time over the measured window / calls), and
+the timeout rows, which bound ours with a timeout over ours without (median of per-round ratios)."""
 
 
 def _number(value: float | None, unit: str) -> str:
@@ -78,6 +79,8 @@ def _target(row: dict[str, Any]) -> str:
     bound = row["target"].replace(">=", "≥").replace("<=", "≤")
     if row.get("target_basis") == "value":
         bound += f" {row['unit']}"
+    elif row.get("target_basis") == "untimed":
+        bound += " untimed"
     verdict = "n/a" if row["met"] is None else "met" if row["met"] else "MISSED"
     return f"{bound}: {verdict}"
 
