@@ -142,8 +142,18 @@ async def test_workers_stop_when_the_parent_is_killed(workers: Workers) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_a_worker_that_cannot_bind_takes_the_others_down() -> None:
-    with socket.socket() as taken:  # no SO_REUSEPORT: no worker may share it
+async def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"  # each worker loads it, and fails
+    proc = await _start("tls:127.0.0.1:0", "--workers", "2", "--tls-cert", str(missing))
+    code, out, err = await _finish(proc)
+    assert code == 1
+    assert "listening" not in out
+    assert "No such file or directory" in err
+    assert "workers exited with codes" in err
+
+
+async def test_a_taken_port_fails_before_any_worker_starts() -> None:
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -151,7 +161,8 @@ async def test_a_worker_that_cannot_bind_takes_the_others_down() -> None:
         code, out, err = await _finish(proc)
     assert code == 1
     assert "listening" not in out
-    assert "workers exited with codes" in err
+    assert "address already in use" in err
+    assert "worker" not in err
 
 
 async def test_workers_need_a_tcp_address(tmp_path: Path) -> None:
@@ -169,19 +180,45 @@ async def test_workers_must_be_positive() -> None:
 
 
 def test_a_fixed_port_is_used_as_given() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "timer_sdk", "serve", f"tcp:127.0.0.1:{port}", "--workers", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert f"listening on tcp:127.0.0.1:{port} (2 workers" in line, line
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    # Held meanwhile, so that no one else can take it: a bound socket that does
+    # not listen, with SO_REUSEADDR, lets a SO_REUSEADDR server listen there,
+    # and the kernel never hands a held port out for port 0.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        argv = [
+            sys.executable,
+            "-m",
+            "timer_sdk",
+            "serve",
+            f"tcp:127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert f"listening on tcp:127.0.0.1:{port} (2 workers" in line, line
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("second", [("--workers", "2"), ()])
+async def test_the_port_of_workers_is_theirs_alone(
+    workers: Workers, second: tuple[str, ...]
+) -> None:
+    # As for a one-process serve: a second server on the port fails, whatever its workers.
+    proc = await _start(workers.address, "--name", "second", *second)
+    code, out, err = await _finish(proc)
+    assert code == 1, out
+    assert "address already in use" in err
+    assert "listening" not in out
+    async with await TimerClient.connect(workers.address, timeout=30) as client:
+        assert await client.version() == "timer-sdk v0.1.0"  # the first still serves

@@ -56,6 +56,7 @@ from .models import (
     TimerConfig,
 )
 from .natsd import NatsServer, nats_server_binary
+from .server import serve
 from .timer import Timer
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -109,7 +110,7 @@ def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
 async def _serve(
     args: argparse.Namespace,
     *,
-    reuse_port: bool = False,
+    listening: socket.socket | None = None,
     ready: multiprocessing.connection.Connection | None = None,
 ) -> int:
     limits = limits_from_args(args)
@@ -117,13 +118,14 @@ async def _serve(
     bus: str | Unshared | None = args.events_url
     if getattr(args, "unshared_events", None):
         bus = Unshared(args.unshared_events)
-    server = await timer.serve(
+    server = await serve(
+        timer,
         args.address,
         limits=limits,
         ssl=_server_ssl(args),
         unix_mode=int(args.unix_mode, 8),
-        reuse_port=reuse_port,
         bus=bus,
+        sock=listening,
     )
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
@@ -150,27 +152,41 @@ async def _serve(
     return 0 if graceful else 1
 
 
-def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
+def _worker(
+    args: argparse.Namespace,
+    ready: multiprocessing.connection.Connection,
+    listening: socket.socket,
+) -> None:
     """Serve as one of ``--workers`` processes (the target of each child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the parent too
     try:
-        code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
+        code = _run(_serve(args, listening=listening, ready=ready), args.loop)
     except (OSError, TimerError, ValueError) as exc:
         print(f"timer-sdk serve: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         code = 1
     sys.exit(code)
 
 
-def _reserve_port(address: Address) -> socket.socket:
-    """Bind (not listen) a SO_REUSEPORT socket on ``address`` to learn a free port."""
+def _listen(address: Address) -> socket.socket:
+    """Bind and listen on ``address`` once, for every worker to accept on.
+
+    No SO_REUSEPORT: a second server on the port fails, as one process would.
+    """
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:  # asyncio's wording, as a one-process serve says it
+            raise OSError(
+                exc.errno,
+                f"error while attempting to bind on address {sockaddr!r}: "
+                f"{(exc.strerror or str(exc)).lower()}",
+            ) from None
+        sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
         raise
@@ -186,13 +202,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
     address = Address.parse(args.address)
     if address.scheme == "unix":
         raise ValueError("--workers needs a tcp: or tls: address; a unix: path has one owner")
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("--workers needs SO_REUSEPORT, which this platform does not have")
-    # With port 0 each worker would get a port of its own: learn one first, and
-    # hold it until the workers listen on it so that no one else takes it.
-    placeholder = _reserve_port(address) if address.port == 0 else None
-    if placeholder is not None:
-        address = dataclasses.replace(address, port=placeholder.getsockname()[1])
+    # One listening socket, shared: the port (port 0 too) is the workers' alone.
+    listening = _listen(address)
+    address = dataclasses.replace(address, port=listening.getsockname()[1])
     child_args = argparse.Namespace(**vars(args))
     child_args.address = str(address)
     natsd = _private_bus(child_args)
@@ -229,9 +241,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
     try:
         if natsd is not None:
             child_args.events_url = natsd.start()
-        bound = _start_workers(context, child_args, workers, pipes, lambda: stopping)
-        if placeholder is not None:
-            placeholder.close()
+        bound = _start_workers(
+            context, child_args, listening, workers, pipes, stopping=lambda: stopping
+        )
         if bound is not None and not stopping:
             pids = ", ".join(str(proc.pid) for proc in workers)
             print(
@@ -255,8 +267,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
     finally:
         if natsd is not None:
             natsd.stop()  # after the workers: they close their connections to it first
-        if placeholder is not None:
-            placeholder.close()
+        listening.close()
         for pipe in pipes:
             pipe.close()
         for sig, handler in previous.items():
@@ -297,8 +308,10 @@ def _private_bus(args: argparse.Namespace) -> NatsServer | None:
 def _start_workers(
     context: Any,
     args: argparse.Namespace,
+    listening: socket.socket,
     workers: list[multiprocessing.process.BaseProcess],
     pipes: list[multiprocessing.connection.Connection],
+    *,
     stopping: Callable[[], bool],
 ) -> str | None:
     """Start the workers; return the address they bound, or ``None`` if one failed.
@@ -309,7 +322,9 @@ def _start_workers(
     for i in range(args.workers):
         ours, theirs = context.Pipe()
         pipes.append(ours)
-        proc = context.Process(target=_worker, args=(args, theirs), name=f"timer-sdk-worker-{i}")
+        proc = context.Process(
+            target=_worker, args=(args, theirs, listening), name=f"timer-sdk-worker-{i}"
+        )
         proc.start()
         workers.append(proc)
         theirs.close()  # so that our end sees EOF if the worker dies first
