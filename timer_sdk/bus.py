@@ -58,6 +58,9 @@ class EventSink(Protocol):
     def deliver_dropped(self, count: int) -> None:
         """Tell every subscriber that ``count`` events were lost on the bus."""
 
+    def deliver_gap(self, reason: str) -> None:
+        """Tell every subscriber that events may be missing here, how many unknown."""
+
 
 class EventBus(abc.ABC):
     """Carries one server's events to the others that share it, and theirs back."""

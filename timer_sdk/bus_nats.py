@@ -219,6 +219,10 @@ class NatsBus(EventBus):
         self._connected.clear()
         if not self._closing:
             logger.warning("event bus %s: disconnected; reconnecting", self.url)
+            if self._sink is not None:  # the counts come after the reconnect, if ever
+                scheme, sep, rest = self.url.partition("://")
+                where = scheme + sep + rest.rpartition("@")[2]  # no password to the clients
+                self._sink.deliver_gap(f"cut off from the event bus at {where}")
 
     async def _on_reconnected(self) -> None:
         self._connected.set()

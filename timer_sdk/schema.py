@@ -126,7 +126,8 @@ def cddl() -> str:
         "event-frame = "  # ret 16
         + " / ".join(f'{{ event: "{name}", data: {m.__name__} }}' for name, m in EVENTS.items())
         + "  ; ret 16",
-        "events-dropped-frame = { dropped: 1..9223372036854775807 }  ; ret 17",
+        "events-dropped-frame = { dropped: 1..9223372036854775807 }"
+        " / { dropped: 0, gap: text }  ; ret 17",
     ]
     return "\n".join(lines) + "\n"
 
@@ -172,9 +173,14 @@ def json_schema() -> dict[str, Any]:
             for name, model in EVENTS.items()
         ]
     }
-    defs["events-dropped-frame"] = _object(
-        {"dropped": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}, ["dropped"]
-    )
+    defs["events-dropped-frame"] = {
+        "oneOf": [
+            _object(
+                {"dropped": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}, ["dropped"]
+            ),
+            _object({"dropped": {"const": 0}, "gap": {"type": "string"}}, ["dropped", "gap"]),
+        ]
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "timer wire API",

@@ -244,6 +244,11 @@ class Server:
         for conn in self._subscribers:
             conn.note_dropped(count)
 
+    def deliver_gap(self, reason: str) -> None:
+        """Tell every subscriber that events may be missing here: the bus was cut off."""
+        for conn in self._subscribers:
+            conn.note_gap(reason)
+
     def _connection_gone(self) -> None:
         if not self.connections and not self.refused:
             self._drained.set()
