@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import sys
 from collections.abc import AsyncGenerator, Sequence
 
 import pytest
 
-from timer_sdk import EchoEvent, EchoRequest, RemoteCallError, TimerClient
+from timer_sdk import (
+    EchoEvent,
+    EchoRequest,
+    EventsMayHaveBeenMissed,
+    RemoteCallError,
+    TimerClient,
+)
 from timer_sdk.cli import LISTENING
 from timer_sdk.natsd import NatsServer
 
 from .test_bus import Tally
-from .test_workers import PIDS, _alive, _finish
+from .test_workers import PIDS, _alive, _finish, _sockets_of
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers uses SO_REUSEPORT")
 
@@ -160,3 +169,79 @@ async def test_without_the_nats_extra_workers_refuse_subscriptions_clearly() -> 
     assert "pip install 'timer-sdk[nats]'" in message
     assert "--events-url nats://HOST:PORT" in message
     assert "nats-server" not in line
+
+
+async def _clients_on_every_worker(address: str, pids: list[int]) -> list[TimerClient]:
+    """Connect until every worker holds one of the connections (the kernel picks)."""
+    clients: list[TimerClient] = []
+    served: set[int] = set()
+    while served != set(pids):
+        assert len(clients) < 64, "the kernel gave every connection to one worker"
+        before = {pid: _sockets_of(pid) for pid in pids}
+        client = await TimerClient.connect(address, timeout=60)
+        clients.append(client)
+        await client.version()  # accepted and served, so its socket is in the worker now
+        served |= {pid for pid in pids if _sockets_of(pid) > before[pid]}
+    return clients
+
+
+async def test_a_dead_private_nats_server_is_a_gap_then_restarted() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    clients: list[TimerClient] = []
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        second = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        address, pids = LISTENING.search(first), PIDS.search(first)
+        assert address and pids, first
+        natsd = re.search(r"at (nats://\S+) \(pid (\d+)\)", second)
+        assert natsd, second
+        clients = await _clients_on_every_worker(
+            address.group(1), [int(pid) for pid in pids.group(1).split(", ")]
+        )
+        streams = [client.events(max_queue=10_000) for client in clients]
+        for stream in streams:
+            await stream.__aenter__()
+        tallies = [Tally() for _ in streams]
+        n = len(clients)
+
+        async def echo_round(tag: str) -> None:
+            await asyncio.gather(
+                *(
+                    c.echo(EchoRequest(message=f"{tag} {i}", delay_ms=0))
+                    for i, c in enumerate(clients)
+                )
+            )
+
+        await echo_round("before")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, n)  # every worker's echoes reach every subscriber
+        os.kill(int(natsd.group(2)), signal.SIGKILL)
+        for stream, tally in zip(streams, tallies, strict=True):
+            async with asyncio.timeout(30):  # at once: nothing waits for a restart
+                while not any(isinstance(i, EventsMayHaveBeenMissed) for i in tally.items):
+                    tally.items.append(await anext(stream))
+        await echo_round("around the restart")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, 2 * n)  # counted: the workers are back on the bus
+        await echo_round("after")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, 3 * n)
+            assert sorted(m for m in tally.messages if m.startswith("after")) == sorted(
+                f"after {i}" for i in range(n)
+            )
+        again = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert f"events shared through a private nats-server at {natsd.group(1)} " in again
+        assert again.rstrip().endswith(" again"), again
+        proc.terminate()
+    finally:
+        for client in clients:
+            await client.close()
+        if proc.returncode is None:
+            proc.terminate()
+        code, _, err = await _finish(proc)
+    assert code == 0, err
+    assert f"the private nats-server (pid {natsd.group(2)}) exited with code -9" in err

@@ -254,7 +254,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
             if natsd is not None:
                 print(f"timer-sdk: events shared through a private nats-server at "
                       f"{natsd.url} (pid {natsd.pid})", flush=True)  # fmt: skip
-            multiprocessing.connection.wait([proc.sentinel for proc in workers])
+            _wait_for_workers(workers, natsd, lambda: stopping)
         if not stopping:  # a worker failed or was killed: take the others down with it
             stop_workers()
         else:
@@ -284,6 +284,36 @@ def _serve_workers(args: argparse.Namespace) -> int:
         return 1
     print("timer-sdk: stopped", flush=True)
     return 0
+
+
+def _wait_for_workers(
+    workers: list[multiprocessing.process.BaseProcess],
+    natsd: NatsServer | None,
+    stopping: Callable[[], bool],
+) -> None:
+    """Wait until a worker exits or a signal comes; meanwhile, keep the nats-server up.
+
+    The workers reconnect to it by themselves, every half second, on its port.
+    """
+    sentinels = [proc.sentinel for proc in workers]
+    while True:
+        watched = list(sentinels)
+        if natsd is not None and natsd.sentinel is not None:
+            watched.append(natsd.sentinel)
+        ready = multiprocessing.connection.wait(watched)
+        if natsd is None or stopping() or any(s in ready for s in sentinels):
+            return
+        print(f"timer-sdk: the private nats-server (pid {natsd.pid}) exited with code "
+              f"{natsd.exit_code}; starting it again", file=sys.stderr, flush=True)  # fmt: skip
+        while not stopping():
+            try:
+                natsd.restart()
+            except TimerError as exc:
+                print(f"timer-sdk: {exc}; trying again", file=sys.stderr, flush=True)
+                continue
+            print(f"timer-sdk: events shared through a private nats-server at "
+                  f"{natsd.url} (pid {natsd.pid}) again", flush=True)  # fmt: skip
+            break
 
 
 def _private_bus(args: argparse.Namespace) -> NatsServer | None:
