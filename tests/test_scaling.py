@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncGenerator, Sequence
 
@@ -245,3 +246,60 @@ async def test_a_dead_private_nats_server_is_a_gap_then_restarted() -> None:
         code, _, err = await _finish(proc)
     assert code == 0, err
     assert f"the private nats-server (pid {natsd.group(2)}) exited with code -9" in err
+
+
+async def _serve_process(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+async def test_a_working_events_url_says_so(nats_server: NatsServer, workers: tuple[str]) -> None:
+    proc = await _serve_process("--events-url", nats_server.url, *workers)
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        second = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        listening = LISTENING.search(first)
+        assert listening, first
+        async with await TimerClient.connect(listening.group(1), timeout=60) as client:
+            await client.version()  # serving: its signal handlers are in place
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        code, _, err = await _finish(proc)
+    assert second == (
+        f"timer-sdk: events shared through {nats_server.url}, "
+        "subject timer_sdk.ipc-server.on_echo_fired\n"
+    )
+    assert code == 0, err
+
+
+async def test_an_events_url_that_refuses_fails_at_once() -> None:
+    with socket.socket() as held:  # bound, never listening: connecting is refused
+        held.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{held.getsockname()[1]}"
+        code, out, err = await _finish(await _serve_process("--events-url", url))
+    assert code == 1
+    assert "listening" not in out
+    # Not after a connect timeout, and with the reason.
+    assert err.startswith(f"timer-sdk serve: cannot reach the event bus at {url}: "), err
+    assert "within" not in err
+    assert "refused" in err
+
+
+async def test_a_silent_events_url_says_it_is_connecting() -> None:
+    with socket.socket() as silent:  # the kernel completes connects; no one says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        proc = await _serve_process("--events-url", f"nats://user:secret@127.0.0.1:{port}")
+        try:
+            assert proc.stderr is not None
+            line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        finally:
+            proc.kill()
+            await _finish(proc)
+    assert line == f"timer-sdk: connecting to the event bus at nats://127.0.0.1:{port}...\n"

@@ -32,6 +32,7 @@ __all__ = [
     "Unshared",
     "nats_available",
     "open_bus",
+    "redact",
     "subject_for",
 ]
 
@@ -111,6 +112,12 @@ def subject_for(timer_name: str) -> str:
         lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode()), timer_name
     )
     return f"timer_sdk.{token or '%'}.on_echo_fired"
+
+
+def redact(url: str) -> str:
+    """``url`` without its user and password, for messages others read."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 def nats_available() -> bool:

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from . import schema
 from ._version import __version__
 from .address import Address
-from .bus import NATS_EXTRA, Unshared, nats_available
+from .bus import NATS_EXTRA, Unshared, nats_available, redact, subject_for
 from .cli_help import (
     DEFAULT_ADDRESS,
     UsageError,
@@ -118,15 +118,21 @@ async def _serve(
     bus: str | Unshared | None = args.events_url
     if getattr(args, "unshared_events", None):
         bus = Unshared(args.unshared_events)
-    server = await serve(
-        timer,
-        args.address,
-        limits=limits,
-        ssl=_server_ssl(args),
-        unix_mode=int(args.unix_mode, 8),
-        bus=bus,
-        sock=listening,
-    )
+    # A bus that does not answer may take its whole connect timeout: say why we wait.
+    url = args.events_url if ready is None else None  # a worker's parent speaks for it
+    waiting = asyncio.get_running_loop().call_later(1.0, _say_connecting, url)
+    try:
+        server = await serve(
+            timer,
+            args.address,
+            limits=limits,
+            ssl=_server_ssl(args),
+            unix_mode=int(args.unix_mode, 8),
+            bus=bus,
+            sock=listening,
+        )
+    finally:
+        waiting.cancel()
     if ready is not None:  # a worker: the parent speaks for all of them
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -143,6 +149,7 @@ async def _serve(
         f"timer-sdk {__version__}: timer {timer.name!r} listening on {server.address}",
         flush=True,
     )
+    _say_shared(args.events_url, timer.name)
     # Same task step as the print: the handlers are in place before any request is read.
     graceful = await server.serve_until_signal(
         shutdown_timeout=args.shutdown_timeout,
@@ -150,6 +157,18 @@ async def _serve(
     )
     print("timer-sdk: stopped" if graceful else "timer-sdk: stopped at once", flush=True)
     return 0 if graceful else 1
+
+
+def _say_connecting(url: str | None, who: str = "") -> None:
+    if url:
+        print(f"timer-sdk: {who}connecting to the event bus at {redact(url)}...",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _say_shared(url: str | None, name: str) -> None:
+    if url:
+        print(f"timer-sdk: events shared through {redact(url)}, subject {subject_for(name)}",
+              flush=True)  # fmt: skip
 
 
 def _worker(
@@ -242,7 +261,13 @@ def _serve_workers(args: argparse.Namespace) -> int:
         if natsd is not None:
             child_args.events_url = natsd.start()
         bound = _start_workers(
-            context, child_args, listening, workers, pipes, stopping=lambda: stopping
+            context,
+            child_args,
+            listening,
+            workers,
+            pipes,
+            stopping=lambda: stopping,
+            bus_url=args.events_url,
         )
         if bound is not None and not stopping:
             pids = ", ".join(str(proc.pid) for proc in workers)
@@ -254,6 +279,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
             if natsd is not None:
                 print(f"timer-sdk: events shared through a private nats-server at "
                       f"{natsd.url} (pid {natsd.pid})", flush=True)  # fmt: skip
+            else:
+                _say_shared(args.events_url, args.name)
             _wait_for_workers(workers, natsd, lambda: stopping)
         if not stopping:  # a worker failed or was killed: take the others down with it
             stop_workers()
@@ -343,6 +370,7 @@ def _start_workers(
     pipes: list[multiprocessing.connection.Connection],
     *,
     stopping: Callable[[], bool],
+    bus_url: str | None,
 ) -> str | None:
     """Start the workers; return the address they bound, or ``None`` if one failed.
 
@@ -361,6 +389,8 @@ def _start_workers(
         if stopping():
             return None
     bound = None
+    if bus_url and not pipes[0].poll(3.0):  # they speak only once ready: say why we wait
+        _say_connecting(bus_url, "the workers are ")
     for pipe in pipes:
         try:
             bound = pipe.recv()
