@@ -25,7 +25,7 @@ from timer_sdk.natsd import NatsServer
 from .test_bus import Tally
 from .test_workers import PIDS, _alive, _finish, _sockets_of
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the tests read /proc")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers uses SO_REUSEPORT")
 
 # Simulates an install without the nats extra: "import nats" fails in this process.
 WITHOUT_NATS = (

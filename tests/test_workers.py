@@ -22,7 +22,7 @@ from timer_sdk import EchoEvent, EchoRequest, TimerClient
 from timer_sdk.cli import LISTENING
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="the tests read /proc and use a pseudo-terminal"
+    sys.platform != "linux", reason="SO_REUSEPORT balancing and /proc are Linux's"
 )
 
 PIDS = re.compile(r"pids ([\d, ]+)\)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -56,8 +55,8 @@ from .models import (
     TimerConfig,
 )
 from .natsd import NatsServer, nats_server_binary
-from .server import serve
 from .timer import Timer
+from .workers_port import claim_port
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
 
@@ -110,7 +109,7 @@ def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
 async def _serve(
     args: argparse.Namespace,
     *,
-    listening: socket.socket | None = None,
+    reuse_port: bool = False,
     ready: multiprocessing.connection.Connection | None = None,
 ) -> int:
     limits = limits_from_args(args)
@@ -122,14 +121,13 @@ async def _serve(
     url = args.events_url if ready is None else None  # a worker's parent speaks for it
     waiting = asyncio.get_running_loop().call_later(1.0, _say_connecting, url)
     try:
-        server = await serve(
-            timer,
+        server = await timer.serve(
             args.address,
             limits=limits,
             ssl=_server_ssl(args),
             unix_mode=int(args.unix_mode, 8),
+            reuse_port=reuse_port,
             bus=bus,
-            sock=listening,
         )
     finally:
         waiting.cancel()
@@ -171,45 +169,15 @@ def _say_shared(url: str | None, name: str) -> None:
               flush=True)  # fmt: skip
 
 
-def _worker(
-    args: argparse.Namespace,
-    ready: multiprocessing.connection.Connection,
-    listening: socket.socket,
-) -> None:
+def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
     """Serve as one of ``--workers`` processes (the target of each child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the parent too
     try:
-        code = _run(_serve(args, listening=listening, ready=ready), args.loop)
+        code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
     except (OSError, TimerError, ValueError) as exc:
         print(f"timer-sdk serve: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         code = 1
     sys.exit(code)
-
-
-def _listen(address: Address) -> socket.socket:
-    """Bind and listen on ``address`` once, for every worker to accept on.
-
-    No SO_REUSEPORT: a second server on the port fails, as one process would.
-    """
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
-        try:
-            sock.bind(sockaddr)
-        except OSError as exc:  # asyncio's wording, as a one-process serve says it
-            raise OSError(
-                exc.errno,
-                f"error while attempting to bind on address {sockaddr!r}: "
-                f"{(exc.strerror or str(exc)).lower()}",
-            ) from None
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _serve_workers(args: argparse.Namespace) -> int:
@@ -221,9 +189,10 @@ def _serve_workers(args: argparse.Namespace) -> int:
     address = Address.parse(args.address)
     if address.scheme == "unix":
         raise ValueError("--workers needs a tcp: or tls: address; a unix: path has one owner")
-    # One listening socket, shared: the port (port 0 too) is the workers' alone.
-    listening = _listen(address)
-    address = dataclasses.replace(address, port=listening.getsockname()[1])
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers needs SO_REUSEPORT, which this platform does not have")
+    claim = claim_port(address)  # the port is theirs alone, port 0 too
+    address = claim.address
     child_args = argparse.Namespace(**vars(args))
     child_args.address = str(address)
     natsd = _private_bus(child_args)
@@ -263,12 +232,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
         bound = _start_workers(
             context,
             child_args,
-            listening,
             workers,
             pipes,
             stopping=lambda: stopping,
             bus_url=args.events_url,
         )
+        claim.release_placeholder()  # the workers listen on it now, or failed
         if bound is not None and not stopping:
             pids = ", ".join(str(proc.pid) for proc in workers)
             print(
@@ -294,7 +263,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
     finally:
         if natsd is not None:
             natsd.stop()  # after the workers: they close their connections to it first
-        listening.close()
+        claim.close()
         for pipe in pipes:
             pipe.close()
         for sig, handler in previous.items():
@@ -365,7 +334,6 @@ def _private_bus(args: argparse.Namespace) -> NatsServer | None:
 def _start_workers(
     context: Any,
     args: argparse.Namespace,
-    listening: socket.socket,
     workers: list[multiprocessing.process.BaseProcess],
     pipes: list[multiprocessing.connection.Connection],
     *,
@@ -380,9 +348,7 @@ def _start_workers(
     for i in range(args.workers):
         ours, theirs = context.Pipe()
         pipes.append(ours)
-        proc = context.Process(
-            target=_worker, args=(args, theirs, listening), name=f"timer-sdk-worker-{i}"
-        )
+        proc = context.Process(target=_worker, args=(args, theirs), name=f"timer-sdk-worker-{i}")
         proc.start()
         workers.append(proc)
         theirs.close()  # so that our end sees EOF if the worker dies first

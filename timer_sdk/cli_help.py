@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="server processes sharing one listening TCP socket (default %(default)s); "
+        help="server processes sharing one TCP port via SO_REUSEPORT (default %(default)s); "
         "with the nats extra they share events through a private nats-server",
     )
     serve.add_argument(

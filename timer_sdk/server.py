@@ -257,12 +257,7 @@ class Server:
         return Connection(self)
 
     async def _start(
-        self,
-        address: Address,
-        ssl: SSLContext | None,
-        unix_mode: int,
-        reuse_port: bool,
-        sock: socket.socket | None = None,
+        self, address: Address, ssl: SSLContext | None, unix_mode: int, reuse_port: bool
     ) -> None:
         if address.scheme == "tls" and ssl is None:
             raise ValueError(f"{address}: a tls: address needs an ssl.SSLContext (ssl=...)")
@@ -281,23 +276,17 @@ class Server:
             )
             self._address = address
         else:
-            options: dict[str, Any] = {
-                "ssl": None if own_accept else ssl,
-                "backlog": _BACKLOG,
-                "ssl_handshake_timeout": None if own_accept else handshake_timeout,
-                "start_serving": not own_accept,
-            }
-            if sock is None:
-                self._server = await self.loop.create_server(
-                    self._protocol,
-                    address.host,
-                    address.port,
-                    reuse_address=True,
-                    reuse_port=reuse_port or None,
-                    **options,
-                )
-            else:  # shared with other processes (--workers)
-                self._server = await self.loop.create_server(self._protocol, sock=sock, **options)
+            self._server = await self.loop.create_server(
+                self._protocol,
+                address.host,
+                address.port,
+                ssl=None if own_accept else ssl,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=_BACKLOG,
+                ssl_handshake_timeout=None if own_accept else handshake_timeout,
+                start_serving=not own_accept,
+            )
             host, port = self._server.sockets[0].getsockname()[:2]
             self._address = Address("tls" if ssl else "tcp", host=host, port=port)
         if own_accept:
@@ -360,7 +349,6 @@ async def serve(
     unix_mode: int = 0o600,
     reuse_port: bool = False,
     bus: str | EventBus | None = None,
-    sock: socket.socket | None = None,
 ) -> Server:
     """Serve ``timer`` at ``address`` on the running loop; return once listening.
 
@@ -369,9 +357,6 @@ async def serve(
     which. A Unix socket is created with ``unix_mode`` (owner only by
     default); an existing path is replaced only if it is a stale socket.
     ``reuse_port`` lets several processes share one TCP port (SO_REUSEPORT).
-    ``sock``, a bound and listening TCP socket, is served instead of binding
-    ``address`` (which must name its scheme): several processes can then
-    share one socket, and the port stays theirs alone.
     ``bus`` carries events between servers of one timer: a ``nats://HOST:PORT``
     URL (the ``nats`` extra) or an :class:`~timer_sdk.bus.EventBus`; by
     default events stay in this process.
@@ -388,7 +373,7 @@ async def serve(
         assert server.bus is not None
         await server.bus.start(timer, server)
     try:
-        await server._start(Address.parse(address), ssl, unix_mode, reuse_port, sock)
+        await server._start(Address.parse(address), ssl, unix_mode, reuse_port)
     except BaseException:
         if server.bus is not None:
             await server.bus.close()
