@@ -292,7 +292,7 @@ async def test_a_subscribe_waiting_on_the_bus_is_dropped_with_its_caller_or_the_
         await server.close()
 
 
-async def test_a_bus_drop_while_the_subscriber_is_not_reading_comes_with_its_next_read(
+async def test_a_bus_drop_or_gap_while_the_subscriber_is_not_reading_comes_with_its_next_read(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "s.sock")
@@ -305,15 +305,18 @@ async def test_a_bus_drop_while_the_subscriber_is_not_reading_comes_with_its_nex
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
             await fill_until_paused(server, caller)
-            _BusSink(server).deliver_dropped(2)  # lost on the bus while this one is paused
-            notices: list[int] = []
+            _BusSink(server).deliver_gap(
+                "cut off"
+            )  # the bus was lost while this subscriber is paused
+            _BusSink(server).deliver_dropped(2)  # and then counted what it lost
+            notices: list[object] = []
             async with asyncio.timeout(30):
-                while not notices:
+                while len(notices) < 2:
                     head = await reader.readexactly(8)
                     body = await reader.readexactly(int.from_bytes(head[4:], "big"))
                     if int.from_bytes(head[:4], "big", signed=True) == RET_EVENTS_DROPPED:
-                        notices.append(cbor2.loads(body)["dropped"])
-            assert notices == [2]
+                        notices.append(cbor2.loads(body))
+            assert notices == [{"dropped": 0, "gap": "cut off"}, {"dropped": 2}]
         finally:
             writer.close()
             with contextlib.suppress(OSError):

@@ -192,6 +192,38 @@ async def test_nats_killed_and_restarted_calls_go_on_and_drops_are_counted(
         assert len(set(tally.messages)) == len(tally.messages)
 
 
+async def test_a_lost_bus_is_a_gap_notice_at_once_then_sharing_resumes(
+    pair: tuple[Server, Server], nats_server: NatsServer
+) -> None:
+    first, second = pair
+    async with (
+        await TimerClient.connect(first.address) as client,
+        client.events() as here,  # on the server that fires
+        await TimerClient.connect(second.address) as other,
+        other.events() as there,  # on the server that hears of it over the bus
+    ):
+        await client.echo(EchoRequest(message="before", delay_ms=0))
+        for events in (here, there):
+            assert await asyncio.wait_for(anext(events), 30) == EchoEvent(
+                message="before", echo_count=1
+            )
+        nats_server.kill()
+        # Both hear of the loss where it happened, without waiting for NATS to come back.
+        for events in (here, there):
+            gap = await asyncio.wait_for(anext(events), 30)
+            assert isinstance(gap, EventsMayHaveBeenMissed), gap
+            assert gap.reason == f"cut off from the event bus at {nats_server.url}"
+        await client.echo(EchoRequest(message="in the gap", delay_ms=0))  # never published
+        assert await asyncio.wait_for(anext(here), 30) == EchoEvent(
+            message="in the gap", echo_count=1
+        )
+        await asyncio.to_thread(nats_server.start)  # the same port again
+        # After the reconnect the loss is counted exactly, and events flow again.
+        assert await asyncio.wait_for(anext(there), 60) == EventsDropped(1)
+        await client.echo(EchoRequest(message="after", delay_ms=0))
+        assert await asyncio.wait_for(anext(there), 30) == EchoEvent(message="after", echo_count=1)
+
+
 async def test_serve_fails_clearly_when_nats_is_unreachable(nats_server: NatsServer) -> None:
     url = nats_server.url
     nats_server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -235,3 +236,25 @@ async def test_malformed_batches_are_ignored_with_a_log_and_counted_as_lost(
     refused = [r for r in caplog.records if "ignoring an invalid message of feedface" in r.message]
     assert len(refused) == len(malformed)
     assert _bus(first).gaps == 2
+
+
+async def test_a_gap_of_exactly_one_event_is_reported(
+    pair: tuple[Server, Server], consumer: Client
+) -> None:
+    first, _ = pair
+    headers = {PUBLISHER_HEADER: "0ddba11"}
+    async with (
+        await TimerClient.connect(first.address) as subscriber,
+        subscriber.events() as events,
+    ):
+        for seq in (1, 3):  # 2 never comes
+            await consumer.publish(
+                SUBJECT, _body(str(seq)), headers={**headers, SEQ_HEADER: str(seq)}
+            )
+        items: list[object] = []
+        while sum(isinstance(item, EchoEvent) for item in items) < 2:
+            items.append(await asyncio.wait_for(anext(events), 30))
+    # The client reports a drop ahead of the events it has not handed out yet.
+    assert [i for i in items if isinstance(i, EventsDropped)] == [EventsDropped(1)]
+    assert [i.message for i in items if isinstance(i, EchoEvent)] == ["1", "3"]
+    assert _bus(first).gaps == 1

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import socket
 import sys
 from collections.abc import AsyncGenerator, Sequence
 
 import pytest
 
-from timer_sdk import EchoEvent, EchoRequest, RemoteCallError, TimerClient
+from timer_sdk import (
+    EchoEvent,
+    EchoRequest,
+    EventsMayHaveBeenMissed,
+    RemoteCallError,
+    TimerClient,
+)
 from timer_sdk.cli import LISTENING
 from timer_sdk.natsd import NatsServer
 
 from .test_bus import Tally
-from .test_workers import PIDS, _alive, _finish
+from .test_workers import PIDS, _alive, _finish, _sockets_of
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers uses SO_REUSEPORT")
 
@@ -164,3 +174,136 @@ async def test_without_the_nats_extra_workers_refuse_subscriptions_clearly() -> 
     )
     assert "--events-url nats://HOST:PORT" in message
     assert "nats-server" not in line
+
+
+async def _clients_on_every_worker(address: str, pids: list[int]) -> list[TimerClient]:
+    """Connect until every worker holds one of the connections (the kernel picks)."""
+    clients: list[TimerClient] = []
+    served: set[int] = set()
+    while served != set(pids):
+        assert len(clients) < 64, "the kernel gave every connection to one worker"
+        before = {pid: _sockets_of(pid) for pid in pids}
+        client = await TimerClient.connect(address, timeout=60)
+        clients.append(client)
+        await client.version()  # accepted and served, so its socket is in the worker now
+        served |= {pid for pid in pids if _sockets_of(pid) > before[pid]}
+    return clients
+
+
+async def test_a_dead_private_nats_server_is_a_gap_then_restarted() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    clients: list[TimerClient] = []
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        second = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        address, pids = LISTENING.search(first), PIDS.search(first)
+        assert address and pids, first
+        natsd = re.search(r"at (nats://\S+) \(pid (\d+)\)", second)
+        assert natsd, second
+        clients = await _clients_on_every_worker(
+            address.group(1), [int(pid) for pid in pids.group(1).split(", ")]
+        )
+        streams = [client.events(max_queue=10_000) for client in clients]
+        for stream in streams:
+            await stream.__aenter__()
+        tallies = [Tally() for _ in streams]
+        n = len(clients)
+
+        async def echo_round(tag: str) -> None:
+            await asyncio.gather(
+                *(
+                    c.echo(EchoRequest(message=f"{tag} {i}", delay_ms=0))
+                    for i, c in enumerate(clients)
+                )
+            )
+
+        await echo_round("before")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, n)  # every worker's echoes reach every subscriber
+        os.kill(int(natsd.group(2)), signal.SIGKILL)
+        for stream, tally in zip(streams, tallies, strict=True):
+            async with asyncio.timeout(30):  # at once: nothing waits for a restart
+                while not any(isinstance(i, EventsMayHaveBeenMissed) for i in tally.items):
+                    tally.items.append(await anext(stream))
+        await echo_round("around the restart")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, 2 * n)  # counted: the workers are back on the bus
+        await echo_round("after")
+        for stream, tally in zip(streams, tallies, strict=True):
+            await tally.read_until(stream, 3 * n)
+            assert sorted(m for m in tally.messages if m.startswith("after")) == sorted(
+                f"after {i}" for i in range(n)
+            )
+        again = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert f"events shared through a private nats-server at {natsd.group(1)} " in again
+        assert again.rstrip().endswith(" again"), again
+        proc.terminate()
+    finally:
+        for client in clients:
+            await client.close()
+        if proc.returncode is None:
+            proc.terminate()
+        code, _, err = await _finish(proc)
+    assert code == 0, err
+    assert f"the private nats-server (pid {natsd.group(2)}) exited with code -9" in err
+
+
+async def _serve_process(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+async def test_a_working_events_url_says_so(nats_server: NatsServer, workers: tuple[str]) -> None:
+    proc = await _serve_process("--events-url", nats_server.url, *workers)
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        second = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        listening = LISTENING.search(first)
+        assert listening, first
+        async with await TimerClient.connect(listening.group(1), timeout=60) as client:
+            await client.version()  # serving: its signal handlers are in place
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        code, _, err = await _finish(proc)
+    assert second == (
+        f"timer-sdk: events shared through {nats_server.url}, "
+        "subject timer_sdk.ipc-server.on_echo_fired\n"
+    )
+    assert code == 0, err
+
+
+async def test_an_events_url_that_refuses_fails_at_once() -> None:
+    with socket.socket() as held:  # bound, never listening: connecting is refused
+        held.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{held.getsockname()[1]}"
+        code, out, err = await _finish(await _serve_process("--events-url", url))
+    assert code == 1
+    assert "listening" not in out
+    # Not after a connect timeout, and with the reason.
+    assert err.startswith(f"timer-sdk serve: cannot reach the event bus at {url}: "), err
+    assert "within" not in err
+    assert "refused" in err
+
+
+async def test_a_silent_events_url_says_it_is_connecting() -> None:
+    with socket.socket() as silent:  # the kernel completes connects; no one says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        proc = await _serve_process("--events-url", f"nats://user:secret@127.0.0.1:{port}")
+        try:
+            assert proc.stderr is not None
+            line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        finally:
+            proc.kill()
+            await _finish(proc)
+    assert line == f"timer-sdk: connecting to the event bus at nats://127.0.0.1:{port}...\n"

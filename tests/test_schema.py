@@ -87,6 +87,8 @@ def test_every_captured_reply_validates(method: str, frame: bytes) -> None:
         ("echo-reply", {"echoed": "x", "timer_name": "t"}),
         ("event-frame", {"event": "on_echo_fired", "data": {"message": "m", "echo_count": 1}}),
         ("events-dropped-frame", {"dropped": 0}),
+        ("events-dropped-frame", {"dropped": 1, "gap": "cut off"}),
+        ("events-dropped-frame", {"dropped": 0, "gap": 1}),
     ],
 )
 def test_a_wrong_payload_does_not_validate(name: str, item: Any) -> None:
@@ -105,6 +107,7 @@ def test_extension_frames_validate() -> None:
         {"event": "on_echo_fired", "data": {"message": "m", "echoCount": 1}}
     )
     validator("events-dropped-frame").validate({"dropped": 3})
+    validator("events-dropped-frame").validate({"dropped": 0, "gap": "cut off from the bus"})
     validator("events.subscribe-request").validate({"events": ["on_echo_fired"]})
     validator("events.subscribe-request").validate({})
     validator("events.unsubscribe-reply").validate(None)

@@ -157,7 +157,7 @@ async def test_the_frames_are_the_captured_vectors_byte_for_byte(built: Path) ->
 
 
 async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
-    """Events before the subscribe reply, a server's drop notice, events between replies."""
+    """Events before the subscribe reply, drop and gap notices, events between replies."""
     methods: list[str] = []
 
     def frame(ret: int, item: object) -> bytes:
@@ -170,6 +170,7 @@ async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
     answers = [
         event("before the reply")
         + frame(17, {"dropped": 5})
+        + frame(17, {"dropped": 0, "gap": "event bus lost"})
         + frame(0, {"events": ["on_echo_fired"]}),
         event("before the error") + frame(1, b"boom"),
         event("before the echo") + vectors.ECHO_REPLY,
@@ -196,6 +197,7 @@ async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
         "items": [
             item("before the reply"),
             {"kind": "dropped", "count": 5},
+            {"kind": "gap", "reason": "event bus lost"},
             item("before the error"),
             item("before the echo"),
         ],

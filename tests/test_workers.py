@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import pty
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import termios
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from timer_sdk import TimerClient
+from timer_sdk import EchoEvent, EchoRequest, TimerClient
 from timer_sdk.cli import LISTENING
 
 pytestmark = pytest.mark.skipif(
@@ -116,22 +119,95 @@ async def test_a_signal_to_the_parent_stops_every_worker(
     assert not any(_alive(pid) for pid in workers.pids)
 
 
-async def test_ctrl_c_in_a_terminal_stops_them_all() -> None:
-    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+class Terminal:
+    """A pseudo-terminal whose foreground process group is one child's session."""
+
+    def __init__(self) -> None:
+        self.master, self._slave = pty.openpty()
+        self.output = bytearray()
+        self._grew = asyncio.Event()
+        self._eof = False
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    async def run(self, *argv: str) -> asyncio.subprocess.Process:
+        slave = self._slave
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )  # fmt: skip
+        os.close(slave)  # the child's copies are the last: EOF when it and its children exit
+        return proc
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: every process on the terminal has closed it
+            data = b""
+        if data:
+            self.output += data
+        else:
+            self._eof = True
+            asyncio.get_running_loop().remove_reader(self.master)
+        self._grew.set()
+
+    async def until(self, predicate: Callable[[str], bool], timeout: float = 60) -> str:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.text) and not self._eof:
+                self._grew.clear()
+                await self._grew.wait()
+        return self.text
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")  # the line discipline sends SIGINT to the group
+
+    def close(self) -> None:
+        if not self._eof:
+            asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+
+
+async def test_ctrl_c_in_a_terminal_stops_them_all_cleanly() -> None:
+    terminal = Terminal()
+    proc = await terminal.run(
+        sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0", "--workers", "2"
+    )
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        pids = PIDS.search(line)
-        assert pids, line
-        os.killpg(proc.pid, signal.SIGINT)
+        text = await terminal.until(lambda text: "events shared through" in text)
+        listening, pids = LISTENING.search(text), PIDS.search(text)
+        assert listening and pids, text
+        async with (
+            await TimerClient.connect(listening.group(1), timeout=30) as client,
+            client.events() as events,
+        ):
+            # The marker fires while the slow echo, read before it, is still running:
+            # Ctrl-C comes while a worker is busy and still needs the bus.
+            replies = asyncio.gather(
+                client.echo(EchoRequest(message="slow", delay_ms=1500)),
+                client.echo(EchoRequest(message="marker", delay_ms=0)),
+            )
+            async with asyncio.timeout(30):
+                async for item in events:
+                    if isinstance(item, EchoEvent) and item.message == "marker":
+                        break
+            terminal.ctrl_c()
+            slow, _ = await replies
+            assert slow.echoed == "slow"  # finished before the stop
+        text = await terminal.until(lambda text: "timer-sdk: stopped" in text)
     finally:
-        code, _, err = await _finish(proc)
-    assert code == 0, err
+        if proc.returncode is None and "timer-sdk: stopped" not in terminal.text:
+            proc.kill()
+        async with asyncio.timeout(60):
+            code = await proc.wait()
+        terminal.close()
+    assert code == 0, text
     assert not any(_alive(int(pid)) for pid in pids.group(1).split(", "))
+    # Only what the parent says: no worker complains that the event bus went away.
+    said = [line for line in text.replace("^C", "").splitlines() if line.strip()]
+    assert said[2:] == ["timer-sdk: shutting down 2 workers", "timer-sdk: stopped"], text
 
 
 async def test_workers_stop_when_the_parent_is_killed(workers: Workers) -> None:
@@ -142,8 +218,18 @@ async def test_workers_stop_when_the_parent_is_killed(workers: Workers) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_a_worker_that_cannot_bind_takes_the_others_down() -> None:
-    with socket.socket() as taken:  # no SO_REUSEPORT: no worker may share it
+async def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"  # each worker loads it, and fails
+    proc = await _start("tls:127.0.0.1:0", "--workers", "2", "--tls-cert", str(missing))
+    code, out, err = await _finish(proc)
+    assert code == 1
+    assert "listening" not in out
+    assert "No such file or directory" in err
+    assert "workers exited with codes" in err
+
+
+async def test_a_taken_port_fails_before_any_worker_starts() -> None:
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -151,7 +237,8 @@ async def test_a_worker_that_cannot_bind_takes_the_others_down() -> None:
         code, out, err = await _finish(proc)
     assert code == 1
     assert "listening" not in out
-    assert "workers exited with codes" in err
+    assert "address already in use" in err
+    assert "worker" not in err
 
 
 async def test_workers_need_a_tcp_address(tmp_path: Path) -> None:
@@ -169,19 +256,45 @@ async def test_workers_must_be_positive() -> None:
 
 
 def test_a_fixed_port_is_used_as_given() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "timer_sdk", "serve", f"tcp:127.0.0.1:{port}", "--workers", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert f"listening on tcp:127.0.0.1:{port} (2 workers" in line, line
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    # Held meanwhile, so that no one else can take it: a bound socket that does
+    # not listen, with SO_REUSEADDR, lets a SO_REUSEADDR server listen there,
+    # and the kernel never hands a held port out for port 0.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        argv = [
+            sys.executable,
+            "-m",
+            "timer_sdk",
+            "serve",
+            f"tcp:127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert f"listening on tcp:127.0.0.1:{port} (2 workers" in line, line
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("second", [("--workers", "2"), ()])
+async def test_the_port_of_workers_is_theirs_alone(
+    workers: Workers, second: tuple[str, ...]
+) -> None:
+    # As for a one-process serve: a second server on the port fails, whatever its workers.
+    proc = await _start(workers.address, "--name", "second", *second)
+    code, out, err = await _finish(proc)
+    assert code == 1, out
+    assert "address already in use" in err
+    assert "listening" not in out
+    async with await TimerClient.connect(workers.address, timeout=30) as client:
+        assert await client.version() == "timer-sdk v0.1.0"  # the first still serves

@@ -46,6 +46,7 @@ __all__ = [
     "decode_subscribe",
     "encode_event",
     "encode_events_dropped",
+    "encode_events_gap",
     "validate_event",
 ]
 
@@ -264,10 +265,20 @@ def encode_events_dropped(count: int) -> bytes:
     return codec.encode_item({"dropped": count})
 
 
-def decode_events_dropped(body: bytes) -> int:
-    """Decode a drop notice body; raise :class:`~timer_sdk.codec.DecodeError`."""
+def encode_events_gap(reason: str) -> bytes:
+    """Encode a gap notice body: ``{dropped: 0, gap: reason}``, a loss of unknown size."""
+    return codec.encode_item({"dropped": 0, "gap": reason})
+
+
+def decode_events_dropped(body: bytes) -> int | str:
+    """Decode a drop notice body: the count, or a gap notice's reason.
+
+    Raises :class:`~timer_sdk.codec.DecodeError`.
+    """
     item = codec.decode_item(body)
     count = item.get("dropped") if isinstance(item, dict) else None
-    if type(count) is not int or count < 1:
-        raise codec.DecodeError(f"invalid drop notice: {item!r:.80}")
-    return count
+    if type(count) is int and count >= 1 and len(item) == 1:
+        return count
+    if count == 0 and type(count) is int and len(item) == 2 and type(item.get("gap")) is str:
+        return str(item["gap"])
+    raise codec.DecodeError(f"invalid drop notice: {item!r:.80}")

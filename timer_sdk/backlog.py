@@ -27,7 +27,7 @@ def event_size(event: EchoEvent) -> int:
 class EventBacklog:
     """Events held for one subscriber, oldest first."""
 
-    __slots__ = ("_events", "bytes", "dropped", "max_bytes", "max_count")
+    __slots__ = ("_events", "bytes", "dropped", "gap", "max_bytes", "max_count")
 
     def __init__(self, *, max_count: int, max_bytes: int) -> None:
         self.max_count = max_count
@@ -35,6 +35,8 @@ class EventBacklog:
         self.bytes = 0
         self.dropped = 0
         """Events lost since the last drop notice."""
+        self.gap: str | None = None
+        """Why events may be missing, how many unknown, if so since the last notice."""
         self._events: deque[tuple[EchoEvent, int]] = deque()
 
     def __len__(self) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "Unshared",
     "nats_available",
     "open_bus",
+    "redact",
     "subject_for",
 ]
 
@@ -58,6 +59,9 @@ class EventSink(Protocol):
 
     def deliver_dropped(self, count: int) -> None:
         """Tell every subscriber that ``count`` events were lost on the bus."""
+
+    def deliver_gap(self, reason: str) -> None:
+        """Tell every subscriber that events may be missing here, how many unknown."""
 
 
 class EventBus(abc.ABC):
@@ -109,6 +113,12 @@ def subject_for(timer_name: str) -> str:
         lambda m: "".join(f"%{byte:02X}" for byte in m.group().encode()), timer_name
     )
     return f"timer_sdk.{token or '%'}.on_echo_fired"
+
+
+def redact(url: str) -> str:
+    """``url`` without its user and password, for messages others read."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 def nats_available() -> bool:

@@ -47,7 +47,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .bus import BusError, EventBus, EventSink, subject_for
+from .bus import BusError, EventBus, EventSink, redact, subject_for
 from .bus_batch import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
@@ -70,6 +70,10 @@ _MAX_PUBLISHERS = 4096  # remembered per receiver; the least recent is forgotten
 _HEADER_ROOM = 1024  # NATS counts headers within its max_payload
 
 
+class _FirstAttemptFailed(Exception):
+    """Raised through nats-py's connect, which would otherwise retry forever."""
+
+
 class NatsBus(EventBus):
     """Events of every server on ``url`` with the same timer name.
 
@@ -88,6 +92,8 @@ class NatsBus(EventBus):
         max_outbox: int = 65536,
     ) -> None:
         self.url = url
+        self.shown = redact(url)
+        """The URL without its credentials, for messages."""
         self.subject = ""
         self.publisher = secrets.token_hex(8)
         self._connect_timeout = connect_timeout
@@ -112,7 +118,7 @@ class NatsBus(EventBus):
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
-        return f"<NatsBus {self.url} {self.subject!r} {state}>"
+        return f"<NatsBus {self.shown} {self.subject!r} {state}>"
 
     @property
     def connected(self) -> bool:
@@ -126,13 +132,14 @@ class NatsBus(EventBus):
     async def start(self, timer: Timer, sink: EventSink) -> None:
         self.subject = subject_for(timer.name)
         self._sink = sink
-        last_error: list[BaseException] = []
+        connecting = True
 
         async def on_error(exc: Exception) -> None:
-            last_error[:] = [exc]
+            if connecting:  # the first attempt failed: say so now, not after retrying for long
+                raise _FirstAttemptFailed(exc)
             # Once per outage is enough: retries every reconnect_wait would flood the log.
             log = logger.warning if self._connected.is_set() else logger.debug
-            log("event bus %s: %s", self.url, exc)
+            log("event bus %s: %s", self.shown, exc)
 
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -149,19 +156,20 @@ class NatsBus(EventBus):
                 )
         except TimeoutError:
             await self._nc.close()
-            why = f": {last_error[0]}" if last_error else ""
             raise BusError(
-                f"cannot reach the event bus at {self.url} within {self._connect_timeout} s{why}"
+                f"cannot reach the event bus at {self.shown} within {self._connect_timeout} s"
             ) from None
-        except (OSError, nats.errors.Error) as exc:
+        except (OSError, nats.errors.Error, _FirstAttemptFailed) as exc:
             await self._nc.close()
-            raise BusError(f"cannot reach the event bus at {self.url}: {exc}") from exc
+            cause = exc.args[0] if isinstance(exc, _FirstAttemptFailed) else exc
+            raise BusError(f"cannot reach the event bus at {self.shown}: {cause}") from cause
+        connecting = False
         await self._nc.subscribe(f"{self.subject}.sync", cb=self._on_sync)
         self._connected.set()
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
         self._stop_listening.append(timer.add_echo_listener(self._on_local))
         logger.info(
-            "events of timer %r travel on %s, subject %s", timer.name, self.url, self.subject
+            "events of timer %r travel on %s, subject %s", timer.name, self.shown, self.subject
         )
 
     async def close(self) -> None:
@@ -216,13 +224,16 @@ class NatsBus(EventBus):
                     continue  # cut off meanwhile (or too large): lost, and the sequence shows it
 
     async def _on_disconnected(self) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._closing:
-            logger.warning("event bus %s: disconnected; reconnecting", self.url)
+        if was_connected and not self._closing:
+            logger.warning("event bus %s: disconnected; reconnecting", self.shown)
+            if self._sink is not None:  # the counts come after the reconnect, if ever
+                self._sink.deliver_gap(f"cut off from the event bus at {self.shown}")
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
-        logger.warning("event bus %s: reconnected", self.url)
+        logger.warning("event bus %s: reconnected", self.shown)
         self._mark()  # so that the others see what we could not send
         with contextlib.suppress(nats.errors.Error):
             await self._nc.publish(f"{self.subject}.sync", b"")  # and we see what they did
@@ -290,7 +301,7 @@ class NatsBus(EventBus):
         except ValueError:
             seq = 0
         if sink is None or publisher is None or seq <= 0:
-            logger.warning("event bus %s: ignoring a message without %s", self.url, SEQ_HEADER)
+            logger.warning("event bus %s: ignoring a message without %s", self.shown, SEQ_HEADER)
             return
         events: list[EchoEvent] = []
         try:
@@ -304,7 +315,7 @@ class NatsBus(EventBus):
         except DecodeError as exc:
             # Refused whole: its events count as lost at the publisher's next message.
             logger.warning(
-                "event bus %s: ignoring an invalid message of %s: %s", self.url, publisher, exc
+                "event bus %s: ignoring an invalid message of %s: %s", self.shown, publisher, exc
             )
             return
         seen = self._seen

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -38,7 +37,7 @@ from . import schema
 from ._extras import install_hint
 from ._version import __version__
 from .address import Address
-from .bus import NATS_EXTRA, Unshared, nats_available
+from .bus import NATS_EXTRA, Unshared, nats_available, redact, subject_for
 from .cli_help import (
     DEFAULT_ADDRESS,
     UsageError,
@@ -64,6 +63,7 @@ from .observe import start_metrics
 from .serve_gc import freeze_startup_heap
 from .server import Server
 from .timer import Timer
+from .workers_port import claim_port
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
 
@@ -125,15 +125,21 @@ async def _serve(
     bus: str | Unshared | None = args.events_url
     if getattr(args, "unshared_events", None):
         bus = Unshared(args.unshared_events)
-    server = await timer.serve(
-        args.address,
-        limits=limits,
-        ssl=_server_ssl(args),
-        unix_mode=int(args.unix_mode, 8),
-        reuse_port=reuse_port,
-        bus=bus,
-        stats=args.stats,  # None: the default, on for unix: only
-    )
+    # A bus that does not answer may take its whole connect timeout: say why we wait.
+    url = args.events_url if ready is None else None  # a worker's parent speaks for it
+    waiting = asyncio.get_running_loop().call_later(1.0, _say_connecting, url)
+    try:
+        server = await timer.serve(
+            args.address,
+            limits=limits,
+            ssl=_server_ssl(args),
+            unix_mode=int(args.unix_mode, 8),
+            reuse_port=reuse_port,
+            bus=bus,
+            stats=args.stats,  # None: the default, on for unix: only
+        )
+    finally:
+        waiting.cancel()
     try:
         metrics = start_metrics(server, args, worker=ready is not None)
     except BaseException:
@@ -171,6 +177,7 @@ async def _serve_until_stopped(
     )
     if metrics_url:
         print(f"timer-sdk: metrics at {metrics_url}", flush=True)
+    _say_shared(args.events_url, server.timer.name)
     # Same task step as the print: the handlers are in place before any request is read.
     graceful = await server.serve_until_signal(
         shutdown_timeout=args.shutdown_timeout,
@@ -178,6 +185,18 @@ async def _serve_until_stopped(
     )
     print("timer-sdk: stopped" if graceful else "timer-sdk: stopped at once", flush=True)
     return 0 if graceful else 1
+
+
+def _say_connecting(url: str | None, who: str = "") -> None:
+    if url:
+        print(f"timer-sdk: {who}connecting to the event bus at {redact(url)}...",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _say_shared(url: str | None, name: str) -> None:
+    if url:
+        print(f"timer-sdk: events shared through {redact(url)}, subject {subject_for(name)}",
+              flush=True)  # fmt: skip
 
 
 def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
@@ -191,22 +210,6 @@ def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connecti
     sys.exit(code)
 
 
-def _reserve_port(address: Address) -> socket.socket:
-    """Bind (not listen) a SO_REUSEPORT socket on ``address`` to learn a free port."""
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _serve_workers(args: argparse.Namespace) -> int:
     """Run ``args.workers`` server processes on one TCP port; stop them together.
 
@@ -218,11 +221,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
         raise ValueError("--workers needs a tcp: or tls: address; a unix: path has one owner")
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError("--workers needs SO_REUSEPORT, which this platform does not have")
-    # With port 0 each worker would get a port of its own: learn one first, and
-    # hold it until the workers listen on it so that no one else takes it.
-    placeholder = _reserve_port(address) if address.port == 0 else None
-    if placeholder is not None:
-        address = dataclasses.replace(address, port=placeholder.getsockname()[1])
+    claim = claim_port(address)  # the port is theirs alone, port 0 too
+    address = claim.address
     child_args = argparse.Namespace(**vars(args))
     child_args.address = str(address)
     natsd = _private_bus(child_args)
@@ -259,9 +259,15 @@ def _serve_workers(args: argparse.Namespace) -> int:
     try:
         if natsd is not None:
             child_args.events_url = natsd.start()
-        bound = _start_workers(context, child_args, workers, pipes, lambda: stopping)
-        if placeholder is not None:
-            placeholder.close()
+        bound = _start_workers(
+            context,
+            child_args,
+            workers,
+            pipes,
+            stopping=lambda: stopping,
+            bus_url=args.events_url,
+        )
+        claim.release_placeholder()  # the workers listen on it now, or failed
         if bound is not None and not stopping:
             pids = ", ".join(str(proc.pid) for proc in workers)
             print(
@@ -272,7 +278,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
             if natsd is not None:
                 print(f"timer-sdk: events shared through a private nats-server at "
                       f"{natsd.url} (pid {natsd.pid})", flush=True)  # fmt: skip
-            multiprocessing.connection.wait([proc.sentinel for proc in workers])
+            else:
+                _say_shared(args.events_url, args.name)
+            _wait_for_workers(workers, natsd, lambda: stopping)
         if not stopping:  # a worker failed or was killed: take the others down with it
             stop_workers()
         else:
@@ -285,8 +293,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
     finally:
         if natsd is not None:
             natsd.stop()  # after the workers: they close their connections to it first
-        if placeholder is not None:
-            placeholder.close()
+        claim.close()
         for pipe in pipes:
             pipe.close()
         for sig, handler in previous.items():
@@ -303,6 +310,36 @@ def _serve_workers(args: argparse.Namespace) -> int:
         return 1
     print("timer-sdk: stopped", flush=True)
     return 0
+
+
+def _wait_for_workers(
+    workers: list[multiprocessing.process.BaseProcess],
+    natsd: NatsServer | None,
+    stopping: Callable[[], bool],
+) -> None:
+    """Wait until a worker exits or a signal comes; meanwhile, keep the nats-server up.
+
+    The workers reconnect to it by themselves, every half second, on its port.
+    """
+    sentinels = [proc.sentinel for proc in workers]
+    while True:
+        watched = list(sentinels)
+        if natsd is not None and natsd.sentinel is not None:
+            watched.append(natsd.sentinel)
+        ready = multiprocessing.connection.wait(watched)
+        if natsd is None or stopping() or any(s in ready for s in sentinels):
+            return
+        print(f"timer-sdk: the private nats-server (pid {natsd.pid}) exited with code "
+              f"{natsd.exit_code}; starting it again", file=sys.stderr, flush=True)  # fmt: skip
+        while not stopping():
+            try:
+                natsd.restart()
+            except TimerError as exc:
+                print(f"timer-sdk: {exc}; trying again", file=sys.stderr, flush=True)
+                continue
+            print(f"timer-sdk: events shared through a private nats-server at "
+                  f"{natsd.url} (pid {natsd.pid}) again", flush=True)  # fmt: skip
+            break
 
 
 def _private_bus(args: argparse.Namespace) -> NatsServer | None:
@@ -329,7 +366,9 @@ def _start_workers(
     args: argparse.Namespace,
     workers: list[multiprocessing.process.BaseProcess],
     pipes: list[multiprocessing.connection.Connection],
+    *,
     stopping: Callable[[], bool],
+    bus_url: str | None,
 ) -> str | None:
     """Start the workers; return the address they bound, or ``None`` if one failed.
 
@@ -346,6 +385,8 @@ def _start_workers(
         if stopping():
             return None
     bound = None
+    if bus_url and not pipes[0].poll(3.0):  # they speak only once ready: say why we wait
+        _say_connecting(bus_url, "the workers are ")
     for pipe in pipes:
         try:
             bound = pipe.recv()

@@ -225,9 +225,12 @@ class _ClientProtocol(asyncio.Protocol):
                 for sub in self.subscriptions:
                     sub.publish(event)
             else:
-                count = api.decode_events_dropped(body)
+                notice = api.decode_events_dropped(body)
                 for sub in self.subscriptions:
-                    sub.note_dropped(count)
+                    if isinstance(notice, str):  # a loss of unknown size, upstream
+                        sub.note_gap(notice)
+                    else:
+                        sub.note_dropped(notice)
         except ProtocolError as exc:
             self.fail(ProtocolError(f"{self.address}: {exc}"))
             return False

@@ -14,7 +14,14 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from .api import SUBSCRIBE, UNSUBSCRIBE, decode_subscribe, encode_event, encode_events_dropped
+from .api import (
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    decode_subscribe,
+    encode_event,
+    encode_events_dropped,
+    encode_events_gap,
+)
 from .budget import IN_FLIGHT_COST
 from .codec import DecodeError, encode_item
 from .framing import (
@@ -132,6 +139,14 @@ class _Subscriber:
             self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
             self._schedule_flush()
 
+    def note_gap(self, reason: str) -> None:
+        """Tell the peer that events may be missing here, how many unknown."""
+        if self._writing_paused:
+            self._backlog.gap = reason  # sent first when the peer reads again
+        elif self._transport is not None:
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, encode_events_gap(reason)))
+            self._schedule_flush()
+
     def shed_backlog(self) -> None:
         """Drop every event held for this subscriber: a reading peer needs the room more."""
         backlog = self._backlog
@@ -157,6 +172,10 @@ class _Subscriber:
     def _release_backlog(self) -> None:
         """The peer reads again: queue the drop notice, if any, then the held events."""
         backlog = self._backlog
+        if backlog.gap is not None:
+            notice = encode_events_gap(backlog.gap)
+            backlog.gap = None
+            self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
         if len(backlog) or backlog.dropped:
             events = backlog.take()
             frames = list(map(event_frame, events))  # each fits: oversize ones never got here

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from .bus import NATS_EXTRA, BusError
 
@@ -69,6 +70,8 @@ class NatsServer:
         self.host = host
         self.port = port
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._exited: int | None = None  # read end of a pipe its log thread closes at the end
 
     @property
     def url(self) -> str:
@@ -79,14 +82,37 @@ class NatsServer:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def exit_code(self) -> int | None:
+        """How it exited (negative: the signal that ended it), or ``None`` while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def sentinel(self) -> int | None:
+        """A descriptor that becomes readable once the server has exited, for ``select``."""
+        return self._exited
+
     def start(self, timeout: float = 30.0) -> str:
-        """Start the server; return its URL once it accepts connections."""
+        """Start the server; return its URL once it accepts connections.
+
+        It runs in a session of its own: a terminal's Ctrl-C is for whoever
+        started it, which stops it when the time comes (after its clients).
+        """
         argv = [self.binary, "-a", self.host, "-p", str(self.port or -1)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=_die_with_parent)  # fmt: skip  # noqa: PLW1509
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (only a prctl call)
+            start_new_session=True,
+        )
         self._proc = proc
+        self._started = time.monotonic()
+        self._close_sentinel()
+        self._exited, exited = os.pipe()
         listening: queue.Queue[int | None] = queue.Queue()
-        thread = threading.Thread(target=self._drain, args=(proc, listening), daemon=True)
+        thread = threading.Thread(target=self._drain, args=(proc, listening, exited), daemon=True)
         thread.start()
         try:
             port = listening.get(timeout=timeout)
@@ -99,7 +125,9 @@ class NatsServer:
         return self.url
 
     @staticmethod
-    def _drain(proc: subprocess.Popen[bytes], listening: queue.Queue[int | None]) -> None:
+    def _drain(
+        proc: subprocess.Popen[bytes], listening: queue.Queue[int | None], exited: int
+    ) -> None:
         # Read its log to the end, so that it never blocks on a full pipe.
         assert proc.stderr is not None
         told = False
@@ -111,12 +139,31 @@ class NatsServer:
             elif _WORTH_SHOWING.search(line):
                 logger.warning("nats-server: %s", line.decode(errors="replace").rstrip())
         proc.stderr.close()
+        proc.wait()
+        os.close(exited)  # the sentinel is readable from now on
         if not told:
             listening.put(None)
+
+    def restart(self, timeout: float = 30.0) -> str:
+        """Start it again on the same port, where its clients reconnect; return its URL.
+
+        After a crash that follows its start closely, it waits a second first,
+        so that a server that cannot run does not spin.
+        """
+        if time.monotonic() - self._started < 1.0:
+            time.sleep(1.0)
+        self.stop()  # reaps it, if it has exited
+        return self.start(timeout)
+
+    def _close_sentinel(self) -> None:
+        if self._exited is not None:
+            os.close(self._exited)
+            self._exited = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and wait for it."""
         proc, self._proc = self._proc, None
+        self._close_sentinel()
         if proc is None:
             return
         if proc.poll() is None:
@@ -130,6 +177,7 @@ class NatsServer:
     def kill(self) -> None:
         """Kill the server at once, as a crash would (for tests)."""
         proc, self._proc = self._proc, None
+        self._close_sentinel()
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

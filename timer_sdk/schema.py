@@ -83,7 +83,8 @@ def cddl(api: ApiDescription | None = None) -> str:
         "event-frame = "  # ret 16
         + " / ".join(f'{{ event: "{e.name}", data: {e.data.name} }}' for e in api.events)
         + "  ; ret 16",
-        f"events-dropped-frame = {{ dropped: 1..{api.int64_max} }}  ; ret 17",
+        f"events-dropped-frame = {{ dropped: 1..{api.int64_max} }}"
+        " / { dropped: 0, gap: text }  ; ret 17",
     ]
     return "\n".join(lines) + "\n"
 
@@ -134,9 +135,14 @@ def json_schema(api: ApiDescription | None = None) -> dict[str, Any]:
             for e in api.events
         ]
     }
-    defs["events-dropped-frame"] = _object(
-        {"dropped": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}, ["dropped"]
-    )
+    defs["events-dropped-frame"] = {
+        "oneOf": [
+            _object(
+                {"dropped": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}, ["dropped"]
+            ),
+            _object({"dropped": {"const": 0}, "gap": {"type": "string"}}, ["dropped", "gap"]),
+        ]
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "timer wire API",

@@ -332,6 +332,11 @@ class _BusSink:
         for conn in self._server._subscribers:
             conn.note_dropped(count)
 
+    def deliver_gap(self, reason: str) -> None:
+        """Tell every subscriber that events may be missing here: the bus was cut off."""
+        for conn in self._server._subscribers:
+            conn.note_gap(reason)
+
 
 def _bind_unix(path: str, mode: int) -> socket.socket:
     """Bind a listening Unix socket; replace only a stale socket file."""

@@ -9,7 +9,7 @@ const error = await client.version().then(String, (e: unknown) =>
 );
 const echo = await client.echo({ message: "hello over the wire", delayMs: 5 });
 const items = [];
-for (let i = 0; i < 4; i++) items.push((await stream.next()).value);
+for (let i = 0; i < 5; i++) items.push((await stream.next()).value);
 await client.close();
 const end = await stream.next();
 console.log(JSON.stringify({ error, echo, items, ended: end.done }));

@@ -66,10 +66,14 @@ export interface ConnectOptions {
   connectTimeoutMs?: number;
 }
 
-/** One item of an event stream: an event, or how many events were lost right here. */
+/**
+ * One item of an event stream: an event; how many events were lost right here;
+ * or a gap of unknown size (the server lost its event bus, and says why).
+ */
 export type EventItem<M> =
   | { [K in keyof M]: { kind: "event"; event: K; data: M[K] } }[keyof M]
-  | { kind: "dropped"; count: number };
+  | { kind: "dropped"; count: number }
+  | { kind: "gap"; reason: string };
 
 export interface SubscribeOptions {
   /** Events held for a slow reader before the oldest are dropped (default 1024). */
@@ -124,6 +128,7 @@ export function dial(address: string, options: ConnectOptions = {}): Promise<net
 export class Subscription<M> implements AsyncIterableIterator<EventItem<M>> {
   private readonly queue: EventItem<M>[] = [];
   private dropped = 0;
+  private gap: string | undefined; // a gap notice that overflowed the queue
   private waiter: ((result: IteratorResult<EventItem<M>>) => void) | undefined;
   private failWaiter: ((error: Error) => void) | undefined;
   private ended = false;
@@ -137,7 +142,7 @@ export class Subscription<M> implements AsyncIterableIterator<EventItem<M>> {
   /** Queue an item; beyond `maxQueue`, drop the oldest and count it. */
   push(item: EventItem<M>): void {
     if (this.ended) return;
-    if (this.waiter !== undefined && this.dropped === 0) {
+    if (this.waiter !== undefined && this.dropped === 0 && this.gap === undefined) {
       const resolve = this.waiter;
       this.waiter = this.failWaiter = undefined;
       resolve({ value: item, done: false });
@@ -146,7 +151,8 @@ export class Subscription<M> implements AsyncIterableIterator<EventItem<M>> {
     this.queue.push(item);
     if (this.queue.length > this.maxQueue) {
       const lost = this.queue.shift();
-      this.dropped += lost?.kind === "dropped" ? lost.count : 1;
+      if (lost?.kind === "gap") this.gap = lost.reason;
+      else this.dropped += lost?.kind === "dropped" ? lost.count : 1;
     }
   }
 
@@ -161,6 +167,11 @@ export class Subscription<M> implements AsyncIterableIterator<EventItem<M>> {
   }
 
   next(): Promise<IteratorResult<EventItem<M>>> {
+    if (this.gap !== undefined) {
+      const reason = this.gap;
+      this.gap = undefined;
+      return Promise.resolve({ value: { kind: "gap", reason }, done: false });
+    }
     if (this.dropped > 0) {
       // The gap comes before the events still held: the oldest were the ones dropped.
       const count = this.dropped;
@@ -326,10 +337,13 @@ export class Connection<M> {
     let item: EventItem<M>;
     try {
       const body = decodeItem(frame.body) as Record<string, unknown>;
-      item =
-        frame.ret === RET_EVENT
-          ? ({ kind: "event", event: body.event, data: body.data } as EventItem<M>)
-          : { kind: "dropped", count: body.dropped as number };
+      if (frame.ret === RET_EVENT) {
+        item = { kind: "event", event: body.event, data: body.data } as EventItem<M>;
+      } else if (typeof body.gap === "string") {
+        item = { kind: "gap", reason: body.gap }; // {dropped: 0, gap}: the bus was lost
+      } else {
+        item = { kind: "dropped", count: body.dropped as number };
+      }
     } catch (error) {
       this.socket.destroy(new Error(`invalid event frame: ${(error as Error).message}`));
       return;

@@ -12,7 +12,7 @@ export const RET_OK = 0;
 export const RET_ERROR = 1;
 /** An event frame of the event extension; never a reply. */
 export const RET_EVENT = 16;
-/** A drop notice of the event extension: `{dropped: count}`; never a reply. */
+/** A drop notice of the event extension: `{dropped: count}`, or `{dropped: 0, gap: reason}`; never a reply. */
 export const RET_EVENTS_DROPPED = 17;
 
 /** The largest reply body this client accepts (64 MiB) before it closes the connection. */
