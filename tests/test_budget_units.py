@@ -1,9 +1,17 @@
-"""The sans-I/O pieces of the server-wide budget: Budget, EventBacklog, abandon_frame."""
+"""The sans-I/O pieces of the server-wide budget: Budget, EventBacklog, abandon_frame,
+check_items."""
 
 from __future__ import annotations
 
+import cbor2
+import pytest
+
 from timer_sdk.backlog import EVENT_OVERHEAD, EventBacklog, event_size
 from timer_sdk.budget import READ_HEADROOM, Budget
+from timer_sdk.api import COMPLEX
+from timer_sdk.codec import DecodeError, StrictDecoder, check_items
+from timer_sdk.plans import plan
+from timer_sdk.timer import Timer
 from timer_sdk.framing import Rejected, Request, RequestReader, encode_request
 from timer_sdk.models import EchoEvent
 
@@ -235,3 +243,78 @@ def test_abandon_frame_of_a_refused_frame_is_nothing() -> None:
     reader.receive_data(encode_request(b"echo", b"\x00" * 50)[:30])
     assert isinstance(reader.next_event(), Rejected)
     assert reader.abandon_frame() is None  # already being skipped and answered
+
+
+# --- check_items: max_items on the bytes, before cbor2 builds anything ----------
+
+
+def entries(item: object) -> int:
+    """The reference count: array and map entries at every level."""
+    if isinstance(item, dict):
+        return len(item) + sum(entries(k) + entries(v) for k, v in item.items())
+    if isinstance(item, list):
+        return len(item) + sum(map(entries, item))
+    return 0
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"req": {"messages": [{"a": [1, 2.5, None]}] * 40, "tags": ["t" * 300] * 30}},
+        [[[]] * 9] * 9,
+        {"k" * 5000: [True, False, -(2**63), 2**64 - 1, b"b" * 70000, 1.0e300]},
+        [cbor2.CBORSimpleValue(99)] * 50,
+    ],
+    ids=["nested", "lists of lists", "long strings and wide ints", "simple values"],
+)
+def test_check_items_counts_what_the_decoded_item_holds(item: object) -> None:
+    payload = cbor2.dumps(item)
+    count = entries(cbor2.loads(payload))
+    check_items(payload, count)  # exactly at the bound: accepted
+    if len(payload) > count - 1:
+        with pytest.raises(DecodeError, match=f"more than {count - 1} array and map entries"):
+            check_items(payload, count - 1)
+
+
+def test_check_items_refuses_a_million_entries_from_their_header() -> None:
+    for item in (0, {}, []):
+        payload = cbor2.dumps({"req": {"messages": [item] * 1_000_000}})
+        with pytest.raises(DecodeError, match="more than 4096"):
+            check_items(payload, 4096)
+
+
+def test_check_items_leaves_what_it_cannot_read_to_the_decoder() -> None:
+    check_items(b"\x9f" + b"\x00" * 5000 + b"\xff", 10)  # indefinite: the decoder refuses
+    check_items(cbor2.dumps([["a" * 100] * 3])[:150], 10)  # truncated: the decoder refuses
+    with pytest.raises(DecodeError):
+        check_items(b"\x9a\x00\x01\x00\x00" + b"\x00" * 20, 10)  # 65536 announced
+    check_items(b"\xc1" + cbor2.dumps("s" * 100), 10)  # a tag: the decoder refuses it
+
+
+class _Recording(StrictDecoder):
+    """A decoder that records each payload it is asked to build."""
+
+    __slots__ = ("decoded",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded: list[int] = []
+
+    def decode(self, data: bytes) -> object:
+        self.decoded.append(len(data))
+        return super().decode(data)
+
+
+@pytest.mark.parametrize("build", ["decode_params", "plan"])
+def test_a_payload_over_max_items_is_refused_before_cbor2_builds_it(build: str) -> None:
+    payload = cbor2.dumps({"req": {"messages": [{}] * 1_000_000, "tags": []}})
+    decoder = _Recording()
+    with pytest.raises(DecodeError, match="complex: invalid request: more than 4096"):
+        if build == "plan":
+            plan(COMPLEX, Timer(), decoder, 4096)(payload)
+        else:
+            COMPLEX.decode_params(payload, max_items=4096, decoder=decoder)
+    assert decoder.decoded == []
+    small = cbor2.dumps({"req": {"messages": [], "tags": []}})
+    COMPLEX.decode_params(small, max_items=4096, decoder=decoder)
+    assert decoder.decoded == [len(small)]  # the recorder does record

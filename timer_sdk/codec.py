@@ -146,21 +146,44 @@ def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     return decoder.decode(data)
 
 
-def check_items(item: object, max_items: int) -> None:
-    """Refuse an item with more than ``max_items`` array and map entries in all.
+def check_items(payload: bytes, max_items: int) -> None:
+    """Refuse a payload with more than ``max_items`` array and map entries in all.
 
-    Validating a million bad entries takes seconds and describes each one;
-    this walk stops at the first entry past the bound.
+    Runs on the bytes, before cbor2 builds anything: building a million empty
+    maps blocks the loop for a tenth of a second or more. Each container's
+    count is taken from its header, so the walk visits at most about
+    ``2 * max_items`` heads, whatever the payload. Anything it cannot read
+    (indefinite lengths, truncation) is left for the decoder to refuse.
     """
+    if len(payload) <= max_items:
+        return  # each entry takes at least one byte
     left = max_items
-    stack = [item]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict | list):
-            left -= len(node)
+    pending = 1  # items still to visit
+    pos = 0
+    size = len(payload)
+    while pending and pos < size:
+        pending -= 1
+        head = payload[pos]
+        major = head >> 5
+        info = head & 31
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            arg = int.from_bytes(payload[pos : pos + width])
+            pos += width
+        else:
+            return  # indefinite or reserved: the decoder refuses it
+        if major == 4 or major == 5:
+            left -= arg
             if left < 0:
                 raise DecodeError(f"more than {max_items} array and map entries in the payload")
-            stack.extend(node.values() if isinstance(node, dict) else node)
+            pending += arg if major == 4 else 2 * arg
+        elif major == 2 or major == 3:
+            pos += arg  # a string's bytes
+        elif major == 6:
+            pending += 1  # a tag's item; the decoder refuses the tag itself
 
 
 def encode_item(item: object) -> bytes:

@@ -54,10 +54,8 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
             params = empty
         else:
             try:
+                check_items(payload, max_items)  # before cbor2 builds the item
                 item = decode(payload) if payload else {}
-                # Each entry takes at least one byte, so a short payload cannot be over.
-                if len(payload) > max_items:
-                    check_items(item, max_items)
                 params = validate(item, strict=True, by_alias=True, by_name=False)
             except DecodeError as exc:
                 raise DecodeError(f"{name}: invalid request: {exc}") from None
