@@ -6,14 +6,14 @@ from __future__ import annotations
 import cbor2
 import pytest
 
+from timer_sdk.api import COMPLEX
 from timer_sdk.backlog import EVENT_OVERHEAD, EventBacklog, event_size
 from timer_sdk.budget import READ_HEADROOM, Budget
-from timer_sdk.api import COMPLEX
 from timer_sdk.codec import DecodeError, StrictDecoder, check_items
-from timer_sdk.plans import plan
-from timer_sdk.timer import Timer
 from timer_sdk.framing import Rejected, Request, RequestReader, encode_request
 from timer_sdk.models import EchoEvent
+from timer_sdk.plans import plan
+from timer_sdk.timer import Timer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -276,11 +276,11 @@ def test_check_items_counts_what_the_decoded_item_holds(item: object) -> None:
             check_items(payload, count - 1)
 
 
-def test_check_items_refuses_a_million_entries_from_their_header() -> None:
-    for item in (0, {}, []):
-        payload = cbor2.dumps({"req": {"messages": [item] * 1_000_000}})
-        with pytest.raises(DecodeError, match="more than 4096"):
-            check_items(payload, 4096)
+@pytest.mark.parametrize("item", [0, {}, []], ids=["ints", "empty maps", "empty lists"])
+def test_check_items_refuses_a_million_entries_from_their_header(item: object) -> None:
+    payload = cbor2.dumps({"req": {"messages": [item] * 1_000_000}})
+    with pytest.raises(DecodeError, match="more than 4096"):
+        check_items(payload, 4096)
 
 
 def test_check_items_leaves_what_it_cannot_read_to_the_decoder() -> None:
@@ -309,11 +309,13 @@ class _Recording(StrictDecoder):
 def test_a_payload_over_max_items_is_refused_before_cbor2_builds_it(build: str) -> None:
     payload = cbor2.dumps({"req": {"messages": [{}] * 1_000_000, "tags": []}})
     decoder = _Recording()
+    call = (
+        plan(COMPLEX, Timer(), decoder, 4096)
+        if build == "plan"
+        else lambda p: COMPLEX.decode_params(p, max_items=4096, decoder=decoder)
+    )
     with pytest.raises(DecodeError, match="complex: invalid request: more than 4096"):
-        if build == "plan":
-            plan(COMPLEX, Timer(), decoder, 4096)(payload)
-        else:
-            COMPLEX.decode_params(payload, max_items=4096, decoder=decoder)
+        call(payload)
     assert decoder.decoded == []
     small = cbor2.dumps({"req": {"messages": [], "tags": []}})
     COMPLEX.decode_params(small, max_items=4096, decoder=decoder)

@@ -175,12 +175,12 @@ def check_items(payload: bytes, max_items: int) -> None:
             pos += width
         else:
             return  # indefinite or reserved: the decoder refuses it
-        if major == 4 or major == 5:
+        if major in {4, 5}:
             left -= arg
             if left < 0:
                 raise DecodeError(f"more than {max_items} array and map entries in the payload")
             pending += arg if major == 4 else 2 * arg
-        elif major == 2 or major == 3:
+        elif major in {2, 3}:
             pos += arg  # a string's bytes
         elif major == 6:
             pending += 1  # a tag's item; the decoder refuses the tag itself
