@@ -125,7 +125,8 @@ class Method(Generic[P, R]):
         if self._empty_params is not None and (not payload or payload == b"\xa0"):
             return self._empty_params
         try:
-            codec.check_items(payload, max_items)  # before cbor2 builds the item
+            depth = decoder.max_depth if decoder is not None else max_depth
+            codec.check_items(payload, max_items, depth)  # before cbor2 builds the item
             if not payload:
                 item = {}
             elif decoder is not None:

@@ -79,9 +79,10 @@ class StrictDecoder:
     alive: a larger payload is released with the decode.
     """
 
-    __slots__ = ("_decode", "_decoder", "_reset_stream", "_stream", "_tell")
+    __slots__ = ("_decode", "_decoder", "_reset_stream", "_stream", "_tell", "max_depth")
 
     def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        self.max_depth = max_depth
         self._stream = io.BytesIO()
         self._decoder = cbor2.CBORDecoder(
             self._stream,
@@ -146,23 +147,28 @@ def decode_item(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     return decoder.decode(data)
 
 
-def check_items(payload: bytes, max_items: int) -> None:
+def check_items(payload: bytes, max_items: int, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     """Refuse a payload with more than ``max_items`` array and map entries in all.
 
     Runs on the bytes, before cbor2 builds anything: building a million empty
     maps blocks the loop for a tenth of a second or more. Each container's
-    count is taken from its header, so the walk visits at most about
-    ``2 * max_items`` heads, whatever the payload. Anything it cannot read
-    (indefinite lengths, truncation) is left for the decoder to refuse.
+    count is taken from its head, so the walk visits at most about
+    ``2 * max_items`` heads, whatever the payload. Anything it cannot judge
+    (indefinite lengths, tags, nesting past ``max_depth``, truncation) is left
+    for the decoder to refuse.
     """
     if len(payload) <= max_items:
         return  # each entry takes at least one byte
     left = max_items
-    pending = 1  # items still to visit
+    open_items = [1]  # items still to visit in each open container; the root first
     pos = 0
     size = len(payload)
-    while pending and pos < size:
-        pending -= 1
+    while pos < size:
+        while not open_items[-1]:
+            open_items.pop()
+            if not open_items:
+                return
+        open_items[-1] -= 1
         head = payload[pos]
         major = head >> 5
         info = head & 31
@@ -174,16 +180,18 @@ def check_items(payload: bytes, max_items: int) -> None:
             arg = int.from_bytes(payload[pos : pos + width])
             pos += width
         else:
-            return  # indefinite or reserved: the decoder refuses it
+            return  # indefinite or reserved
         if major in {4, 5}:
             left -= arg
             if left < 0:
                 raise DecodeError(f"more than {max_items} array and map entries in the payload")
-            pending += arg if major == 4 else 2 * arg
+            if len(open_items) > max_depth:
+                return
+            open_items.append(arg if major == 4 else 2 * arg)
         elif major in {2, 3}:
             pos += arg  # a string's bytes
         elif major == 6:
-            pending += 1  # a tag's item; the decoder refuses the tag itself
+            return
 
 
 def encode_item(item: object) -> bytes:

@@ -5,7 +5,10 @@ are an extension beside the procs: the request loop only hands it the
 methods that are not Timer procs (:meth:`_Subscriber._dispatch_extension`),
 and the server's fan-out calls the rest. While the peer is not reading,
 events wait in a bounded :class:`~timer_sdk.backlog.EventBacklog`, charged
-to the budget like everything else the connection holds.
+to the budget like everything else the connection holds. All subscribers'
+event bytes together (held, or written and not yet sent) fill at most the
+budget's event share: past it a subscriber that is behind gets no more, so
+stalled subscribers never take the room that requests need.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class _Subscriber:
         _out: list[bytes]
         _max_depth: int
         _writing_paused: bool
+        _event_pending: int
+        _event_unsent: int
 
         def _recharge(self) -> None: ...
         def _schedule_flush(self) -> None: ...
@@ -108,18 +113,28 @@ class _Subscriber:
 
     @property
     def events_paused(self) -> bool:
-        """Whether event frames must wait: the peer is not reading."""
-        return self._writing_paused
+        """Whether event frames must wait: the peer is not reading, or is behind
+        while the event share is full (it then has one frame on its way at most)."""
+        if self._writing_paused:
+            return True
+        budget = self._budget
+        return (
+            budget.events >= budget.event_share and (self._event_pending + self._event_unsent) > 0
+        )
 
     def hold_event(self, event: EchoEvent) -> None:
         """Keep an event until the peer reads again; drop the oldest past the bounds."""
         backlog = self._backlog
         lost = backlog.hold(event)
         self._recharge()
-        while self._budget.over() and backlog.drop_oldest():
-            lost += 1  # the server as a whole is full: this backlog yields first
+        budget = self._budget
+        while (budget.events_over() or budget.over()) and backlog.drop_oldest():
+            lost += 1  # past the share, or the server is full: this backlog yields first
             self._recharge()
         self._stats.events_dropped += lost
+        if not self._writing_paused:
+            self._release_backlog()  # behind, not stalled: it hears of the loss now
+            self._schedule_flush()
 
     def note_dropped(self, count: int) -> None:
         """Tell the peer that ``count`` events were lost before they reached this server."""
@@ -144,6 +159,8 @@ class _Subscriber:
         if self._transport is not None:
             self._stats.events_sent += 1
             self._out.append(frame)
+            self._event_pending += len(frame)
+            self._recharge()  # counted at once: a fan-out to many sees its own share fill
             self._schedule_flush()
 
     def drop_event(self) -> None:
@@ -162,3 +179,5 @@ class _Subscriber:
                 self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
             self._stats.events_sent += len(frames)
             self._out.extend(frames)
+            self._event_pending += sum(map(len, frames))
+            self._recharge()

@@ -42,6 +42,7 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
     name = method.name
     empty = method.empty_params
     decode = decoder.decode
+    depth = decoder.max_depth
     validate = method.params_validator.validate_python
     encode = method.encode_frame
     invoke = method.invoke
@@ -54,7 +55,7 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
             params = empty
         else:
             try:
-                check_items(payload, max_items)  # before cbor2 builds the item
+                check_items(payload, max_items, depth)  # before cbor2 builds the item
                 item = decode(payload) if payload else {}
                 params = validate(item, strict=True, by_alias=True, by_name=False)
             except DecodeError as exc:
