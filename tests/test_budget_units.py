@@ -157,7 +157,7 @@ def test_a_holder_that_is_gone_leaves_the_line_and_its_reservation() -> None:
 
 def test_event_bytes_count_against_requests_only_up_to_their_share() -> None:
     budget = Budget(4 * MiB)
-    (subscribers, caller), _ = peers(budget, 2)
+    (_subscribers, caller), _ = peers(budget, 2)
     budget.update(0, 3 * MiB, events_change=3 * MiB)  # stalled subscribers' events
     assert budget.events_over() and budget.event_share == MiB
     assert budget.room() == 3 * MiB  # the requests' part is untouched
