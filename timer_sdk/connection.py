@@ -33,7 +33,7 @@ from .budget import IN_FLIGHT_COST, READ_HEADROOM
 from .codec import DecodeError
 from .connection_budget import _Charges
 from .connection_endings import _Endings
-from .connection_events import _Subscriber, event_frame
+from .connection_events import WRITE_HIGH, _Subscriber, event_frame
 from .errors import CallError
 from .framing import Broken, Rejected, Request, RequestReader, encode_error
 
@@ -46,9 +46,6 @@ logger = logging.getLogger("timer_sdk.server")
 
 _QUANTUM = 64
 """Frames one connection handles per loop turn before the others get theirs."""
-
-_WRITE_HIGH = 64 * 1024
-"""Unsent bytes past which a connection handles no more requests until its peer reads."""
 
 _REPLY_HEAD = 8
 """Bytes of a reply frame before its body: ``ret`` and the body's length."""
@@ -112,6 +109,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._budget_wait = False
+        self._behind = False  # a subscriber behind while the event share is full
         self._shutting_down = False
         self._peer_done = False  # the peer half-closed: nothing unread can follow
         self._lingering = False
@@ -143,7 +141,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         # Unsent bytes are charged after every write: an upper bound until the
         # next write, re-checked whenever someone waits for room (refresh_charge).
         # A paused transport drains to 0 before it resumes us.
-        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=0)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference leaves Nagle on and pays ~40 ms per call for it.
@@ -183,7 +181,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         self._write_buffered = self._event_unsent = 0
-        self._release_backlog()
+        self._caught_up()
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -419,6 +417,9 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
                 self._event_unsent = min(written, self._write_buffered)
         self._event_pending = 0
         out.clear()
+        if self._behind and not self._write_buffered:
+            self._caught_up()  # all sent at once: no pause, so no resume either
+            self._schedule_flush()
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:

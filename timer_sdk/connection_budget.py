@@ -47,6 +47,7 @@ class _Charges:
         _event_unsent: int
 
         def _answer(self, frame: bytes) -> None: ...
+        def _caught_up(self) -> None: ...
         def _schedule_flush(self) -> None: ...
 
     def _recharge(self) -> None:
@@ -73,6 +74,9 @@ class _Charges:
             if unsent != self._write_buffered:
                 self._write_buffered = unsent
                 self._event_unsent = min(self._event_unsent, unsent)
+                if not unsent:
+                    self._caught_up()  # without ever pausing
+                    self._schedule_flush()
                 self._recharge()
 
     def budget_granted(self) -> None:

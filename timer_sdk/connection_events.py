@@ -37,7 +37,10 @@ if TYPE_CHECKING:
     from .limits import ServerStats
     from .server import Server
 
-__all__ = ["event_frame"]
+__all__ = ["WRITE_HIGH", "event_frame"]
+
+WRITE_HIGH = 64 * 1024
+"""Unsent bytes past which a connection handles no more requests until its peer reads."""
 
 
 def event_frame(event: EchoEvent) -> bytes:
@@ -59,6 +62,7 @@ class _Subscriber:
         _writing_paused: bool
         _event_pending: int
         _event_unsent: int
+        _behind: bool
 
         def _recharge(self) -> None: ...
         def _schedule_flush(self) -> None: ...
@@ -125,16 +129,21 @@ class _Subscriber:
     def hold_event(self, event: EchoEvent) -> None:
         """Keep an event until the peer reads again; drop the oldest past the bounds."""
         backlog = self._backlog
+        budget = self._budget
+        if not self._writing_paused and not self._behind and self._transport is not None:
+            # Behind while the share is full: be told when it has caught up.
+            self._behind = True
+            self._transport.set_write_buffer_limits(high=0, low=0)
+        if not len(backlog) and budget.events_over():
+            backlog.dropped += 1  # it would go at once: the share is full
+            self._stats.events_dropped += 1
+            return
         lost = backlog.hold(event)
         self._recharge()
-        budget = self._budget
         while (budget.events_over() or budget.over()) and backlog.drop_oldest():
             lost += 1  # past the share, or the server is full: this backlog yields first
             self._recharge()
         self._stats.events_dropped += lost
-        if not self._writing_paused:
-            self._release_backlog()  # behind, not stalled: it hears of the loss now
-            self._schedule_flush()
 
     def note_dropped(self, count: int) -> None:
         """Tell the peer that ``count`` events were lost before they reached this server."""
@@ -157,6 +166,7 @@ class _Subscriber:
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
         if self._transport is not None:
+            self._release_backlog()  # what was held for it is older, and goes first
             self._stats.events_sent += 1
             self._out.append(frame)
             self._event_pending += len(frame)
@@ -167,6 +177,14 @@ class _Subscriber:
         """Count an event this subscriber will never get, for its next drop notice."""
         self._stats.events_dropped += 1
         self.note_dropped(1)
+
+    def _caught_up(self) -> None:
+        """Everything written has been sent: back to the usual bound, and send what waited."""
+        if self._behind:
+            self._behind = False
+            if self._transport is not None:
+                self._transport.set_write_buffer_limits(high=WRITE_HIGH, low=0)
+        self._release_backlog()
 
     def _release_backlog(self) -> None:
         """The peer reads again: queue the drop notice, if any, then the held events."""
