@@ -61,7 +61,7 @@ class Limits:
     frame_timeout: float | None = field(
         default=10.0,
         metadata={
-            "help": "time to finish a frame once its first byte arrived, against slowloris",
+            "help": "time a frame may take to arrive while the server reads it, against slowloris",
             "unit": "seconds",
         },
     )
