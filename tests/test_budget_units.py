@@ -356,3 +356,13 @@ def test_a_payload_over_max_items_is_refused_before_cbor2_builds_it(build: str) 
     small = cbor2.dumps({"req": {"messages": [], "tags": []}})
     COMPLEX.decode_params(small, max_items=4096, decoder=decoder)
     assert decoder.decoded == [len(small)]  # the recorder does record
+
+
+def test_give_up_drops_the_partial_frame_and_everything_after() -> None:
+    reader = RequestReader()
+    reader.receive_data(encode_request(b"echo", b"\xa0" * 100)[:50])
+    assert reader.in_frame and reader.buffered == 50
+    reader.give_up()
+    assert not reader.in_frame and reader.buffered == 0
+    reader.receive_data(encode_request(b"version", b"\xa0"))
+    assert reader.next_event() is None  # nothing after a violation is taken

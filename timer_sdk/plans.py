@@ -55,7 +55,8 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
             params = empty
         else:
             try:
-                check_items(payload, max_items, depth)  # before cbor2 builds the item
+                if len(payload) > max_items:  # each entry takes a byte at least
+                    check_items(payload, max_items, depth)  # before cbor2 builds the item
                 item = decode(payload) if payload else {}
                 params = validate(item, strict=True, by_alias=True, by_name=False)
             except DecodeError as exc:
