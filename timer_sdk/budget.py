@@ -101,6 +101,9 @@ class Budget:
         between frames (a head read, of :data:`MIN_READ` at most).
         """
         granted = self._granted.get(holder)
+        if granted is None and not need and not self._waiting:
+            if self.limit - self.used - self._reserved >= MIN_READ:
+                return True  # the common case: a head read with room, nobody waiting
         if granted is not None:
             if need <= granted:
                 return True
@@ -119,9 +122,11 @@ class Budget:
 
     def read_size(self, holder: Holder) -> int:
         """How many bytes ``holder`` may read now: what its frame reserved, or the room left."""
-        reserved = self._granted.get(holder)
-        room = reserved if reserved else self.room()
-        return min(max(room, MIN_READ), READ_HEADROOM)
+        room = self._granted.get(holder) or self.limit - self.used - self._reserved
+        if room >= READ_HEADROOM:
+            return READ_HEADROOM
+        room = max(room, self.room())  # events past their share are not the requests'
+        return room if room > MIN_READ else MIN_READ
 
     def finished(self, holder: Holder) -> None:
         """``holder``'s frame is whole, or it stopped reading: its grant ends."""
