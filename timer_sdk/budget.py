@@ -101,9 +101,9 @@ class Budget:
         between frames (a head read, of :data:`MIN_READ` at most).
         """
         granted = self._granted.get(holder)
-        if granted is None and not need and not self._waiting:
-            if self.limit - self.used - self._reserved >= MIN_READ:
-                return True  # the common case: a head read with room, nobody waiting
+        room = self.limit - self.used - self._reserved
+        if granted is None and not need and not self._waiting and room >= MIN_READ:
+            return True  # the common case: a head read with room, nobody waiting
         if granted is not None:
             if need <= granted:
                 return True
