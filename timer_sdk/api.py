@@ -126,15 +126,14 @@ class Method(Generic[P, R]):
         if self._empty_params is not None and (not payload or payload == b"\xa0"):
             return self._empty_params
         try:
+            depth = decoder.max_depth if decoder is not None else max_depth
+            codec.check_items(payload, max_items, depth)  # before cbor2 builds the item
             if not payload:
                 item = {}
             elif decoder is not None:
                 item = decoder.decode(payload)
             else:
                 item = codec.decode_item(payload, max_depth=max_depth)
-            # Each entry takes at least one byte, so a short payload cannot be over.
-            if len(payload) > max_items:
-                codec.check_items(item, max_items)
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid request: {exc}") from None
         return self.validate_params(item)

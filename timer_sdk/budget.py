@@ -5,22 +5,28 @@ connection: partial frames being received, requests in flight, replies
 waiting to be written and event backlogs. Each connection reports what it
 holds; the budget only adds up and decides who may read next, and how much.
 
-When the budget is spent, a connection stops *reading* (it never refuses
-or drops work it has accepted) and waits in line. As bytes are freed, the
-longest waiter is granted room for the rest of the frame it is receiving,
-and keeps that grant until the frame is whole, as HTTP/2 grants a window
-before the bytes are sent. So frames that were granted always finish and
-free their bytes: waiters holding halves of frames cannot deadlock the
-server. A connection holding more than its fair share yields to the others,
-so one greedy peer cannot starve the rest. No I/O here: a holder is resumed
-through its :meth:`Holder.budget_granted`.
+Admission is at the frame head, as HTTP/2 grants a window before the bytes
+are sent. Between frames a connection reads at most the room left (and
+never less than :data:`MIN_READ`, enough for a header). Once a frame's
+length is known, the rest of it is either reserved, so that it always
+finishes, or the connection stops reading and leaves it in the socket,
+where it costs nothing. Nothing is refused that could ever fit.
+
+Waiters are served fairly by bytes held, as a fair queue would: whoever
+holds least goes first, arrival order breaking ties, so a small caller never
+waits behind greedy ones. A connection holding under :data:`FLOOR` may
+always read a frame that keeps it under, so a 20-byte call is answered even
+while stuck work holds the whole budget. Event bytes count against the
+room requests need only up to their share (:data:`EVENT_SHARE`), so stalled
+subscribers cannot keep calls from being answered. No I/O here: a holder is
+resumed through its :meth:`Holder.budget_granted`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["IN_FLIGHT_COST", "MIN_READ", "READ_HEADROOM", "Budget", "Holder"]
+__all__ = ["EVENT_SHARE", "FLOOR", "IN_FLIGHT_COST", "MIN_READ", "READ_HEADROOM", "Budget"]
 
 IN_FLIGHT_COST = 2048
 """Bytes charged per waiting reply over its payload: its Task, frame and slot."""
@@ -29,8 +35,13 @@ READ_HEADROOM = 64 * 1024
 """The most one socket read adds: connections read into buffers of this size at most."""
 
 MIN_READ = 1024
-"""What a read may take when the budget has no room left: a connection not yet
-paused still gets a small buffer, so the overshoot is at most this per connection."""
+"""The smallest read: a frame's head, when the budget has no room left."""
+
+FLOOR = 16 * 1024
+"""What any connection may hold whatever the budget says: small callers are never stuck."""
+
+EVENT_SHARE = 4
+"""Event bytes count against the room requests need up to ``limit // EVENT_SHARE``."""
 
 
 class Holder(Protocol):
@@ -39,110 +50,128 @@ class Holder(Protocol):
     @property
     def held(self) -> int: ...
 
-    @property
-    def frame_needs(self) -> int:
-        """Bytes still to come of the frame being received; 0 between frames."""
-        ...
-
     def budget_granted(self) -> None: ...
 
 
 class Budget:
     """Bytes held for all peers together, against one limit."""
 
-    __slots__ = ("_granted", "_holders", "_waiting", "limit", "received", "used")
+    __slots__ = ("_granted", "_reserved", "_tickets", "_waiting", "events", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.received = 0
-        """The part of :attr:`used` that is partial requests, which only reading frees."""
-        self._holders = 0  # connections holding anything: the fair share's divisor
-        self._waiting: dict[Holder, None] = {}  # insertion-ordered: first come, first served
-        self._granted: dict[Holder, None] = {}  # reading until their frame is whole
+        self.events = 0
+        """The part of :attr:`used` that is event frames, held or not yet sent."""
+        self._reserved = 0  # owed to admitted frames still arriving
+        self._granted: dict[Holder, int] = {}  # admitted: the bytes reserved (0: a head read)
+        self._waiting: dict[Holder, tuple[int, int]] = {}  # (arrival, need)
+        self._tickets = 0
 
     @property
     def waiting(self) -> int:
         """Connections paused until bytes are freed."""
         return len(self._waiting)
 
-    def update(self, before: int, after: int, received_change: int = 0) -> None:
+    @property
+    def event_share(self) -> int:
+        """The most event bytes that count against the room requests need."""
+        return self.limit // EVENT_SHARE
+
+    def room(self) -> int:
+        """Bytes requests may still take: events count only up to their share."""
+        excess = self.events - self.limit // EVENT_SHARE
+        return self.limit - self.used - self._reserved + (excess if excess > 0 else 0)
+
+    def update(self, before: int, after: int, events_change: int = 0) -> None:
         """Record that a holder's bytes went from ``before`` to ``after``.
 
-        ``received_change`` is how much of the change is bytes of requests received.
+        ``events_change`` is how much of the change is event bytes.
         """
         self.used += after - before
-        self.received += received_change
-        if not before and after:
-            self._holders += 1
-        elif before and not after:
-            self._holders -= 1
+        if events_change:
+            self.events += events_change
         if after < before and self._waiting:
             self._grant()
 
-    def may_read(self, holder: Holder) -> bool:
-        """Whether ``holder`` may read now; if not, it joins the line."""
-        if holder in self._granted:
-            return True
-        if holder in self._waiting:
+    def admit(self, holder: Holder, need: int) -> bool:
+        """Whether ``holder`` may read on; if not, it waits until granted.
+
+        ``need`` is what is still to come of the frame it is receiving, or 0
+        between frames (a head read, of :data:`MIN_READ` at most).
+        """
+        granted = self._granted.get(holder)
+        room = self.limit - self.used - self._reserved
+        if granted is None and not need and not self._waiting and room >= MIN_READ:
+            return True  # the common case: a head read with room, nobody waiting
+        if granted is not None:
+            if need <= granted:
+                return True
+            self._release(holder)  # the head arrived: now the frame is known
+            if self._fits(holder, need, self.room()):
+                return True
+        elif holder in self._waiting:
             return False
-        if self._room() >= READ_HEADROOM and (
-            not self._waiting or holder.held <= self.limit // max(self._holders, 1)
-        ):
+        elif not self._waiting and self._fits(holder, need, self.room()):
             return True
-        self._waiting[holder] = None
-        if not self._granted and self._stuck():
-            self._grant()  # nothing else would free room: start finishing a frame
-        return holder not in self._waiting
+        elif self._fits(holder, need, 0):
+            return True  # under the floor
+        self._tickets += 1
+        self._waiting[holder] = (self._tickets, need)
+        return False
 
     def read_size(self, holder: Holder) -> int:
-        """How many bytes ``holder`` may read now: the room left, within bounds."""
-        if holder in self._granted:
-            return min(max(holder.frame_needs, MIN_READ), READ_HEADROOM)
-        return min(max(self._room(), MIN_READ), READ_HEADROOM)
+        """How many bytes ``holder`` may read now: what its frame reserved, or the room left."""
+        room = self._granted.get(holder) or self.limit - self.used - self._reserved
+        if room >= READ_HEADROOM:
+            return READ_HEADROOM
+        room = max(room, self.room())  # events past their share are not the requests'
+        return room if room > MIN_READ else MIN_READ
 
     def finished(self, holder: Holder) -> None:
         """``holder``'s frame is whole, or it stopped reading: its grant ends."""
-        if holder not in self._granted:
-            return
-        del self._granted[holder]
-        if self._waiting:
-            self._grant()
+        if holder in self._granted:
+            self._release(holder)
+            if self._waiting:
+                self._grant()
 
     def over(self) -> bool:
-        """Whether more is held than the limit allows."""
-        return self.used > self.limit
+        """Whether more is held than the limit allows (events past their share aside)."""
+        return self.room() + self._reserved < 0
+
+    def events_over(self) -> bool:
+        """Whether event bytes fill more than their share."""
+        return self.events > self.limit // EVENT_SHARE
 
     def forget(self, holder: Holder) -> None:
         """Take a holder out of the line and its grant (its connection is gone)."""
         self._waiting.pop(holder, None)
-        self._granted.pop(holder, None)
+        if holder in self._granted:
+            self._release(holder)
+            if self._waiting:
+                self._grant()
 
-    def _stuck(self) -> bool:
-        # Most of what is held is partial requests: only finishing one frees anything.
-        return self.used - self.received <= self.limit // 4
+    def _fits(self, holder: Holder, need: int, room: int) -> bool:
+        size = need or MIN_READ
+        if size > room and holder.held + size > FLOOR:
+            return False
+        self._granted[holder] = need
+        self._reserved += need
+        return True
 
-    def _room(self) -> int:
-        # What is free, less what granted frames are still owed.
-        room = self.limit - self.used
-        for holder in self._granted:
-            room -= holder.frame_needs
-        return room
+    def _release(self, holder: Holder) -> None:
+        self._reserved -= self._granted.pop(holder)
 
     def _grant(self) -> None:
-        room = self._room()
-        for holder in list(self._waiting):
-            needs = holder.frame_needs
-            need = needs or READ_HEADROOM
-            if need > room:
-                if self._granted or not self._stuck():
-                    return  # first come, first served: what is in progress will free room
-                if not needs:
-                    continue
-                # No frame can finish, so nothing would ever be freed: this one may
-                # overdraw (by less than one frame) to finish its own.
-            del self._waiting[holder]
-            room -= need
-            if needs:
-                self._granted[holder] = None
+        # Least held first, then first come: a fair queue by bytes, never skipping the
+        # head, so a large frame gets the room it waits for as it is freed.
+        waiting = self._waiting
+        room = self.room()
+        while waiting:
+            holder = min(waiting, key=lambda h: (h.held, waiting[h][0]))
+            need = waiting[holder][1]
+            if not self._fits(holder, need, room):
+                return
+            del waiting[holder]
+            room -= need or MIN_READ
             holder.budget_granted()

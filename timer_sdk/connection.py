@@ -8,13 +8,14 @@ in one write, and ``TCP_NODELAY`` is set.
 
 Everything it holds for its peer (the receive buffer, requests in flight,
 replies not yet written, held events) is charged to the server's
-:class:`~timer_sdk.budget.Budget`; when that is spent the connection stops
-reading until bytes are freed. It handles at most ``_QUANTUM`` frames per
-loop turn, so a busy peer cannot keep the loop from everyone else.
+:class:`~timer_sdk.budget.Budget`; a frame that does not fit waits unread
+until bytes are freed. It handles at most ``_QUANTUM`` frames per loop turn,
+so a busy peer cannot keep the loop from everyone else.
 
-How a connection ends (``connection_endings.py``) and its part as an event
-subscriber (``connection_events.py``) are mixins: the state stays here, and
-the request loop calls into them as into its own methods, at the same cost.
+How a connection ends (``connection_endings.py``), its part in the budget
+(``connection_budget.py``) and its part as an event subscriber
+(``connection_events.py``) are mixins: the state stays here, and the request
+loop calls into them as into its own methods, at the same cost.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from .api import Method
 from .backlog import EventBacklog
 from .budget import IN_FLIGHT_COST, READ_HEADROOM
 from .codec import DecodeError
+from .connection_budget import _Charges
 from .connection_endings import _Endings
-from .connection_events import _Subscriber, event_frame
+from .connection_events import WRITE_HIGH, _Subscriber, event_frame
 from .errors import CallError
 from .framing import Broken, Rejected, Request, RequestReader, encode_error
 
@@ -44,9 +46,6 @@ logger = logging.getLogger(__name__)
 
 _QUANTUM = 64
 """Frames one connection handles per loop turn before the others get theirs."""
-
-_WRITE_HIGH = 64 * 1024
-"""Unsent bytes past which a connection handles no more requests until its peer reads."""
 
 _REPLY_HEAD = 8
 """Bytes of a reply frame before its body: ``ret`` and the body's length."""
@@ -67,7 +66,7 @@ class _Slot:
 _SCRATCH = memoryview(bytearray(READ_HEADROOM))
 
 
-class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
+class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
     """One client connection.
 
     A BufferedProtocol, so that the size of each read is the budget's to
@@ -99,7 +98,9 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         self._write_buffered = 0  # sampled while writing is paused; 0 once drained
         self.held = 0
         """Bytes this connection has charged to the server's budget."""
-        self._received = 0  # the part of held that its reader buffers
+        self._events_charged = 0  # the part of held that is events, as last told
+        self._event_pending = 0  # bytes of event frames in _out
+        self._event_unsent = 0  # the part of _write_buffered that is event frames
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
@@ -108,10 +109,13 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._budget_wait = False
+        self._behind = False  # a subscriber behind while the event share is full
         self._shutting_down = False
         self._peer_done = False  # the peer half-closed: nothing unread can follow
         self._lingering = False
         self._frame_deadline: asyncio.TimerHandle | None = None
+        self._frame_left = limits.frame_timeout or 0.0  # what is left while we do not read
+        self._frame_started = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._peer_check: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
@@ -137,7 +141,7 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         # Unsent bytes are charged after every write: an upper bound until the
         # next write, re-checked whenever someone waits for room (refresh_charge).
         # A paused transport drains to 0 before it resumes us.
-        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=0)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference leaves Nagle on and pays ~40 ms per call for it.
@@ -176,8 +180,8 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._write_buffered = 0
-        self._release_backlog()
+        self._write_buffered = self._event_unsent = 0
+        self._caught_up()
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,7 +195,7 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         self._out.clear()
         self._backlog.take()
         self._slots.clear()
-        self._slot_bytes = self._write_buffered = 0
+        self._slot_bytes = self._write_buffered = self._event_pending = self._event_unsent = 0
         self._budget.forget(self)
         self._recharge()
         # Nobody can receive these replies: cancel the work, as gRPC does.
@@ -256,26 +260,20 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         self._recharge()
         completed_any = quantum < _QUANTUM
         blocked = len(slots) >= limit or self._writing_paused or not quantum
-        if completed_any or blocked or not reader.in_frame:
+        if completed_any or blocked:
             self._budget.finished(self)  # a grant covers one frame, while reading
         if self._shutting_down:
-            self._arm_frame_deadline(completed_any, waiting_for_bytes=False)
+            self._frame_clock(False, completed_any)
             if not self._peer_done:
                 self._pause_reading(True)
             if not slots and not self._writing_paused and not self._flush_scheduled:
                 self._close_lingering()  # every whole frame received is answered
             return
-        if not blocked and (self._budget_wait or not self._budget.may_read(self)):
-            if not self._budget_wait:
-                self._budget_wait = True
-                self._stats.budget_waits += 1
-                self._server._reclaim()  # idle buffers go before anyone waits long
-            # Still armed: a frame that never gets room gets an error, not a hang.
-            self._arm_frame_deadline(completed_any, waiting_for_bytes=True)
-            self._pause_reading(True)
-            return
-        self._arm_frame_deadline(completed_any, waiting_for_bytes=not blocked)
-        self._pause_reading(blocked)
+        # Paused by our own choice (in-flight bound, unsent replies, budget):
+        # the frame deadline stops too, as it is for slow peers only.
+        reading = not blocked and self._admitted()
+        self._frame_clock(reading, completed_any)
+        self._pause_reading(not reading)
 
     def _pause_reading(self, pause: bool) -> None:
         if pause != self._reading_paused and self._transport is not None:
@@ -317,6 +315,15 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         slot = self._open_slot(len(request.payload) + IN_FLIGHT_COST)
         self._track(self._loop.create_task(self._finish(method, outcome, slot)))
         return None
+
+    def _answer(self, frame: bytes) -> None:
+        """Send ``frame`` as the reply to the next request, after those before it."""
+        if self._slots:
+            self._slots.append(_Slot(frame, len(frame)))
+            self._slot_bytes += len(frame)
+        else:
+            self._out.append(frame)
+            self._schedule_flush()
 
     def _open_slot(self, charge: int) -> _Slot:
         """Keep a reply's place in order, charging ``charge`` bytes until it is filled."""
@@ -405,40 +412,14 @@ class Connection(_Endings, _Subscriber, asyncio.BufferedProtocol):
         if transport is not None:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             self._write_buffered = transport.get_write_buffer_size()
+            if self._event_pending or self._event_unsent:
+                written = self._event_unsent + self._event_pending
+                self._event_unsent = min(written, self._write_buffered)
+        self._event_pending = 0
         out.clear()
-
-    # --- budget ---------------------------------------------------------------
-
-    def _recharge(self) -> None:
-        """Tell the budget what this connection holds now."""
-        received = 0
-        if self._transport is not None and not self._lingering:
-            received = self._reader.buffered
-        held = self._slot_bytes + self._write_buffered + self._backlog.bytes + received
-        before = self.held
-        if held != before or received != self._received:
-            self.held = held
-            self._budget.update(before, held, received - self._received)
-            self._received = received
-
-    def refresh_charge(self) -> None:
-        """Re-read what is still unsent: the peer may have read it since our last write."""
-        transport = self._transport
-        if transport is not None:
-            unsent = transport.get_write_buffer_size()
-            if unsent != self._write_buffered:
-                self._write_buffered = unsent
-                self._recharge()
-
-    @property
-    def frame_needs(self) -> int:
-        """Bytes still to come of the request being received (the budget's grant)."""
-        return self._reader.frame_needs if self._transport is not None else 0
-
-    def budget_granted(self) -> None:
-        """Room was freed for this connection: read again (next turn)."""
-        self._budget_wait = False
-        self._schedule_flush()
+        if self._behind and not self._write_buffered:
+            self._caught_up()  # all sent at once: no pause, so no resume either
+            self._schedule_flush()
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:

@@ -2,9 +2,12 @@
 
 A mixin of :class:`~timer_sdk.connection.Connection`, apart because none of
 it runs per request: it decides when and how the connection stops, while
-``connection.py`` keeps the request loop. The loop only arms and disarms the
-frame deadline (:meth:`_Endings._arm_frame_deadline`) and starts the peer
-watch when it stops reading.
+``connection.py`` keeps the request loop. The loop only runs and stops the
+frame deadline (:meth:`_Endings._frame_clock`) and starts the peer watch
+when it stops reading.
+
+A violation ends a connection as HTTP/2's GOAWAY does: every request received
+whole before it is answered first, then the connection closes.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import logging
 import select
 from collections import deque
 from typing import TYPE_CHECKING
-
-from .framing import encode_error
 
 if TYPE_CHECKING:
     from .budget import Budget
@@ -48,11 +49,12 @@ class _Endings:
         _frame_timeout: float | None
         _idle_timeout: float | None
         _reading_paused: bool
-        _budget_wait: bool
         _shutting_down: bool
         _peer_done: bool
         _lingering: bool
         _frame_deadline: asyncio.TimerHandle | None
+        _frame_left: float
+        _frame_started: float
         _idle_handle: asyncio.TimerHandle | None
         _peer_check: asyncio.TimerHandle | None
         _last_activity: float
@@ -99,48 +101,43 @@ class _Endings:
         self._pause_reading(False)
         self._frame_deadline = self._loop.call_later(_LINGER, transport.close)
 
-    def _fail(self, reason: str) -> None:
-        self._stats.protocol_violations += 1
-        logger.warning("%s: closing: %s", self._peer, reason)
-        if self._transport is not None:
-            self._transport.close()
-
     # --- deadlines --------------------------------------------------------------
 
-    def _arm_frame_deadline(self, completed_any: bool, *, waiting_for_bytes: bool) -> None:
+    def _frame_clock(self, running: bool, restart: bool) -> None:
+        """Run the frame deadline while we read a partial frame; stop it while we do not.
+
+        ``restart``: a frame was completed, so the next one gets the whole
+        ``frame_timeout``. Time paused by our own choice is not counted.
+        """
         timeout = self._frame_timeout
         if timeout is None:
             return
+        in_frame = self._reader.in_frame
         handle = self._frame_deadline
-        if waiting_for_bytes and self._reader.in_frame:
-            if handle is None or completed_any:
-                if handle is not None:
-                    handle.cancel()
-                self._frame_deadline = self._loop.call_later(timeout, self._frame_timed_out)
-        elif handle is not None:
+        if handle is not None and (restart or not running or not in_frame):
             handle.cancel()
-            self._frame_deadline = None
+            self._frame_deadline = handle = None
+            if not restart and in_frame:  # paused: keep what is left of it
+                self._frame_left -= self._loop.time() - self._frame_started
+        if restart or not in_frame:
+            self._frame_left = timeout
+        if running and in_frame and handle is None:
+            self._frame_started = self._loop.time()
+            self._frame_deadline = self._loop.call_later(
+                max(self._frame_left, 0.0), self._frame_timed_out
+            )
 
     def _frame_timed_out(self) -> None:
+        # A slow peer: answer what it sent whole, then close, as GOAWAY does.
         self._frame_deadline = None
-        if self._budget_wait:
-            method = self._reader.abandon_frame()
-            if method is not None:
-                # Our fault, not the peer's: answer, skip the rest, stay in sync.
-                self._stats.budget_timeouts += 1
-                self._stats.error_replies += 1
-                self._out.append(
-                    encode_error(
-                        f"{method}: the server's memory budget stayed spent for "
-                        f"{self._frame_timeout} s; the request was dropped, try again later"
-                    )
-                )
-                self._budget_wait = False
-                self._budget.forget(self)  # type: ignore[arg-type]  # self is a Connection
-                self._schedule_flush()
-                return
         self._stats.frame_timeouts += 1
-        self._fail(f"frame not finished within {self._frame_timeout} s")
+        self._stats.protocol_violations += 1
+        reason = f"frame not finished within {self._frame_timeout} s"
+        logger.warning("%s: closing: %s", self._peer, reason)
+        self._reader.give_up()  # the partial frame is no request: nothing answers it
+        self._budget.finished(self)  # type: ignore[arg-type]  # self is a Connection
+        self._shutting_down = True
+        self._process()
 
     def _check_idle(self) -> None:
         assert self._idle_timeout is not None

@@ -5,7 +5,10 @@ are an extension beside the procs: the request loop only hands it the
 methods that are not Timer procs (:meth:`_Subscriber._dispatch_extension`),
 and the server's fan-out calls the rest. While the peer is not reading,
 events wait in a bounded :class:`~timer_sdk.backlog.EventBacklog`, charged
-to the budget like everything else the connection holds.
+to the budget like everything else the connection holds. All subscribers'
+event bytes together (held, or written and not yet sent) fill at most the
+budget's event share: past it a subscriber that is behind gets no more, so
+stalled subscribers never take the room that requests need.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ if TYPE_CHECKING:
     from .limits import ServerStats
     from .server import Server
 
-__all__ = ["event_frame"]
+__all__ = ["WRITE_HIGH", "event_frame"]
+
+WRITE_HIGH = 64 * 1024
+"""Unsent bytes past which a connection handles no more requests until its peer reads."""
 
 
 def event_frame(event: EchoEvent) -> bytes:
@@ -62,6 +68,9 @@ class _Subscriber:
         _out: list[bytes]
         _max_depth: int
         _writing_paused: bool
+        _event_pending: int
+        _event_unsent: int
+        _behind: bool
 
         def _recharge(self) -> None: ...
         def _schedule_flush(self) -> None: ...
@@ -118,16 +127,31 @@ class _Subscriber:
 
     @property
     def events_paused(self) -> bool:
-        """Whether event frames must wait: the peer is not reading."""
-        return self._writing_paused
+        """Whether event frames must wait: the peer is not reading, or is behind
+        while the event share is full (it then has one frame on its way at most)."""
+        if self._writing_paused:
+            return True
+        budget = self._budget
+        return (
+            budget.events >= budget.event_share and (self._event_pending + self._event_unsent) > 0
+        )
 
     def hold_event(self, event: EchoEvent) -> None:
         """Keep an event until the peer reads again; drop the oldest past the bounds."""
         backlog = self._backlog
+        budget = self._budget
+        if not self._writing_paused and not self._behind and self._transport is not None:
+            # Behind while the share is full: be told when it has caught up.
+            self._behind = True
+            self._transport.set_write_buffer_limits(high=0, low=0)
+        if not len(backlog) and budget.events_over():
+            backlog.dropped += 1  # it would go at once: the share is full
+            self._stats.events_dropped += 1
+            return
         lost = backlog.hold(event)
         self._recharge()
-        while self._budget.over() and backlog.drop_oldest():
-            lost += 1  # the server as a whole is full: this backlog yields first
+        while (budget.events_over() or budget.over()) and backlog.drop_oldest():
+            lost += 1  # past the share, or the server is full: this backlog yields first
             self._recharge()
         self._stats.events_dropped += lost
 
@@ -160,14 +184,25 @@ class _Subscriber:
     def send_event(self, frame: bytes) -> None:
         """Send an event frame with the next write."""
         if self._transport is not None:
+            self._release_backlog()  # what was held for it is older, and goes first
             self._stats.events_sent += 1
             self._out.append(frame)
+            self._event_pending += len(frame)
+            self._recharge()  # counted at once: a fan-out to many sees its own share fill
             self._schedule_flush()
 
     def drop_event(self) -> None:
         """Count an event this subscriber will never get, for its next drop notice."""
         self._stats.events_dropped += 1
         self.note_dropped(1)
+
+    def _caught_up(self) -> None:
+        """Everything written has been sent: back to the usual bound, and send what waited."""
+        if self._behind:
+            self._behind = False
+            if self._transport is not None:
+                self._transport.set_write_buffer_limits(high=WRITE_HIGH, low=0)
+        self._release_backlog()
 
     def _release_backlog(self) -> None:
         """The peer reads again: queue the drop notice, if any, then the held events."""
@@ -184,3 +219,5 @@ class _Subscriber:
                 self._out.append(encode_reply(RET_EVENTS_DROPPED, notice))
             self._stats.events_sent += len(frames)
             self._out.extend(frames)
+            self._event_pending += sum(map(len, frames))
+            self._recharge()

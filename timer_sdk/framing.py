@@ -300,6 +300,11 @@ class RequestReader(_Reader):
         self._skip = payload_len - have
         return method
 
+    def give_up(self) -> None:
+        """Take nothing more: drop what is buffered, and everything that arrives."""
+        self._skip = 0
+        self._break("")
+
 
 class ReplyReader(_Reader):
     """Client side: split the receive buffer into reply frames."""

@@ -61,7 +61,7 @@ class Limits:
     frame_timeout: float | None = field(
         default=10.0,
         metadata={
-            "help": "time to finish a frame once its first byte arrived, against slowloris",
+            "help": "time a frame may take to arrive while the server reads it, against slowloris",
             "unit": "seconds",
         },
     )
@@ -119,8 +119,8 @@ class ServerStats:
     events_dropped: int = 0
     budget_waits: int = 0
     """Times a connection stopped reading because the memory budget was spent."""
-    budget_timeouts: int = 0
-    """Requests dropped, with an error reply, after waiting a frame_timeout for budget."""
+    budget_refusals: int = 0
+    """Requests larger than the whole memory budget, refused with an error reply."""
     orphans_cancelled: int = 0
     """Procs cancelled because their connection was gone."""
     oversize_replies: int = 0

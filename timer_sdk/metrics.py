@@ -53,7 +53,7 @@ COUNTERS: dict[str, str] = {
     "events_sent": "Event frames sent to subscribers.",
     "events_dropped": "Events a subscriber lost: not reading, or over the memory budget.",
     "budget_waits": "Times a connection stopped reading: the memory budget was spent.",
-    "budget_timeouts": "Requests refused after waiting frame_timeout for budget.",
+    "budget_refusals": "Requests refused as larger than the whole memory budget.",
     "orphans_cancelled": "Calls cancelled because their connection was gone.",
     "oversize_replies": "Replies over max_frame_size, sent as error replies.",
     "oversize_events": "Events over max_frame_size, dropped.",

@@ -42,6 +42,7 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
     name = method.name
     empty = method.empty_params
     decode = decoder.decode
+    depth = decoder.max_depth
     validate = method.params_validator.validate_python
     encode = method.encode_frame
     invoke = method.invoke
@@ -54,10 +55,9 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
             params = empty
         else:
             try:
+                if len(payload) > max_items:  # each entry takes a byte at least
+                    check_items(payload, max_items, depth)  # before cbor2 builds the item
                 item = decode(payload) if payload else {}
-                # Each entry takes at least one byte, so a short payload cannot be over.
-                if len(payload) > max_items:
-                    check_items(item, max_items)
                 params = validate(item, strict=True, by_alias=True, by_name=False)
             except DecodeError as exc:
                 raise DecodeError(f"{name}: invalid request: {exc}") from None
