@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from email.parser import Parser
 from pathlib import Path
@@ -69,6 +70,13 @@ def check_installed_copy(venv: Path, away: Path, *, nats: bool) -> None:
         server.communicate()
 
 
+SDIST_TOPS = {
+    "timer_sdk", "tests", "docs", "notebooks", ".ci", "README.md", "CHANGELOG.md", "LICENSE",
+    "mkdocs.yml", "pyproject.toml", "PKG-INFO", ".gitignore",
+}  # fmt: skip
+"""What the sdist may hold at its top: the project's own, never what a user made in the clone."""
+
+
 @pytest.mark.timeout(300)
 def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
@@ -77,6 +85,11 @@ def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: P
     [sdist] = dist.glob("timer_sdk-*.tar.gz")
     assert wheel.name == f"timer_sdk-{timer_sdk.__version__}-py3-none-any.whl"
     run(sys.executable, "-m", "twine", "check", "--strict", wheel, sdist)
+    with tarfile.open(sdist) as archive:
+        tops = {Path(name).parts[1] for name in archive.getnames() if len(Path(name).parts) > 1}
+    assert tops <= SDIST_TOPS, (
+        f"the sdist holds files the project does not ship: {tops - SDIST_TOPS}"
+    )
     with zipfile.ZipFile(wheel) as archive:
         meta = Parser().parsestr(
             archive.read(f"timer_sdk-{timer_sdk.__version__}.dist-info/METADATA").decode()
