@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -66,6 +67,8 @@ from .timer import Timer
 from .workers_port import claim_port
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
+
+_shutdown_log = logging.getLogger("timer_sdk.shutdown")  # where serve_until_signal reports
 
 LISTENING = re.compile(r"listening on (\S+)")
 _parser = build_parser  # the name tests and tools know
@@ -181,10 +184,17 @@ async def _serve_until_stopped(
     # Same task step as the print: the handlers are in place before any request is read.
     graceful = await server.serve_until_signal(
         shutdown_timeout=args.shutdown_timeout,
-        report=lambda message: print(f"timer-sdk: {message}", flush=True),
+        report=lambda message: _say(args, message, logging.WARNING),
     )
-    print("timer-sdk: stopped" if graceful else "timer-sdk: stopped at once", flush=True)
+    _say(args, "stopped" if graceful else "stopped at once", logging.INFO)
     return 0 if graceful else 1
+
+
+def _say(args: argparse.Namespace, message: str, level: int) -> None:
+    """A line for people on stdout; with --log-format json, a record for machines too."""
+    print(f"timer-sdk: {message}", flush=True)
+    if args.log_format == "json":
+        _shutdown_log.log(level, message)
 
 
 def _say_connecting(url: str | None, who: str = "") -> None:

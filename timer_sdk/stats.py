@@ -163,9 +163,12 @@ def stats_reply(server: Server) -> bytes:
     """The reply frame to a ``server.stats`` request: the snapshot, or a refusal."""
     if not server.stats_enabled:
         server.stats.error_replies += 1
-        return encode_error(
-            f"{STATS}: not enabled on this server: it reveals load, so a tcp: or tls: "
-            "server answers it only if started with --stats (serve(..., stats=True))"
+        why = (
+            "it was started with --no-stats (serve(..., stats=False))"
+            if server.address.startswith("unix:")
+            else "it reveals load, so a tcp: or tls: server answers it only if started "
+            "with --stats (serve(..., stats=True))"
         )
+        return encode_error(f"{STATS}: not enabled on this server: {why}")
     enable_timing(server)  # from now on: the first reader pays, nobody before
     return encode_reply(RET_OK, encode_item(snapshot(server)))
