@@ -170,6 +170,8 @@ def test_an_unknown_method_lists_the_known_ones_and_guesses() -> None:
         "the methods are: version, echo, complex, schedule\n"
     )
     assert run("example", "nosuch").stderr.startswith("timer-sdk example: unknown method")
+    # A name like none of them gets no guess: 'nope' is not a typo of 'complex'.
+    assert "did you mean" not in run("example", "nope").stderr
 
 
 async def test_every_example_is_accepted_by_a_real_server(plain_server: Server) -> None:

@@ -107,3 +107,19 @@ async def test_top_shows_the_numbers_move_with_load(tmp_path: Path) -> None:
             assert top.proc.wait(timeout=30) == 0
             top.read()
             assert "Traceback" not in top.screen
+
+
+async def test_top_into_a_pipe_prints_its_last_view_whole(tmp_path: Path) -> None:
+    """Not a terminal: one last view, ended by a newline, with no Ctrl-C hint under --count."""
+    async with await Timer().serve(f"unix:{tmp_path / 'top.sock'}") as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "timer_sdk", "top", server.address,
+            "--count", "1", "--interval", "0.05",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert ROW.search(text), text
+    assert text.endswith("\n")
+    assert "Ctrl-C to stop" not in text

@@ -157,7 +157,7 @@ def find_method(name: str) -> api.Method[Any, Any]:
     method = api.METHODS.get(name)
     if method is not None:
         return method
-    close = difflib.get_close_matches(name.lower(), list(api.METHODS), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name.lower(), list(api.METHODS), n=1, cutoff=0.6)
     guess = f" (did you mean {close[0]}?)" if close else ""
     raise UsageError(f"unknown method {name!r}{guess}; the methods are: {_known()}")
 

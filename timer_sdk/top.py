@@ -100,8 +100,11 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def render(address: str, before: Sample, now: Sample) -> RenderableType:
-    """The view of two samples: a summary line over a table of methods."""
+def render(address: str, before: Sample, now: Sample, *, hint: bool = True) -> RenderableType:
+    """The view of two samples: a summary line over a table of methods.
+
+    ``hint`` adds "Ctrl-C to stop", for a view that runs until then.
+    """
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -126,12 +129,13 @@ def render(address: str, before: Sample, now: Sample) -> RenderableType:
             row.name, f"{row.rate:.0f}", _ms(row.p50), _ms(row.p99),
             f"{row.error_rate:.0f}", str(row.calls), str(row.errors),
         )  # fmt: skip
-    return Group(summary, table, Text("Ctrl-C to stop", style="dim"))
+    return Group(summary, table, *([Text("Ctrl-C to stop", style="dim")] if hint else []))
 
 
 async def _watch(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
+    from rich.text import Text
 
     from .client import TimerClient
 
@@ -146,12 +150,16 @@ async def _watch(args: argparse.Namespace) -> int:
         before = await sample()
         shown = 0
         with Live(console=console, auto_refresh=False, transient=False) as live:
+            # Something to see at once, even if Ctrl-C comes before the first sample.
+            live.update(Text(f"{args.address}: first figures in {args.interval:g} s"), refresh=True)
             while not args.count or shown < args.count:
                 await asyncio.sleep(args.interval)
                 now = await sample()
-                live.update(render(args.address, before, now), refresh=True)
+                live.update(render(args.address, before, now, hint=not args.count), refresh=True)
                 before = now
                 shown += 1
+    if not console.is_terminal:
+        console.line()  # a file or pipe gets a last newline; a terminal has its cursor there
     return 0
 
 
