@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from timer_sdk import (
     EventsMayHaveBeenMissed,
     Limits,
     Server,
+    Subscription,
     Timer,
     TimerClient,
 )
@@ -55,18 +57,22 @@ class _SettlingDialer:
         return protocol
 
 
-async def test_a_subscribe_lost_with_its_connection_is_not_kept_for_later() -> None:
-    got_subscribe = asyncio.Event()
+class _HangUp:
+    """A peer that reads the first request on each connection, then aborts the connection."""
 
-    async def hang_up_on_the_first_request(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self) -> None:
+        self.heard = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in ("method", "params"):  # a request frame: two length-prefixed parts
             await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
-        got_subscribe.set()
+        self.heard.set()
         writer.transport.abort()
 
-    listener = await asyncio.start_server(hang_up_on_the_first_request, "127.0.0.1", 0)
+
+async def test_a_subscribe_lost_with_its_connection_is_not_kept_for_later() -> None:
+    hang_up = _HangUp()
+    listener = await asyncio.start_server(hang_up.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
         client = await TimerClient.connect(f"tcp:127.0.0.1:{port}", reconnect=True, timeout=30)
@@ -74,7 +80,7 @@ async def test_a_subscribe_lost_with_its_connection_is_not_kept_for_later() -> N
             events = client.events()
             with pytest.raises(ConnectionLost):
                 await events.__aenter__()
-            assert got_subscribe.is_set()
+            assert hang_up.heard.is_set()
             # The stream never started: the client does not keep it to subscribe again.
             assert client._orphans == []
             resubscriber = client._resubscriber
@@ -106,6 +112,16 @@ class _Restartable:
         """Stop the server, and wait until ``client`` saw its connection go."""
         await self.current.close()
         await wait_until(lambda: client._protocol.failure is not None)
+
+    @contextlib.asynccontextmanager
+    async def stream_cut_off(self) -> AsyncIterator[tuple[TimerClient, Subscription]]:
+        """A reconnecting client's stream, whose connection the server's stop just cut."""
+        async with (
+            await TimerClient.connect(self.address, reconnect=True, timeout=30) as client,
+            client.events() as events,
+        ):
+            await self.stop_under(client)
+            yield client, events
 
 
 @pytest.fixture
@@ -158,11 +174,7 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
 async def test_a_stream_refused_on_the_new_connection_ends_with_that_error(
     restartable: _Restartable,
 ) -> None:
-    async with (
-        await TimerClient.connect(restartable.address, reconnect=True, timeout=30) as client,
-        client.events() as events,
-    ):
-        await restartable.stop_under(client)
+    async with restartable.stream_cut_off() as (client, events):
         # Back as one of several processes without a bus: subscriptions are refused.
         await restartable.serve(bus=Unshared("no bus between the workers"))
         gap = await asyncio.wait_for(anext(events), 30)
@@ -174,3 +186,29 @@ async def test_a_stream_refused_on_the_new_connection_ends_with_that_error(
         await wait_until(resubscriber.done)
         assert client._orphans == []
         assert await client.version()  # the connection itself is fine
+
+
+async def test_a_new_connection_lost_at_the_subscribe_is_followed_by_another(
+    restartable: _Restartable,
+) -> None:
+    async with restartable.stream_cut_off() as (client, events):
+        # Something else answers at the address for a while, and hangs up on the subscribe.
+        hang_up = _HangUp()
+        impostor = await asyncio.start_unix_server(
+            hang_up.handle, restartable.address.removeprefix("unix:")
+        )
+        try:
+            await asyncio.wait_for(hang_up.heard.wait(), 30)
+        finally:
+            impostor.close()
+            await impostor.wait_closed()
+        server = await restartable.serve()  # the real one is back: the stream subscribes there
+        await wait_until(lambda: server.subscribers == 1)
+        await client.echo(EchoRequest(message="after", delay_ms=0))
+        items = [await asyncio.wait_for(anext(events), 30)]
+        while not isinstance(items[-1], EchoEvent):
+            items.append(await asyncio.wait_for(anext(events), 30))
+    # A gap for each new connection (one, if both were noted before the first was read).
+    assert items[-1] == EchoEvent(message="after", echo_count=1)
+    assert 1 <= len(items) - 1 <= 2
+    assert all(isinstance(item, EventsMayHaveBeenMissed) for item in items[:-1])
