@@ -9,13 +9,16 @@ import json
 import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
 from timer_sdk.connection import Connection
 from timer_sdk.natsd import NatsServer
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
 
 CORE_MODULES = ("framing", "codec", "api", "plans", "encoders", "server", "connection",
                 "connection_endings", "connection_events", "client", "client_events",
@@ -277,6 +280,16 @@ def nats_server() -> Iterator[NatsServer]:
     natsd.start()
     yield natsd
     natsd.stop()
+
+
+@pytest.fixture
+async def consumer(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
+    """A plain nats-py client on :func:`nats_server`, as a program in another language would be."""
+    import nats  # the nats extra, like nats_server's binary
+
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
 
 
 @pytest.fixture

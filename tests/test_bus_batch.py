@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
 
 import cbor2
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription as NatsSubscription
@@ -115,13 +113,6 @@ def test_malformed_payloads_are_refused(payload: bytes, error: str) -> None:
 
 
 # --- through a real nats-server ------------------------------------------------
-
-
-@pytest.fixture
-async def consumer(nats_server: NatsServer) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_server.url)
-    yield client
-    await client.close()
 
 
 async def _subscribed(consumer: Client) -> NatsSubscription:

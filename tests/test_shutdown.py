@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import AsyncIterator
 from types import FrameType
 
@@ -174,3 +175,42 @@ async def test_cancelling_it_while_closing_waits_for_that_close(
         assert (await call).echoed == "m"
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+_C_HANDLER_CHILD = """
+import asyncio, signal
+from timer_sdk import Timer
+from timer_sdk.shutdown import serve_until_signal
+
+async def main():
+    before = signal.getsignal(signal.SIGABRT)  # faulthandler's, set in C: Python sees None
+    server = await Timer().serve("tcp:127.0.0.1:0")
+    said = []
+    task = asyncio.create_task(
+        serve_until_signal(server, signals=(signal.SIGABRT,), report=said.append)
+    )
+    while signal.getsignal(signal.SIGABRT) is None:
+        await asyncio.sleep(0.001)
+    signal.raise_signal(signal.SIGABRT)
+    print(before, await task, signal.getsignal(signal.SIGABRT) is signal.SIG_DFL, said)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_handler_set_outside_python_is_not_put_back_and_the_stop_is_clean() -> None:
+    # A handler installed in C before Python started (here faulthandler's, with -X
+    # faulthandler; an embedding program's likewise) reads as None: it cannot be restored.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "faulthandler", "-c", _C_HANDLER_CHILD,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    assert out.decode().strip().split(maxsplit=3) == [
+        "None",
+        "True",
+        "True",
+        "['shutting down, finishing 0 requests in flight']",
+    ]
