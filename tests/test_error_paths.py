@@ -43,8 +43,8 @@ from timer_sdk import (
     TimerClient,
     TimerConfig,
 )
-from timer_sdk.connection import event_frame
-from timer_sdk.framing import encode_reply, encode_request
+from timer_sdk.serving.connection import event_frame
+from timer_sdk.wire.framing import encode_reply, encode_request
 
 from .conftest import RawConnection, Reads, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST

@@ -15,7 +15,7 @@ from types import FrameType
 import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerClient, TimerConfig
-from timer_sdk.shutdown import serve_until_signal
+from timer_sdk.serving.shutdown import serve_until_signal
 
 from .conftest import wait_until
 

@@ -13,7 +13,6 @@ Serve it, and call it from anywhere::
 """
 
 from ._version import __version__
-from .address import Address
 from .client import TimerClient
 from .errors import (
     AddressError,
@@ -44,6 +43,7 @@ from .models import (
 )
 from .server import Limits, Server, serve
 from .timer import Timer
+from .wire.address import Address
 
 __all__ = [
     "Address",

@@ -28,11 +28,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from . import api, client_plan
-from .address import Address
-from .client_dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
-from .client_events import _Events
-from .client_protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
+from .calling import plans as client_plan
+from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
+from .calling.events import _Events
+from .calling.protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
 from .errors import (
     CallTimeout,
     ClientClosedError,
@@ -42,7 +41,6 @@ from .errors import (
     TimerError,
 )
 from .events import Subscription
-from .framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -53,6 +51,9 @@ from .models import (
     ScheduleConfig,
     ScheduleResult,
 )
+from .wire import api
+from .wire.address import Address
+from .wire.framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
 
@@ -169,7 +170,7 @@ class TimerClient(_Events):
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
         if connections > 1:
-            from .pool import connect_pool
+            from .calling.pool import connect_pool
 
             def one() -> Awaitable[TimerClient]:
                 return TimerClient.connect(

@@ -1,7 +1,7 @@
 """The in-library asyncio server: the listener and its lifecycle.
 
 :func:`serve` binds a TCP, TLS or Unix socket on the running loop and hands
-each accepted socket to a :class:`~timer_sdk.connection.Connection`. The
+each accepted socket to a :class:`~timer_sdk.serving.connection.Connection`. The
 :class:`Server` owns what spans connections: the bounds of :class:`Limits`,
 the counters of :class:`ServerStats`, event fan-out, and a graceful close.
 """
@@ -21,22 +21,22 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .address import Address
-from .api import METHODS, Method
-from .backlog import event_size
-from .budget import Budget
-from .codec import StrictDecoder
-from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
-from .listener import Acceptor
 from .models import EchoEvent
-from .plans import Plan, plan
-from .shutdown import serve_until_signal
+from .serving.connection import Connection, event_frame
+from .serving.listener import Acceptor
+from .serving.plans import Plan, plan
+from .serving.shutdown import serve_until_signal
 from .timer import Timer
+from .wire.address import Address
+from .wire.api import METHODS, Method
+from .wire.backlog import event_size
+from .wire.budget import Budget
+from .wire.codec import StrictDecoder
 
 if TYPE_CHECKING:
     from .bus import EventBus
-    from .stats import CallTiming
+    from .serving.stats import CallTiming
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
@@ -123,7 +123,7 @@ class Server:
 
         The first signal closes the server as :meth:`close` does, and says how
         many requests it is finishing (``report`` gets each message; by default
-        the ``timer_sdk.shutdown`` logger, at WARNING when requests are in
+        the ``timer_sdk.serving.shutdown`` logger, at WARNING when requests are in
         flight). A second signal is acknowledged, a third stops at once. Returns
         ``True`` if the close was graceful, ``False`` if a third signal cut it
         short. Main thread only: it uses ``loop.add_signal_handler``.

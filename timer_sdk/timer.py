@@ -13,7 +13,6 @@ from ssl import SSLContext
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .address import Address
 from .errors import CallError
 from .models import (
     INT64_MAX,
@@ -29,6 +28,7 @@ from .models import (
     ScheduleResult,
     TimerConfig,
 )
+from .wire.address import Address
 
 if TYPE_CHECKING:
     from .bus import EventBus
