@@ -26,7 +26,7 @@ from timer_sdk import (
     Timer,
     TimerClient,
 )
-from timer_sdk.bus import EventBus, EventSink
+from timer_sdk.bus import EventBus, EventSink, EventSource
 from timer_sdk.server import _BusSink
 from timer_sdk.serving.endings import _hung_up
 from timer_sdk.wire.codec import DecodeError
@@ -282,7 +282,7 @@ class _GatedBus(EventBus):
         self.sink: EventSink | None = None
         self.closed = 0
 
-    async def start(self, timer: Timer, sink: EventSink) -> None:
+    async def start(self, timer: EventSource, sink: EventSink) -> None:
         self.sink = sink
 
     async def close(self) -> None:

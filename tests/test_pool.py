@@ -33,7 +33,7 @@ from timer_sdk import (
     TimerConfig,
     sync,
 )
-from timer_sdk.calling.pool import _PooledClient, connect_pool
+from timer_sdk.pool import _PooledClient, connect_pool
 
 from .conftest import wait_until
 from .test_sync import ThreadServer

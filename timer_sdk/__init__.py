@@ -12,6 +12,7 @@ Serve it, and call it from anywhere::
     reply = await client.echo(EchoRequest(message="hi", delay_ms=5))
 """
 
+from . import pool as _pool  # noqa: F401  # registers TimerClient.connect(connections=N)
 from ._version import __version__
 from .client import TimerClient
 from .errors import (

@@ -21,10 +21,10 @@ import asyncio
 import contextlib
 import logging
 import ssl as _ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -58,6 +58,31 @@ from .wire.framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
 
 logger = logging.getLogger(__name__)
+
+
+class OpenPool(Protocol):
+    """How ``connections=N`` opens its pool: :func:`timer_sdk.pool.connect_pool`."""
+
+    def __call__(
+        self,
+        connections: int,
+        connect: Callable[[], Awaitable[TimerClient]],
+        *,
+        timeout: float | None,
+        reconnect: bool,
+    ) -> Awaitable[TimerClient]: ...
+
+
+_open_pool: OpenPool | None = None
+"""Set by :mod:`timer_sdk.pool` when imported (the package imports it): the pool
+subclasses :class:`TimerClient`, so it sits above this module, not below it."""
+
+
+def use_pool(open_pool: OpenPool) -> None:
+    """Register how ``connections=N`` opens a pool (called once, by :mod:`timer_sdk.pool`)."""
+    global _open_pool  # noqa: PLW0603
+    _open_pool = open_pool
+
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -170,7 +195,7 @@ class TimerClient(_Events):
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
         if connections > 1:
-            from .calling.pool import connect_pool
+            assert _open_pool is not None, "timer_sdk.pool registers itself on import"
 
             def one() -> Awaitable[TimerClient]:
                 return TimerClient.connect(
@@ -184,7 +209,7 @@ class TimerClient(_Events):
                     dead_after=dead_after,
                 )
 
-            return await connect_pool(connections, one, timeout=timeout, reconnect=reconnect)
+            return await _open_pool(connections, one, timeout=timeout, reconnect=reconnect)
         dialer = _Dialer(
             parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
         )

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIServer
 
 from ._extras import install_hint
 from .serving.stats import enable_timing, snapshot
-from .tools.observe import metrics_address
+from .wire.address import metrics_address
 
 try:
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server

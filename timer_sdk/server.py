@@ -27,9 +27,8 @@ from .serving.connection import Connection, event_frame
 from .serving.listener import Acceptor
 from .serving.plans import Plan, plan
 from .serving.shutdown import serve_until_signal
-from .timer import Timer
 from .wire.address import Address
-from .wire.api import METHODS, Method
+from .wire.api import METHODS, Method, Procs
 from .wire.backlog import event_size
 from .wire.budget import Budget
 from .wire.codec import StrictDecoder
@@ -58,7 +57,7 @@ class Server:
     Use ``async with`` to close it on exit, or :meth:`serve_forever`.
     """
 
-    def __init__(self, timer: Timer, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, timer: Procs, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
         """Not called directly: :func:`serve` returns a server that is listening."""
         self.timer = timer
         """The timer whose procs this server calls."""
@@ -123,7 +122,7 @@ class Server:
 
         The first signal closes the server as :meth:`close` does, and says how
         many requests it is finishing (``report`` gets each message; by default
-        the ``timer_sdk.serving.shutdown`` logger, at WARNING when requests are in
+        the ``timer_sdk.shutdown`` logger, at WARNING when requests are in
         flight). A second signal is acknowledged, a third stops at once. Returns
         ``True`` if the close was graceful, ``False`` if a third signal cut it
         short. Main thread only: it uses ``loop.add_signal_handler``.
@@ -367,7 +366,7 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
 
 
 async def serve(
-    timer: Timer,
+    timer: Procs,
     address: str | Address = "tcp:127.0.0.1:0",
     *,
     limits: Limits | None = None,

@@ -29,11 +29,13 @@ from .models import (
     TimerConfig,
 )
 from .wire.address import Address
+from .wire.api import native_procs
 
 if TYPE_CHECKING:
     from .bus import EventBus
     from .events import Subscription
-    from .server import Limits, Server
+    from .limits import Limits
+    from .server import Server
 
 __all__ = ["EchoListener", "Timer"]
 
@@ -45,6 +47,7 @@ EchoListener = Callable[[EchoEvent], None]
 """A synchronous callback for ``on_echo_fired``; it must not block."""
 
 
+@native_procs
 class Timer:
     """The timer: one name, four async procs, one event.
 

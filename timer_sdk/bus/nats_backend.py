@@ -48,9 +48,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..models import EchoEvent
-from ..timer import Timer
 from ..wire.codec import DecodeError
-from . import BusError, EventBus, EventSink, redact, subject_for
 from .batch import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
@@ -59,6 +57,7 @@ from .batch import (
     encode_echo_event,
     take_batch,
 )
+from .seam import BusError, EventBus, EventSink, EventSource, redact, subject_for
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "PUBLISHER_HEADER", "SEQ_HEADER", "NatsBus"]
 
@@ -129,7 +128,7 @@ class NatsBus(EventBus):
         """Wait until the bus is connected (again)."""
         await self._connected.wait()
 
-    async def start(self, timer: Timer, sink: EventSink) -> None:
+    async def start(self, timer: EventSource, sink: EventSink) -> None:
         self.subject = subject_for(timer.name)
         self._sink = sink
         connecting = True

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from . import NATS_EXTRA, BusError
+from .seam import NATS_EXTRA, BusError
 
 __all__ = ["NatsServer", "nats_server_binary"]
 

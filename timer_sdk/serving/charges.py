@@ -18,10 +18,10 @@ from ..wire.framing import encode_error
 
 if TYPE_CHECKING:
     from ..limits import ServerStats
-    from ..server import Server
     from ..wire.backlog import EventBacklog
     from ..wire.budget import Budget
     from ..wire.framing import RequestReader
+    from .host import Host
 
 logger = logging.getLogger("timer_sdk.server")
 
@@ -30,7 +30,7 @@ class _Charges:
     """The budget side of a :class:`~.connection.Connection`, which holds the state."""
 
     if TYPE_CHECKING:  # provided by Connection
-        _server: Server
+        _server: Host
         _transport: asyncio.Transport | None
         _stats: ServerStats
         _budget: Budget

@@ -35,10 +35,11 @@ from ..wire.codec import DecodeError
 from ..wire.framing import Broken, Rejected, Request, RequestReader, encode_error
 from .charges import _Charges
 from .endings import _Endings
+from .replies import _Slot
 from .subscriber import WRITE_HIGH, _Subscriber, event_frame
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from .host import Host
 
 __all__ = ["Connection", "event_frame"]
 
@@ -49,16 +50,6 @@ _QUANTUM = 64
 
 _REPLY_HEAD = 8
 """Bytes of a reply frame before its body: ``ret`` and the body's length."""
-
-
-class _Slot:
-    """A reply's place in a connection's order; ``frame`` is set once ready."""
-
-    __slots__ = ("charge", "frame")
-
-    def __init__(self, frame: bytes | None, charge: int) -> None:
-        self.frame = frame
-        self.charge = charge  # bytes held for it: the request while running, then the reply
 
 
 # Every read lands here first: reads happen one at a time on the loop, and each is
@@ -74,7 +65,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
     :data:`~timer_sdk.wire.budget.MIN_READ`.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self._server = server
         self._timer = server.timer
         self._stats = server.stats

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..limits import ServerStats
     from ..wire.budget import Budget
     from ..wire.framing import RequestReader
-    from .connection import _Slot
+    from .replies import _Slot
 
 logger = logging.getLogger("timer_sdk.connection_endings")
 

@@ -15,16 +15,13 @@ demands the same accept or refuse, the same error text and the same bytes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from .. import _eager
-from ..wire.api import Method
+from ..wire.api import Method, Procs, is_native
 from ..wire.codec import DecodeError, StrictDecoder, check_items, describe_validation
-
-if TYPE_CHECKING:
-    from ..timer import Timer
 
 __all__ = ["Plan", "plan"]
 
@@ -35,10 +32,8 @@ Raises :class:`DecodeError` for a bad request, and whatever the proc raises.
 """
 
 
-def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_items: int) -> Plan:
+def plan(method: Method[Any, Any], timer: Procs, decoder: StrictDecoder, max_items: int) -> Plan:
     """Build ``method``'s plan for ``timer``, decoding with ``decoder``."""
-    from ..timer import Timer
-
     name = method.name
     empty = method.empty_params
     decode = decoder.decode
@@ -47,8 +42,7 @@ def plan(method: Method[Any, Any], timer: Timer, decoder: StrictDecoder, max_ite
     encode = method.encode_frame
     invoke = method.invoke
     # A subclass that overrides a proc gets its override, called as a coroutine.
-    own = getattr(type(timer), name, None) is getattr(Timer, name, None)
-    call_now = method.call_now if own else None
+    call_now = method.call_now if is_native(timer, name) else None
 
     def answer(payload: bytes) -> bytes | _eager.Suspended:
         if empty is not None and (not payload or payload == b"\xa0"):

@@ -15,10 +15,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..server import Server
+from typing import Any, Protocol
 
 __all__ = ["serve_until_signal"]
 
@@ -27,13 +24,22 @@ logger = logging.getLogger("timer_sdk.shutdown")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _requests(server: Server) -> str:
+class Closable(Protocol):
+    """What this module needs of a server (:class:`~timer_sdk.server.Server` is one)."""
+
+    tasks: set[asyncio.Task[None]]
+
+    async def wait_closed(self) -> None: ...
+    async def close(self, timeout: float | None = ...) -> None: ...
+
+
+def _requests(server: Closable) -> str:
     n = len(server.tasks)
     return f"{n} request in flight" if n == 1 else f"{n} requests in flight"
 
 
 async def serve_until_signal(
-    server: Server,
+    server: Closable,
     *,
     shutdown_timeout: float | None = 10.0,
     signals: Sequence[signal.Signals] = STOP_SIGNALS,
@@ -42,7 +48,7 @@ async def serve_until_signal(
     """Serve until one of ``signals`` arrives, then close ``server`` gracefully.
 
     A second signal is reported, a third aborts the close. ``report`` gets
-    each message (default: the ``timer_sdk.serving.shutdown`` logger, at WARNING, so
+    each message (default: the ``timer_sdk.shutdown`` logger, at WARNING, so
     that an app without logging set up still shows them; the first one at
     INFO when no request is in flight, as the stop is then immediate). Returns ``True``
     if the close was graceful (or the server was closed by someone else),

@@ -16,20 +16,23 @@ it copies plain ints, lists and dicts, each copy atomic under the GIL.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import _eager
 from ..wire.codec import encode_item
 from ..wire.framing import RET_OK, encode_error, encode_reply
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..limits import ServerStats
+    from ..wire.api import Method, Procs
+    from ..wire.budget import Budget
     from .plans import Plan
 
 __all__ = [
     "BOUNDS",
     "STATS",
     "CallTiming",
+    "Counted",
     "MethodTiming",
     "enable_timing",
     "snapshot",
@@ -111,7 +114,22 @@ async def _finish(suspended: _eager.Suspended, into: MethodTiming, started: int)
     return result
 
 
-def enable_timing(server: Server) -> CallTiming:
+class Counted(Protocol):
+    """What this module reads of a server (:class:`~timer_sdk.server.Server` is one)."""
+
+    timer: Procs
+    stats: ServerStats
+    budget: Budget
+    plans: dict[str, tuple[Method[Any, Any], Plan]]
+    timing: CallTiming | None
+    stats_enabled: bool
+    connections: set[Any]  # its connections; only counted here
+
+    @property
+    def subscribers(self) -> int: ...
+
+
+def enable_timing(server: Counted) -> CallTiming:
     """Start timing ``server``'s calls, once; return its :class:`CallTiming`."""
     if server.timing is None:
         timing = CallTiming(list(server.plans))
@@ -122,7 +140,7 @@ def enable_timing(server: Server) -> CallTiming:
     return server.timing
 
 
-def snapshot(server: Server) -> dict[str, Any]:
+def snapshot(server: Counted) -> dict[str, Any]:
     """Everything ``server`` counts, as plain data (the ``server.stats`` reply)."""
     stats = server.stats
     budget = server.budget
@@ -159,7 +177,7 @@ def snapshot(server: Server) -> dict[str, Any]:
     }
 
 
-def stats_reply(server: Server) -> bytes:
+def stats_reply(server: Counted) -> bytes:
     """The reply frame to a ``server.stats`` request: the snapshot, or a refusal."""
     if not server.stats_enabled:
         server.stats.error_replies += 1

@@ -40,10 +40,10 @@ from .stats import STATS, stats_reply
 
 if TYPE_CHECKING:
     from ..limits import ServerStats
-    from ..server import Server
     from ..wire.backlog import EventBacklog
     from ..wire.budget import Budget
-    from .connection import _Slot
+    from .host import Host
+    from .replies import _Slot
 
 __all__ = ["WRITE_HIGH", "event_frame"]
 
@@ -59,7 +59,7 @@ class _Subscriber:
     """The event side of a :class:`~.connection.Connection`, which holds the state."""
 
     if TYPE_CHECKING:  # provided by Connection
-        _server: Server
+        _server: Host
         _transport: asyncio.Transport | None
         _loop: asyncio.AbstractEventLoop
         _stats: ServerStats
@@ -85,7 +85,7 @@ class _Subscriber:
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:
-            self._server._unsubscribe(self)  # type: ignore[arg-type]  # self is a Connection
+            self._server._unsubscribe(self)
             return encode_reply(RET_OK, encode_item(None))
         if request.method == STATS:
             return stats_reply(self._server)
@@ -102,7 +102,7 @@ class _Subscriber:
         if bus is not None and bus.refusal is not None:
             self._stats.error_replies += 1
             return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
-        self._server._subscribe(self)  # type: ignore[arg-type]  # self is a Connection
+        self._server._subscribe(self)
         reply = encode_reply(RET_OK, encode_item({"events": names}))
         waiter = bus.ready() if bus is not None else None
         if waiter is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import multiprocessing
 import re
 from collections.abc import Callable
@@ -19,34 +18,14 @@ from typing import TYPE_CHECKING
 
 from .._extras import install_hint
 from ..errors import AddressError
-from ..wire.address import Address
+from ..wire.address import metrics_address
 
 if TYPE_CHECKING:
     from ..server import Server
 
-__all__ = ["add_serve_flags", "metrics_address", "start_metrics"]
+__all__ = ["add_serve_flags", "start_metrics"]
 
 METRICS_EXTRA = install_hint("metrics")
-
-
-def metrics_address(text: str) -> Address:
-    """``tcp:HOST:PORT`` for ``--metrics``: loopback, or one interface named explicitly.
-
-    A wildcard host would publish load figures on every interface: refused.
-    """
-    address = Address.parse(text)
-    if address.scheme != "tcp":
-        raise AddressError(f"--metrics {text}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:9464")
-    try:
-        wildcard = ipaddress.ip_address(address.host).is_unspecified
-    except ValueError:
-        wildcard = address.host == "*"
-    if wildcard:
-        raise AddressError(
-            f"--metrics {text}: will not serve metrics on every interface; name the one to "
-            "serve on (tcp:127.0.0.1:9464 for this host only, or one of the host's addresses)"
-        )
-    return address
 
 
 def _metrics_flag(text: str) -> str:

@@ -7,12 +7,13 @@ stream socket.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import AddressError
 
-__all__ = ["Address"]
+__all__ = ["Address", "metrics_address"]
 
 Scheme = Literal["tcp", "tls", "unix"]
 
@@ -57,3 +58,23 @@ class Address:
             return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}:{host}:{self.port}"
+
+
+def metrics_address(text: str) -> Address:
+    """``tcp:HOST:PORT`` for ``--metrics``: loopback, or one interface named explicitly.
+
+    A wildcard host would publish load figures on every interface: refused.
+    """
+    address = Address.parse(text)
+    if address.scheme != "tcp":
+        raise AddressError(f"--metrics {text}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:9464")
+    try:
+        wildcard = ipaddress.ip_address(address.host).is_unspecified
+    except ValueError:
+        wildcard = address.host == "*"
+    if wildcard:
+        raise AddressError(
+            f"--metrics {text}: will not serve metrics on every interface; name the one to "
+            "serve on (tcp:127.0.0.1:9464 for this host only, or one of the host's addresses)"
+        )
+    return address

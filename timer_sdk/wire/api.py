@@ -4,32 +4,35 @@ The server dispatches through :data:`METHODS`, and every typed method of the
 clients is a one-line call through the same :class:`Method` object, so the
 server, the clients and :class:`~timer_sdk.timer.Timer` cannot drift apart
 (``tests/test_api.py`` checks that they cover the same methods with the same
-types).
+types). The table calls a :class:`Procs`, never ``Timer`` by name: the library
+sits above this layer and registers itself with :func:`native_procs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 from pydantic_core import SchemaValidator
 
 from ..models import (
     ComplexParams,
+    ComplexRequest,
     ComplexResponse,
     EchoEvent,
     EchoParams,
+    EchoRequest,
     EchoResponse,
+    JobSpec,
+    RetryPolicy,
+    ScheduleConfig,
     ScheduleParams,
     ScheduleResult,
     VersionParams,
 )
 from . import codec
 from .encoders import FrameEncoder, frame_encoder
-
-if TYPE_CHECKING:
-    from ..timer import Timer
 
 __all__ = [
     "COMPLEX",
@@ -41,17 +44,46 @@ __all__ = [
     "UNSUBSCRIBE",
     "VERSION",
     "Method",
+    "Procs",
     "decode_event",
     "decode_events_dropped",
     "decode_subscribe",
     "encode_event",
     "encode_events_dropped",
     "encode_events_gap",
+    "is_native",
+    "native_procs",
     "validate_event",
 ]
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Procs(Protocol):
+    """What the method table calls and a server serves: the library's procs.
+
+    :class:`~timer_sdk.timer.Timer` is one. The underscored bodies are what
+    :attr:`Method.call_now` calls when a proc would not wait.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    async def version(self) -> str: ...
+    async def echo(self, req: EchoRequest) -> EchoResponse: ...
+    async def complex(self, req: ComplexRequest) -> ComplexResponse: ...
+    async def schedule(
+        self, job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig
+    ) -> ScheduleResult: ...
+    def _version(self) -> str: ...
+    def _echo_now(self, req: EchoRequest) -> EchoResponse: ...
+    def _complex(self, req: ComplexRequest) -> ComplexResponse: ...
+    def _schedule(
+        self, job: JobSpec, retry: RetryPolicy, schedule: ScheduleConfig
+    ) -> ScheduleResult: ...
+    def add_echo_listener(self, listener: Callable[[EchoEvent], None]) -> Callable[[], None]: ...
 
 
 class Method(Generic[P, R]):
@@ -59,7 +91,7 @@ class Method(Generic[P, R]):
 
     ``params`` is the request envelope (a map keyed by the proc's parameter
     names), ``result`` the reply type, and ``invoke`` calls the proc on a
-    :class:`Timer` with an envelope.
+    :class:`Procs` with an envelope.
     """
 
     __slots__ = ("_empty_params", "_params_adapter", "_result_adapter", "call_now",
@@ -70,8 +102,8 @@ class Method(Generic[P, R]):
         name: str,
         params: type[P],
         result: type[R],
-        invoke: Callable[[Timer, P], Coroutine[Any, Any, R]],
-        call_now: Callable[[Timer, P], R | None] | None = None,
+        invoke: Callable[[Procs, P], Coroutine[Any, Any, R]],
+        call_now: Callable[[Procs, P], R | None] | None = None,
     ) -> None:
         self.name = name
         self.wire_name = name.encode()
@@ -80,7 +112,7 @@ class Method(Generic[P, R]):
         self.invoke = invoke
         self.call_now = call_now
         """The proc without a coroutine: its result, or ``None`` if it must wait (then
-        ``invoke``). Only for :class:`Timer`'s own procs, not a subclass's overrides."""
+        ``invoke``). Only for the library's own procs (:func:`native_procs`), not overrides."""
         self.encode_frame: FrameEncoder = frame_encoder(result)
         """A result to its whole success frame, as ``encode_reply(RET_OK, encode_result(r))``."""
         self._params_adapter: TypeAdapter[P] = TypeAdapter(params)
@@ -169,23 +201,23 @@ class Method(Generic[P, R]):
         return result
 
 
-def _version(timer: Timer, _params: VersionParams) -> Coroutine[Any, Any, str]:
+def _version(timer: Procs, _params: VersionParams) -> Coroutine[Any, Any, str]:
     return timer.version()
 
 
-def _echo(timer: Timer, params: EchoParams) -> Coroutine[Any, Any, EchoResponse]:
+def _echo(timer: Procs, params: EchoParams) -> Coroutine[Any, Any, EchoResponse]:
     return timer.echo(params.req)
 
 
-def _echo_now(timer: Timer, params: EchoParams) -> EchoResponse | None:
+def _echo_now(timer: Procs, params: EchoParams) -> EchoResponse | None:
     return timer._echo_now(params.req) if params.req.delay_ms <= 0 else None
 
 
-def _complex(timer: Timer, params: ComplexParams) -> Coroutine[Any, Any, ComplexResponse]:
+def _complex(timer: Procs, params: ComplexParams) -> Coroutine[Any, Any, ComplexResponse]:
     return timer.complex(params.req)
 
 
-def _schedule(timer: Timer, params: ScheduleParams) -> Coroutine[Any, Any, ScheduleResult]:
+def _schedule(timer: Procs, params: ScheduleParams) -> Coroutine[Any, Any, ScheduleResult]:
     return timer.schedule(params.job, params.retry, params.schedule)
 
 
@@ -204,6 +236,24 @@ SCHEDULE = Method(
 
 METHODS: dict[str, Method[Any, Any]] = {m.name: m for m in (VERSION, ECHO, COMPLEX, SCHEDULE)}
 """Every method the server answers, by wire name."""
+
+_NATIVE: dict[str, object] = {}
+
+
+def native_procs(cls: type[T]) -> type[T]:
+    """Register ``cls`` (the library's ``Timer``) as the procs :attr:`Method.call_now` mirrors.
+
+    A class decorator. A subclass that overrides a proc gets its override,
+    called as a coroutine: see :func:`is_native`.
+    """
+    for name in METHODS:
+        _NATIVE[name] = getattr(cls, name)
+    return cls
+
+
+def is_native(target: object, name: str) -> bool:
+    """Whether ``target``'s proc ``name`` is the registered library's own, not an override."""
+    return name in _NATIVE and getattr(type(target), name, None) is _NATIVE[name]
 
 
 # --- the event extension (docs/protocol.md) ---------------------------------
