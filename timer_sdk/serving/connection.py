@@ -12,10 +12,21 @@ replies not yet written, held events) is charged to the server's
 until bytes are freed. It handles at most ``_QUANTUM`` frames per loop turn,
 so a busy peer cannot keep the loop from everyone else.
 
-How a connection ends (``connection_endings.py``), its part in the budget
-(``connection_budget.py``) and its part as an event subscriber
-(``connection_events.py``) are mixins: the state stays here, and the request
-loop calls into them as into its own methods, at the same cost.
+A connection is assembled from parts, each an object with its own state and a
+small interface that can be read and tested alone: its reply order
+(:class:`~.replies.Replies`), its part in the budget (:class:`~.charges.Charges`,
+the budget's holder), how it ends (:class:`~.endings.Endings`: deadlines,
+lingering close, peer checks) and its side as an event subscriber
+(:class:`~.subscriber.Subscriber`). Each part reaches back through a protocol
+naming what it needs of the connection.
+
+The hot path stays one tight loop here, in :meth:`Connection._process`: it
+binds the reader, the reply queue and its output list to locals once per turn
+and appends replies itself (what :meth:`~.replies.Replies.answer` does,
+inlined), so that a frame costs what it cost before the parts were split.
+
+Over 400 lines: the asyncio callbacks and the request loop share the
+connection's state; its parts are in their own modules beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import _eager
@@ -33,10 +43,10 @@ from ..wire.backlog import EventBacklog
 from ..wire.budget import IN_FLIGHT_COST, READ_HEADROOM
 from ..wire.codec import DecodeError
 from ..wire.framing import Broken, Rejected, Request, RequestReader, encode_error
-from .charges import _Charges
-from .endings import _Endings
-from .replies import _Slot
-from .subscriber import WRITE_HIGH, _Subscriber, event_frame
+from .charges import Charges
+from .endings import Endings
+from .replies import Replies, _Slot
+from .subscriber import WRITE_HIGH, Subscriber, event_frame
 
 if TYPE_CHECKING:
     from .host import Host
@@ -57,7 +67,7 @@ _REPLY_HEAD = 8
 _SCRATCH = memoryview(bytearray(READ_HEADROOM))
 
 
-class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
+class Connection(asyncio.BufferedProtocol):
     """One client connection.
 
     A BufferedProtocol, so that the size of each read is the budget's to
@@ -68,14 +78,12 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
     def __init__(self, server: Host) -> None:
         self._server = server
         self._timer = server.timer
-        self._stats = server.stats
+        self._stats = stats = server.stats
         self._loop = server.loop
-        self._budget = server.budget
+        self._budget = budget = server.budget
         limits = server.limits
         self._max_in_flight = limits.max_in_flight
-        self._max_depth = limits.max_depth
         self._max_frame_size = limits.max_frame_size
-        self._frame_timeout = limits.frame_timeout
         self._idle_timeout = limits.idle_timeout
         self._backlog = EventBacklog(
             max_count=limits.max_event_queue, max_bytes=limits.max_event_backlog
@@ -84,32 +92,63 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         self._reader = RequestReader(
             max_frame_size=limits.max_frame_size, max_method_length=limits.max_method_length
         )
-        self._slots: deque[_Slot] = deque()
-        self._slot_bytes = 0
-        self._write_buffered = 0  # sampled while writing is paused; 0 once drained
-        self.held = 0
-        """Bytes this connection has charged to the server's budget."""
-        self._events_charged = 0  # the part of held that is events, as last told
-        self._event_pending = 0  # bytes of event frames in _out
-        self._event_unsent = 0  # the part of _write_buffered that is event frames
         self._tasks: set[asyncio.Task[None]] = set()
-        self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._flush_scheduled = False
         self._reading_paused = False
         self._writing_paused = False
-        self._budget_wait = False
-        self._behind = False  # a subscriber behind while the event share is full
         self._shutting_down = False
         self._peer_done = False  # the peer half-closed: nothing unread can follow
         self._lingering = False
-        self._frame_deadline: asyncio.TimerHandle | None = None
-        self._frame_left = limits.frame_timeout or 0.0  # what is left while we do not read
-        self._frame_started = 0.0
-        self._idle_handle: asyncio.TimerHandle | None = None
-        self._peer_check: asyncio.TimerHandle | None = None
-        self._last_activity = 0.0
+        # The parts: each holds its own state.
+        self._replies = replies = Replies()
+        self._charges = charges = Charges(
+            self, budget=budget, stats=stats, reader=self._reader, backlog=self._backlog,
+            replies=replies, reclaim=server._reclaim,
+        )  # fmt: skip
+        self._endings = Endings(
+            self, loop=self._loop, stats=stats, reader=self._reader, replies=replies,
+            budget=budget, holder=charges, frame_timeout=limits.frame_timeout,
+            idle_timeout=limits.idle_timeout,
+        )  # fmt: skip
+        self._subscriber = Subscriber(
+            self, server=server, stats=stats, budget=budget, backlog=self._backlog,
+            replies=replies, charges=charges, max_depth=limits.max_depth,
+        )  # fmt: skip
+
+    @property
+    def held(self) -> int:
+        """Bytes this connection has charged to the server's budget."""
+        return self._charges.held
+
+    @property
+    def subscriber(self) -> Subscriber:
+        """Its side as an event subscriber: what the server's fan-out calls."""
+        return self._subscriber
+
+    @property
+    def events_paused(self) -> bool:
+        """Whether event frames must wait (see :attr:`Subscriber.events_paused`)."""
+        return self._subscriber.events_paused
+
+    def shutdown(self) -> None:
+        """Stop reading; answer the frames already received; then close."""
+        if self._transport is None or self._shutting_down:
+            return
+        self._shutting_down = True
+        self._process()
+
+    def abort(self) -> None:
+        """Close now; cancel the procs still running for this connection."""
+        for task in self._tasks:
+            task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def refresh_charge(self) -> None:
+        """Re-read what is still unsent (see :meth:`Charges.refresh_charge`)."""
+        self._charges.refresh_charge()
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -137,12 +176,10 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # The reference leaves Nagle on and pays ~40 ms per call for it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._idle_timeout is not None:
-            self._last_activity = self._loop.time()
-            self._idle_handle = self._loop.call_later(self._idle_timeout, self._check_idle)
+        self._endings.start_idle_clock()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _SCRATCH[: self._budget.read_size(self)]
+        return _SCRATCH[: self._budget.read_size(self._charges)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_SCRATCH[:nbytes])
@@ -151,7 +188,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         if self._lingering:
             return  # requests after our last reply: drained, never answered
         if self._idle_timeout is not None:
-            self._last_activity = self._loop.time()
+            self._endings.last_activity = self._loop.time()
         self._reader.receive_data(data)
         self._process()
 
@@ -171,8 +208,9 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._write_buffered = self._event_unsent = 0
-        self._caught_up()
+        charges = self._charges
+        charges.write_buffered = charges.event_unsent = 0
+        self._subscriber.caught_up()
         self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -182,20 +220,20 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
             server._connection_gone()
             return
         self._transport = None
-        self._cancel_timers()
-        self._out.clear()
+        self._endings.cancel_timers()
+        self._replies.clear()
         self._backlog.take()
-        self._slots.clear()
-        self._slot_bytes = self._write_buffered = self._event_pending = self._event_unsent = 0
-        self._budget.forget(self)
-        self._recharge()
+        charges = self._charges
+        charges.write_buffered = charges.event_pending = charges.event_unsent = 0
+        self._budget.forget(charges)
+        charges.recharge()
         # Nobody can receive these replies: cancel the work, as gRPC does.
         orphans = [task for task in self._tasks if not task.done()]
         for task in orphans:
             task.cancel()
         self._stats.orphans_cancelled += len(orphans)
         server.connections.discard(self)
-        server._unsubscribe(self)
+        server._unsubscribe(self._subscriber)
         server._connection_gone()
 
     # --- requests -----------------------------------------------------------
@@ -206,8 +244,9 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         if transport is None or self._lingering:
             return
         reader = self._reader
-        slots = self._slots
-        out = self._out
+        replies = self._replies
+        slots = replies.slots
+        out = replies.out
         limit = self._max_in_flight
         quantum = _QUANTUM
         # Each frame adds at most one slot, so a batch within the in-flight room fits.
@@ -239,31 +278,33 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
                         break  # always the last event: the reader gives nothing after it
                     # Answer the whole frames before the bad one, then close.
                     frame = encode_error(event.message)
-                if slots:
+                if slots:  # Replies.answer, inlined
                     slots.append(_Slot(frame, len(frame)))
-                    self._slot_bytes += len(frame)
+                    replies.held += len(frame)
                 else:
                     out.append(frame)
             if len(events) < wanted:
                 break  # no whole frame is left: no bytes arrive while we answer
         if out:
             self._flush()
-        self._recharge()
+        charges = self._charges
+        charges.recharge()
         completed_any = quantum < _QUANTUM
         blocked = len(slots) >= limit or self._writing_paused or not quantum
         if completed_any or blocked:
-            self._budget.finished(self)  # a grant covers one frame, while reading
+            self._budget.finished(charges)  # a grant covers one frame, while reading
+        endings = self._endings
         if self._shutting_down:
-            self._frame_clock(False, completed_any)
+            endings.frame_clock(False, completed_any)
             if not self._peer_done:
                 self._pause_reading(True)
             if not slots and not self._writing_paused and not self._flush_scheduled:
-                self._close_lingering()  # every whole frame received is answered
+                endings.close_lingering()  # every whole frame received is answered
             return
         # Paused by our own choice (in-flight bound, unsent replies, budget):
         # the frame deadline stops too, as it is for slow peers only.
-        reading = not blocked and self._admitted()
-        self._frame_clock(reading, completed_any)
+        reading = not blocked and charges.admitted()
+        endings.frame_clock(reading, completed_any)
         self._pause_reading(not reading)
 
     def _pause_reading(self, pause: bool) -> None:
@@ -271,7 +312,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
             self._reading_paused = pause
             if pause:
                 self._transport.pause_reading()
-                self._watch_peer()
+                self._endings.watch_peer()
             else:
                 self._transport.resume_reading()
 
@@ -281,7 +322,7 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         stats.requests += 1
         planned = self._plans.get(request.method)
         if planned is None:
-            return self._dispatch_extension(request)
+            return self._subscriber.dispatch(request)
         method, answer = planned
         by_method = stats.by_method  # known names only: peers cannot grow it
         by_method[method.name] = by_method.get(method.name, 0) + 1
@@ -303,25 +344,14 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
             if len(outcome) - _REPLY_HEAD > self._max_frame_size:
                 return self._oversize(method, len(outcome) - _REPLY_HEAD)
             return outcome
-        slot = self._open_slot(len(request.payload) + IN_FLIGHT_COST)
+        slot = self._replies.open(len(request.payload) + IN_FLIGHT_COST)
         self._track(self._loop.create_task(self._finish(method, outcome, slot)))
         return None
 
     def _answer(self, frame: bytes) -> None:
         """Send ``frame`` as the reply to the next request, after those before it."""
-        if self._slots:
-            self._slots.append(_Slot(frame, len(frame)))
-            self._slot_bytes += len(frame)
-        else:
-            self._out.append(frame)
+        if self._replies.answer(frame):
             self._schedule_flush()
-
-    def _open_slot(self, charge: int) -> _Slot:
-        """Keep a reply's place in order, charging ``charge`` bytes until it is filled."""
-        slot = _Slot(None, charge)
-        self._slots.append(slot)
-        self._slot_bytes += charge
-        return slot
 
     def _track(self, task: asyncio.Task[None]) -> None:
         # This connection cancels it if its peer goes; the server waits for it on close.
@@ -334,10 +364,8 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
         """Put a finished reply in its place; replies go out once those before it are in."""
         if self._transport is None:
             return  # an orphan: its caller is gone, and so is the slot
-        slot.frame = frame
-        self._slot_bytes += len(frame) - slot.charge
-        slot.charge = len(frame)
-        self._slot_ready()
+        self._replies.fill(slot, frame)
+        self._schedule_flush()
 
     def _reply_frame(self, method: Method[Any, Any], result: Any) -> bytes:
         frame = method.encode_frame(result)
@@ -376,15 +404,6 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
 
     # --- replies ------------------------------------------------------------
 
-    def _slot_ready(self) -> None:
-        slots = self._slots
-        out = self._out
-        while slots and slots[0].frame is not None:
-            slot = slots.popleft()
-            self._slot_bytes -= slot.charge
-            out.append(slot.frame)  # type: ignore[arg-type]
-        self._schedule_flush()
-
     def _schedule_flush(self) -> None:
         # Frames that become ready in the same loop iteration share one write.
         if not self._flush_scheduled:
@@ -393,24 +412,34 @@ class Connection(_Endings, _Charges, _Subscriber, asyncio.BufferedProtocol):
 
     def _after_completions(self) -> None:
         self._flush_scheduled = False
-        if self._out:
+        if self._replies.out:
             self._flush()
         self._process()
 
     def _flush(self) -> None:
-        out = self._out
+        out = self._replies.out
+        charges = self._charges
         transport = self._transport
         if transport is not None:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-            self._write_buffered = transport.get_write_buffer_size()
-            if self._event_pending or self._event_unsent:
-                written = self._event_unsent + self._event_pending
-                self._event_unsent = min(written, self._write_buffered)
-        self._event_pending = 0
+            charges.write_buffered = transport.get_write_buffer_size()
+            if charges.event_pending or charges.event_unsent:
+                written = charges.event_unsent + charges.event_pending
+                charges.event_unsent = min(written, charges.write_buffered)
+        charges.event_pending = 0
         out.clear()
-        if self._behind and not self._write_buffered:
-            self._caught_up()  # all sent at once: no pause, so no resume either
+        subscriber = self._subscriber
+        if subscriber.behind and not charges.write_buffered:
+            subscriber.caught_up()  # all sent at once: no pause, so no resume either
             self._schedule_flush()
+
+    # --- what the parts call back -------------------------------------------
+
+    def _recharge(self) -> None:
+        self._charges.recharge()
+
+    def _caught_up(self) -> None:
+        self._subscriber.caught_up()
 
 
 def _describe_peer(transport: asyncio.BaseTransport) -> str:
