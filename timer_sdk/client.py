@@ -1,7 +1,7 @@
 """The typed async client: one connection, pipelined calls, replies matched in order.
 
 The protocol has no request ids: the n-th reply answers the n-th request.
-The connection (``client_protocol.py``) keeps a FIFO of pending calls;
+The connection (``calling/protocol.py``) keeps a FIFO of pending calls;
 writing a request and queueing its slot happen with no ``await`` between
 them, so concurrent calls cannot interleave wrongly. A call that is cancelled
 or times out after its request was written leaves its slot in the FIFO; its
@@ -12,7 +12,11 @@ write buffer full, waits unsent in a queue; if it gives up there, it sent
 nothing. A write error does not lose replies that had already arrived.
 
 Event streams, and subscribing them again after a reconnect, are a mixin
-(``client_events.py``); dialing and its backoff are ``client_dialer.py``'s.
+(``calling/events.py``); dialing and its backoff are ``calling/dialer.py``'s.
+
+Over 400 lines: it is the public face, a typed method per proc with its
+docstring; the connection, dialing, plans, deadlines and event streams are
+in calling/.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Opening the connection under a TimerClient, and reopening it: dialing and its errors.
 
-Apart from ``client_protocol.py`` because none of it runs per call: it turns
+Apart from ``protocol.py`` because none of it runs per call: it turns
 an address into a connected :class:`~timer_sdk.calling.protocol._ClientProtocol`,
 or into a :class:`~timer_sdk.errors.ConnectError` that says why not (a TLS
 handshake fails in ways worth explaining).

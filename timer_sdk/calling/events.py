@@ -2,7 +2,7 @@
 
 A mixin of :class:`~timer_sdk.client.TimerClient`, apart because calls never
 touch it: a stream is a :class:`~timer_sdk.events.Subscription` fed by the
-connection (``client_protocol.py``). When that connection is lost, the
+connection (``protocol.py``). When that connection is lost, the
 client adopts its subscriptions and, with ``reconnect``, subscribes them
 again on the next one, marking the gap in each stream.
 """

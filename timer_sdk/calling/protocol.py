@@ -5,7 +5,11 @@ The protocol has no request ids: the n-th reply answers the n-th request.
 queues a call's slot and writes its frame with nothing in between, so
 concurrent calls cannot interleave wrongly. A slot whose caller gave up stays
 in the FIFO; its reply is read and dropped in its place. Opening it is
-``client_dialer.py``'s.
+``dialer.py``'s.
+
+Over 400 lines: its read and write paths share the pending FIFO, and
+splitting them would split its one invariant (the n-th reply answers the
+n-th request) across files.
 """
 
 from __future__ import annotations

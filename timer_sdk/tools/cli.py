@@ -11,6 +11,9 @@ method against it. ``timer-sdk bench`` measures the server and client beside a
 minimal floor (see :mod:`timer_sdk.bench`); ``timer-sdk top`` watches a running
 server (:mod:`timer_sdk.tools.top`). Help texts and errors are in
 :mod:`timer_sdk.tools.cli_help`.
+
+Over 400 lines: one short function per subcommand; their parsers and help
+texts are in cli_help.py.
 """
 
 from __future__ import annotations

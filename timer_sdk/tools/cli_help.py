@@ -6,6 +6,9 @@ The ``serve`` limit flags are generated from the fields of
 ``call`` help and its errors are generated from :mod:`timer_sdk.wire.api` and
 :mod:`timer_sdk.tools.schema`, and payloads are checked by the server's own
 validation before anything is sent.
+
+Over 400 lines by a few: every subcommand's parser in one place, so that
+its help and its errors read alike.
 """
 
 from __future__ import annotations

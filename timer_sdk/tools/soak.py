@@ -13,6 +13,9 @@ field), calls that time out and calls that are cancelled. Every request
 carries something unique (a message, a note, a job name, a field name), so a
 reply delivered to the wrong caller is a mismatch, never a coincidence. This is
 the check that catches the desync of redis-py's CVE-2023-28858/28859.
+
+Over 400 lines: one self-contained tool (a server process, the load, the
+checks, the report) that the load test shares; nothing else imports it.
 """
 
 from __future__ import annotations
