@@ -123,11 +123,6 @@ class Connection(asyncio.BufferedProtocol):
         return self._charges.held
 
     @property
-    def subscriber(self) -> Subscriber:
-        """Its side as an event subscriber: what the server's fan-out calls."""
-        return self._subscriber
-
-    @property
     def events_paused(self) -> bool:
         """Whether event frames must wait (see :attr:`Subscriber.events_paused`)."""
         return self._subscriber.events_paused
