@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from timer_sdk.cli_help import help_texts
+from timer_sdk.tools.cli_help import help_texts
 
 MARKER = "<!-- cli-help -->"
 

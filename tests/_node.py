@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from timer_sdk import stubs
-from timer_sdk.description import ApiDescription
+from timer_sdk.tools import stubs
+from timer_sdk.tools.description import ApiDescription
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "node"  # the test programs, compiled with the client

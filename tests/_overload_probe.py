@@ -20,8 +20,8 @@ import time
 
 import cbor2
 
-from timer_sdk.framing import encode_request
-from timer_sdk.soak import ServerProcess
+from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.wire.framing import encode_request
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import timer_sdk
-from timer_sdk import api
 from timer_sdk.client import TimerClient
 from timer_sdk.timer import Timer
+from timer_sdk.wire import api
 
 PACKAGE = Path(timer_sdk.__file__).parent
 
@@ -47,7 +47,8 @@ def test_every_typed_client_method_is_declared() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["models", "api", "codec", "framing", "address", "errors", "client_plan"]
+    "module",
+    ["models", "wire/api", "wire/codec", "wire/framing", "wire/address", "errors", "calling/plans"],
 )
 def test_sans_io_modules_import_no_io(module: str) -> None:
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())

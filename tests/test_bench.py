@@ -24,9 +24,9 @@ from timer_sdk.bench.floor import FloorClient, FloorError, FloorServer, serve_fl
 from timer_sdk.bench.loadgen import run_job
 from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
 from timer_sdk.bench.processes import ServerProcess, start
-from timer_sdk.connection import Connection
-from timer_sdk.framing import encode_request
 from timer_sdk.models import EchoParams, VersionParams
+from timer_sdk.serving.connection import Connection
+from timer_sdk.wire.framing import encode_request
 
 from .conftest import RawConnection, probe_reads
 

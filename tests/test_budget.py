@@ -24,14 +24,14 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, Limits, Timer, TimerClient
-from timer_sdk.framing import (
+from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.wire.framing import (
     RET_ERROR,
     RET_EVENT,
     RET_EVENTS_DROPPED,
     RET_OK,
     encode_request,
 )
-from timer_sdk.soak import ServerProcess
 
 from .conftest import RawConnection, wait_until
 from .vectors import VERSION_REQUEST

@@ -17,7 +17,7 @@ import cbor2
 import pytest
 
 from timer_sdk import Limits, Server, Timer
-from timer_sdk.framing import RET_OK, encode_request
+from timer_sdk.wire.framing import RET_OK, encode_request
 
 from .conftest import RawConnection
 

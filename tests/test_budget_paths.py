@@ -26,10 +26,11 @@ from timer_sdk import (
     Timer,
     TimerClient,
 )
-from timer_sdk.bus import EventBus, EventSink
-from timer_sdk.codec import DecodeError
-from timer_sdk.connection_endings import _hung_up
-from timer_sdk.framing import (
+from timer_sdk.bus import EventBus, EventSink, EventSource
+from timer_sdk.server import _BusSink
+from timer_sdk.serving.endings import _hung_up
+from timer_sdk.wire.codec import DecodeError
+from timer_sdk.wire.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     RET_ERROR,
     RET_EVENT,
@@ -37,8 +38,7 @@ from timer_sdk.framing import (
     RET_OK,
     RequestReader,
 )
-from timer_sdk.framing import encode_request as request
-from timer_sdk.server import _BusSink
+from timer_sdk.wire.framing import encode_request as request
 
 from .conftest import RawConnection, wait_until
 
@@ -99,7 +99,7 @@ def test_frame_needs_is_zero_while_a_refused_payload_is_skipped() -> None:
 
 
 def test_a_long_validation_message_is_cut_to_a_few_hundred_characters() -> None:
-    from timer_sdk.api import ECHO
+    from timer_sdk.wire.api import ECHO
 
     key = "k" * 1000
     payload = cbor2.dumps({"req": {"message": "m", "delayMs": 0, key: 1}})
@@ -282,7 +282,7 @@ class _GatedBus(EventBus):
         self.sink: EventSink | None = None
         self.closed = 0
 
-    async def start(self, timer: Timer, sink: EventSink) -> None:
+    async def start(self, timer: EventSource, sink: EventSink) -> None:
         self.sink = sink
 
     async def close(self) -> None:
@@ -350,7 +350,7 @@ async def test_a_bus_drop_or_gap_while_the_subscriber_is_not_reading_comes_with_
 
 
 def test_more_than_three_validation_errors_are_counted_not_listed() -> None:
-    from timer_sdk.api import ECHO
+    from timer_sdk.wire.api import ECHO
 
     payload = cbor2.dumps({"req": {"message": 1, "delayMs": "x", "a": 1, "b": 2, "c": 3}})
     with pytest.raises(DecodeError, match=r"and 2 more errors$"):

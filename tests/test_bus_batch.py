@@ -12,17 +12,17 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from timer_sdk import EchoEvent, EchoRequest, EventsDropped, Server, Timer, TimerClient, TimerConfig
-from timer_sdk.api import encode_event
-from timer_sdk.bus_batch import (
+from timer_sdk.bus.batch import (
     MAX_BATCH_EVENTS,
     batch_length,
     decode_batch,
     encode_echo_event,
     take_batch,
 )
-from timer_sdk.bus_nats import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
-from timer_sdk.codec import DecodeError
-from timer_sdk.natsd import NatsServer
+from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
+from timer_sdk.bus.natsd import NatsServer
+from timer_sdk.wire.api import encode_event
+from timer_sdk.wire.codec import DecodeError
 
 from .test_bus import Tally, _bus, _serve
 

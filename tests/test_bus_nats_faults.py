@@ -12,8 +12,8 @@ from nats.aio.client import Client
 
 from timer_sdk import EchoRequest, EventsDropped, Server, Timer, TimerClient, TimerConfig
 from timer_sdk.bus import BusError
-from timer_sdk.bus_nats import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
-from timer_sdk.natsd import NatsServer
+from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
+from timer_sdk.bus.natsd import NatsServer
 
 from .conftest import wait_until
 from .test_bus import Tally, _bus

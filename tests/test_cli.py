@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from timer_sdk.cli import LISTENING
+from timer_sdk.tools.cli import LISTENING
 
 from .conftest import port_9099
 

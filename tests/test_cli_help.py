@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator
 import pytest
 import trustme
 
-from timer_sdk import EchoEvent, EchoRequest, Limits, Server, Timer, TimerClient, schema
-from timer_sdk.api import METHODS
-from timer_sdk.cli import LISTENING, _parser
-from timer_sdk.cli_help import _limit_type, limits_from_args
+from timer_sdk import EchoEvent, EchoRequest, Limits, Server, Timer, TimerClient
 from timer_sdk.errors import ConnectError, TimerConnectionError
+from timer_sdk.tools import schema
+from timer_sdk.tools.cli import LISTENING, _parser
+from timer_sdk.tools.cli_help import _limit_type, limits_from_args
+from timer_sdk.wire.api import METHODS
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,8 +23,8 @@ from timer_sdk import (
     TimerClient,
 )
 from timer_sdk.bus import Unshared
-from timer_sdk.client_dialer import _Dialer
-from timer_sdk.client_protocol import _ClientProtocol
+from timer_sdk.calling.dialer import _Dialer
+from timer_sdk.calling.protocol import _ClientProtocol
 
 from .conftest import RawConnection, wait_until
 

@@ -30,7 +30,7 @@ from timer_sdk import (
     TimerClient,
 )
 from timer_sdk.client import DEFAULT_MAX_PENDING
-from timer_sdk.framing import (
+from timer_sdk.wire.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     RequestReader,
     encode_reply,

@@ -23,10 +23,8 @@ from pydantic import (
     field_serializer,
 )
 
-from timer_sdk import api, client_plan
-from timer_sdk.client_plan import Plan, plan
-from timer_sdk.codec import DecodeError
-from timer_sdk.framing import encode_request
+from timer_sdk.calling import plans as client_plan
+from timer_sdk.calling.plans import Plan, plan
 from timer_sdk.models import (
     INT64_MAX,
     INT64_MIN,
@@ -37,6 +35,9 @@ from timer_sdk.models import (
     Int64,
     TimerModel,
 )
+from timer_sdk.wire import api
+from timer_sdk.wire.codec import DecodeError
+from timer_sdk.wire.framing import encode_request
 
 from .test_properties import PARAMS, RESULTS, SLOW, _mutate, arbitrary_payloads, edits
 

@@ -16,8 +16,8 @@ import cbor2
 import pytest
 
 from timer_sdk import ConnectionLost, ProtocolError, RemoteCallError, TimerClient
-from timer_sdk.codec import DecodeError
-from timer_sdk.framing import RET_EVENT, encode_reply, encode_request
+from timer_sdk.wire.codec import DecodeError
+from timer_sdk.wire.framing import RET_EVENT, encode_reply, encode_request
 
 from .conftest import wait_until
 

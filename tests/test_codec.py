@@ -7,9 +7,15 @@ import sys
 import cbor2
 import pytest
 
-from timer_sdk import api
-from timer_sdk.codec import _BUILTIN_TAGS, DecodeError, StrictDecoder, _decode_error, decode_item
 from timer_sdk.models import EchoParams, EchoRequest
+from timer_sdk.wire import api
+from timer_sdk.wire.codec import (
+    _BUILTIN_TAGS,
+    DecodeError,
+    StrictDecoder,
+    _decode_error,
+    decode_item,
+)
 
 from .vectors import ECHO_PAYLOAD
 

@@ -103,10 +103,37 @@ def _readme_blocks(*kinds: str) -> list[str]:
     return [code for kind, code in re.findall(pattern, text, re.DOTALL) if kind in kinds]
 
 
+def _layout_modules(layout: str) -> set[str]:
+    """Each ``*.py`` of the Layout as a path under ``timer_sdk/``.
+
+    A line that starts with ``folder/`` opens that folder; the lines indented
+    below it name its modules, and a ``sub/`` among them opens a subfolder for
+    the rest of its line. A line at the top indent naming files is the package's own.
+    """
+    listed: set[str] = set()
+    folder = ""
+    for line in layout.splitlines()[1:]:
+        if not line.startswith("  "):
+            break  # the package's block ends where the repository's other folders begin
+        tokens = line.split()
+        if not line.startswith("   "):  # a top-level line: a folder, or the package's own files
+            folder = tokens[0] if tokens[0].endswith("/") else ""
+            if folder:
+                continue  # its description names no modules
+        where = folder
+        for token in tokens:
+            if re.fullmatch(r"\w+/", token):
+                where = folder + token
+            elif match := re.fullmatch(r"\(?(\w+\.py):?", token):
+                listed.add(where + match[1])
+    return listed
+
+
 def test_the_readme_layout_lists_every_module() -> None:
     [layout] = [b for b in _readme_blocks("skip") if b.startswith("timer_sdk/\n")]
-    listed = set(re.findall(r"\b([\w]+\.py)\b", layout))
-    modules = {p.name for p in (ROOT / "timer_sdk").glob("*.py")}
+    listed = _layout_modules(layout)
+    package = ROOT / "timer_sdk"
+    modules = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
     assert modules - listed == set()
     assert listed - modules == set()
 

@@ -9,10 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from timer_sdk import codec, models
-from timer_sdk.encoders import _generic, frame_encoder, scalar_field
-from timer_sdk.framing import RET_OK, encode_reply
+from timer_sdk import models
 from timer_sdk.models import INT64_MAX, INT64_MIN
+from timer_sdk.wire import codec
+from timer_sdk.wire.encoders import _generic, frame_encoder, scalar_field
+from timer_sdk.wire.framing import RET_OK, encode_reply
 
 FLAT = [
     model

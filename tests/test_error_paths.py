@@ -43,8 +43,8 @@ from timer_sdk import (
     TimerClient,
     TimerConfig,
 )
-from timer_sdk.connection import event_frame
-from timer_sdk.framing import encode_reply, encode_request
+from timer_sdk.serving.connection import event_frame
+from timer_sdk.wire.framing import encode_reply, encode_request
 
 from .conftest import RawConnection, Reads, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST
@@ -397,7 +397,7 @@ async def test_no_frame_deadline_when_it_is_off(address: str) -> None:
             await wait_until(lambda: len(server.connections) == 1)
             [conn] = server.connections
             await wait_until(lambda: conn._reader.in_frame)
-            assert conn._frame_deadline is None
+            assert conn._endings.frame_deadline is None
             await raw.send(ECHO_REQUEST[5:])
             assert await raw.recv_exactly(len(ECHO_REPLY)) == ECHO_REPLY
         finally:

@@ -21,7 +21,7 @@ from timer_sdk import (
     Timer,
     TimerClient,
 )
-from timer_sdk.connection import event_frame
+from timer_sdk.serving.connection import event_frame
 
 from .conftest import RawConnection, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST

@@ -32,8 +32,8 @@ from timer_sdk import (
     TimerClient,
     TimerConfig,
 )
-from timer_sdk.framing import DEFAULT_MAX_FRAME_SIZE
-from timer_sdk.soak import ServerProcess
+from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.wire.framing import DEFAULT_MAX_FRAME_SIZE
 
 from .conftest import wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from timer_sdk.framing import (
+from timer_sdk.wire.framing import (
     Broken,
     Rejected,
     Reply,

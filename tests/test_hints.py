@@ -19,7 +19,7 @@ from timer_sdk._extras import EXTRAS, install_hint
 from timer_sdk.bench.rows import Row, Target
 from timer_sdk.bench.table import LEGEND, TARGET_NOTE
 from timer_sdk.bus import NATS_EXTRA
-from timer_sdk.cli_help import help_texts
+from timer_sdk.tools.cli_help import help_texts
 
 from .conftest import wait_until
 

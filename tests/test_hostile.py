@@ -50,13 +50,13 @@ from timer_sdk import (
     TimerConnectionError,
 )
 from timer_sdk._version import __version__
-from timer_sdk.framing import (
+from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.wire.framing import (
     Broken,
     ReplyReader,
     encode_reply,
     encode_request,
 )
-from timer_sdk.soak import ServerProcess
 
 from .conftest import RawConnection, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
@@ -1240,7 +1240,7 @@ async def test_hostile_server_cannot_make_the_client_allocate_or_hang() -> None:
 
 
 def test_the_cli_binds_loopback_by_default() -> None:
-    from timer_sdk.cli import _parser
+    from timer_sdk.tools.cli import _parser
 
     address = _parser().parse_args(["serve"]).address
     assert address.startswith("tcp:127.0.0.1:")

@@ -14,9 +14,10 @@ from typing import Any
 import cbor2
 import pytest
 
-from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerConfig, connection_endings
-from timer_sdk.connection import _QUANTUM, Connection
-from timer_sdk.framing import encode_request
+from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerConfig
+from timer_sdk.serving import endings as connection_endings
+from timer_sdk.serving.connection import _QUANTUM, Connection
+from timer_sdk.wire.framing import encode_request
 
 from .conftest import RawConnection, Reads, wait_until
 

@@ -1,7 +1,7 @@
 """A bounded load: hundreds of connections, every method and error, every reply checked.
 
-The load itself lives in :mod:`timer_sdk.soak`, which also runs it for longer
-(``python -m timer_sdk.soak --seconds 60 --connections 200``). Here it runs
+The load itself lives in :mod:`timer_sdk.tools.soak`, which also runs it for longer
+(``python -m timer_sdk.tools.soak --seconds 60 --connections 200``). Here it runs
 briefly: against an in-process server over TCP and a Unix socket, and against
 a server process, where the server has a core of its own.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from timer_sdk import Server
-from timer_sdk.soak import ServerProcess, main, run_load
+from timer_sdk.tools.soak import ServerProcess, main, run_load
 
 KINDS = {
     "version",
@@ -62,7 +62,7 @@ def test_a_wrong_reply_is_caught() -> None:
     import asyncio
     import random
 
-    from timer_sdk.soak import LoadReport, _check, _make_call
+    from timer_sdk.tools.soak import LoadReport, _check, _make_call
 
     rng = random.Random(7)
     calls = [_make_call(rng, f"{i}.", "ipc-server") for i in range(200)]

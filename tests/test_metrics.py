@@ -16,10 +16,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient, cli
+from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
 from timer_sdk.bench import metrics_cost
-from timer_sdk.codec import decode_item, encode_item
 from timer_sdk.metrics import register
+from timer_sdk.tools import cli
+from timer_sdk.wire.codec import decode_item, encode_item
 
 from .test_bus import Tally
 from .test_workers import _finish

@@ -18,13 +18,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from timer_sdk import _eager, api
-from timer_sdk.codec import DecodeError, StrictDecoder
+from timer_sdk import _eager
 from timer_sdk.errors import CallError
-from timer_sdk.framing import RET_OK, encode_reply
 from timer_sdk.models import EchoRequest, EchoResponse, TimerConfig
-from timer_sdk.plans import plan
+from timer_sdk.serving.plans import plan
 from timer_sdk.timer import Timer
+from timer_sdk.wire import api
+from timer_sdk.wire.codec import DecodeError, StrictDecoder
+from timer_sdk.wire.framing import RET_OK, encode_reply
 
 from .vectors import ECHO_PAYLOAD
 

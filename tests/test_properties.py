@@ -18,18 +18,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from timer_sdk import api
-from timer_sdk.codec import DEFAULT_MAX_DEPTH, DecodeError, decode_item, encode_item
-from timer_sdk.framing import (
-    Broken,
-    Rejected,
-    Reply,
-    ReplyReader,
-    Request,
-    RequestReader,
-    encode_reply,
-    encode_request,
-)
 from timer_sdk.models import (
     INT64_MAX,
     INT64_MIN,
@@ -45,6 +33,18 @@ from timer_sdk.models import (
     ScheduleParams,
     ScheduleResult,
     VersionParams,
+)
+from timer_sdk.wire import api
+from timer_sdk.wire.codec import DEFAULT_MAX_DEPTH, DecodeError, decode_item, encode_item
+from timer_sdk.wire.framing import (
+    Broken,
+    Rejected,
+    Reply,
+    ReplyReader,
+    Request,
+    RequestReader,
+    encode_reply,
+    encode_request,
 )
 
 # No deadline: the machine is shared, and a slow example is not a wrong one.

@@ -38,7 +38,9 @@ from typing import Any, NoReturn
 import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from timer_sdk import Limits, Timer, TimerConfig, __version__, api, cli, soak
+from timer_sdk import Limits, Timer, TimerConfig, __version__
+from timer_sdk.tools import cli, soak
+from timer_sdk.wire import api
 
 from . import _node
 from ._kernel import Kernel
@@ -243,7 +245,7 @@ def test_the_long_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    mains = {("timer-sdk",): cli.main, ("python", "-m", "timer_sdk.soak"): soak.main}
+    mains = {("timer-sdk",): cli.main, ("python", "-m", "timer_sdk.tools.soak"): soak.main}
     commands = lines = 0
     for block in of("parse-only"):
         for line in block.code.splitlines():

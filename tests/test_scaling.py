@@ -19,8 +19,8 @@ from timer_sdk import (
     RemoteCallError,
     TimerClient,
 )
-from timer_sdk.cli import LISTENING
-from timer_sdk.natsd import NatsServer
+from timer_sdk.bus.natsd import NatsServer
+from timer_sdk.tools.cli import LISTENING
 
 from .test_bus import Tally
 from .test_workers import PIDS, _alive, _finish, _sockets_of
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers uses 
 
 # Simulates an install without the nats extra: "import nats" fails in this process.
 WITHOUT_NATS = (
-    "import sys; sys.modules['nats'] = None; from timer_sdk.cli import main; sys.exit(main())"
+    "import sys; sys.modules['nats'] = None; from timer_sdk.tools.cli import main; sys.exit(main())"
 )
 
 

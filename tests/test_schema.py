@@ -10,8 +10,8 @@ import cbor2
 import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from timer_sdk import schema
-from timer_sdk.api import METHODS
+from timer_sdk.tools import schema
+from timer_sdk.wire.api import METHODS
 
 from . import vectors
 

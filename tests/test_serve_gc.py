@@ -12,7 +12,7 @@ from timer_sdk import Timer, TimerClient
 # Runs `timer-sdk serve` with a spy on the freeze: it reports, then stops the server.
 _SPY = """
 import gc, sys
-from timer_sdk import cli
+from timer_sdk.tools import cli
 freeze = cli.freeze_startup_heap
 def spy():
     before = gc.get_freeze_count()

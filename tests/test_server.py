@@ -21,7 +21,7 @@ from timer_sdk import (
     TimerClient,
     TimerConnectionError,
 )
-from timer_sdk.framing import encode_request
+from timer_sdk.wire.framing import encode_request
 
 from .conftest import RawConnection, wait_until
 

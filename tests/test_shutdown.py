@@ -16,7 +16,7 @@ from types import FrameType
 import pytest
 
 from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerClient, TimerConfig
-from timer_sdk.shutdown import serve_until_signal
+from timer_sdk.serving.shutdown import serve_until_signal
 
 from .conftest import wait_until
 
@@ -180,7 +180,7 @@ async def test_cancelling_it_while_closing_waits_for_that_close(
 _C_HANDLER_CHILD = """
 import asyncio, signal
 from timer_sdk import Timer
-from timer_sdk.shutdown import serve_until_signal
+from timer_sdk.serving.shutdown import serve_until_signal
 
 async def main():
     before = signal.getsignal(signal.SIGABRT)  # faulthandler's, set in C: Python sees None

@@ -11,11 +11,11 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
-from timer_sdk.codec import decode_item, encode_item
-from timer_sdk.framing import RET_OK, encode_request
 from timer_sdk.logs import JsonFormatter
-from timer_sdk.stats import BOUNDS, STATS, MethodTiming
-from timer_sdk.top import quantile, rows
+from timer_sdk.serving.stats import BOUNDS, STATS, MethodTiming
+from timer_sdk.tools.top import quantile, rows
+from timer_sdk.wire.codec import decode_item, encode_item
+from timer_sdk.wire.framing import RET_OK, encode_request
 
 from .conftest import RawConnection
 

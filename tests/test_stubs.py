@@ -19,9 +19,6 @@ import cbor2
 import pytest
 from pydantic import BaseModel
 
-from timer_sdk import cli, stubs
-from timer_sdk.api import METHODS
-from timer_sdk.description import describe, describe_model
 from timer_sdk.models import (
     ComplexRequest,
     EchoRequest,
@@ -33,6 +30,9 @@ from timer_sdk.models import (
     TimerModel,
 )
 from timer_sdk.server import Server
+from timer_sdk.tools import cli, stubs
+from timer_sdk.tools.description import describe, describe_model
+from timer_sdk.wire.api import METHODS
 
 from . import _node, vectors
 

@@ -39,13 +39,12 @@ from timer_sdk import (
     Timer,
     TimerConfig,
     __version__,
-    api,
-    codec,
     sync,
 )
 from timer_sdk.client import TimerClient as AsyncTimerClient
 from timer_sdk.models import EchoParams
 from timer_sdk.sync import TimerClient, _get_portal
+from timer_sdk.wire import api, codec
 
 JOB = JobSpec(name="j", payload=["p"], priority=1)
 RETRY = RetryPolicy(max_attempts=3, backoff_ms=100, retry_on=["timeout"])

@@ -34,7 +34,7 @@ from timer_sdk import (
     TimerConfig,
     TimerConnectionError,
 )
-from timer_sdk.soak import ServerProcess
+from timer_sdk.tools.soak import ServerProcess
 
 from .conftest import RawConnection, wait_until
 

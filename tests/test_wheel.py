@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import timer_sdk
-from timer_sdk.cli import LISTENING
+from timer_sdk.tools.cli import LISTENING
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: P
     nats_server = run(
         venv / "bin" / "python",
         "-c",
-        "from timer_sdk.natsd import nats_server_binary; print(nats_server_binary())",
+        "from timer_sdk.bus.natsd import nats_server_binary; print(nats_server_binary())",
         cwd=away,
     ).strip()
     assert Path(nats_server).is_relative_to(venv), nats_server

@@ -9,7 +9,7 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, Server, TimerClient
-from timer_sdk.framing import encode_request
+from timer_sdk.wire.framing import encode_request
 
 from .conftest import RawConnection, Reads
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REPLY_OF_REFERENCE, VERSION_REQUEST

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from timer_sdk import EchoEvent, EchoRequest, TimerClient
-from timer_sdk.cli import LISTENING
+from timer_sdk.tools.cli import LISTENING
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="SO_REUSEPORT balancing and /proc are Linux's"

@@ -12,8 +12,8 @@ Serve it, and call it from anywhere::
     reply = await client.echo(EchoRequest(message="hi", delay_ms=5))
 """
 
+from . import pool as _pool  # noqa: F401  # registers TimerClient.connect(connections=N)
 from ._version import __version__
-from .address import Address
 from .client import TimerClient
 from .errors import (
     AddressError,
@@ -44,6 +44,7 @@ from .models import (
 )
 from .server import Limits, Server, serve
 from .timer import Timer
+from .wire.address import Address
 
 __all__ = [
     "Address",

@@ -1,7 +1,7 @@
 """The typed async client: one connection, pipelined calls, replies matched in order.
 
 The protocol has no request ids: the n-th reply answers the n-th request.
-The connection (``client_protocol.py``) keeps a FIFO of pending calls;
+The connection (``calling/protocol.py``) keeps a FIFO of pending calls;
 writing a request and queueing its slot happen with no ``await`` between
 them, so concurrent calls cannot interleave wrongly. A call that is cancelled
 or times out after its request was written leaves its slot in the FIFO; its
@@ -12,7 +12,11 @@ write buffer full, waits unsent in a queue; if it gives up there, it sent
 nothing. A write error does not lose replies that had already arrived.
 
 Event streams, and subscribing them again after a reconnect, are a mixin
-(``client_events.py``); dialing and its backoff are ``client_dialer.py``'s.
+(``calling/events.py``); dialing and its backoff are ``calling/dialer.py``'s.
+
+Over 400 lines: it is the public face, a typed method per proc with its
+docstring; the connection, dialing, plans, deadlines and event streams are
+in calling/.
 """
 
 from __future__ import annotations
@@ -21,18 +25,17 @@ import asyncio
 import contextlib
 import logging
 import ssl as _ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from . import api, client_plan
-from .address import Address
-from .client_dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
-from .client_events import _Events
-from .client_protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
+from .calling import plans as client_plan
+from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
+from .calling.events import _Events
+from .calling.protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
 from .errors import (
     CallTimeout,
     ClientClosedError,
@@ -42,7 +45,6 @@ from .errors import (
     TimerError,
 )
 from .events import Subscription
-from .framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -53,10 +55,38 @@ from .models import (
     ScheduleConfig,
     ScheduleResult,
 )
+from .wire import api
+from .wire.address import Address
+from .wire.framing import DEFAULT_MAX_FRAME_SIZE, encode_request
 
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
 
 logger = logging.getLogger(__name__)
+
+
+class OpenPool(Protocol):
+    """How ``connections=N`` opens its pool: :func:`timer_sdk.pool.connect_pool`."""
+
+    def __call__(
+        self,
+        connections: int,
+        connect: Callable[[], Awaitable[TimerClient]],
+        *,
+        timeout: float | None,
+        reconnect: bool,
+    ) -> Awaitable[TimerClient]: ...
+
+
+_open_pool: OpenPool | None = None
+"""Set by :mod:`timer_sdk.pool` when imported (the package imports it): the pool
+subclasses :class:`TimerClient`, so it sits above this module, not below it."""
+
+
+def use_pool(open_pool: OpenPool) -> None:
+    """Register how ``connections=N`` opens a pool (called once, by :mod:`timer_sdk.pool`)."""
+    global _open_pool  # noqa: PLW0603
+    _open_pool = open_pool
+
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -169,7 +199,7 @@ class TimerClient(_Events):
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
         if connections > 1:
-            from .pool import connect_pool
+            assert _open_pool is not None, "timer_sdk.pool registers itself on import"
 
             def one() -> Awaitable[TimerClient]:
                 return TimerClient.connect(
@@ -183,7 +213,7 @@ class TimerClient(_Events):
                     dead_after=dead_after,
                 )
 
-            return await connect_pool(connections, one, timeout=timeout, reconnect=reconnect)
+            return await _open_pool(connections, one, timeout=timeout, reconnect=reconnect)
         dialer = _Dialer(
             parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
         )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS
-from .framing import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METHOD_LENGTH
+from .wire.codec import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITEMS
+from .wire.framing import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METHOD_LENGTH
 
 __all__ = ["Limits", "ServerStats"]
 

@@ -1,8 +1,9 @@
 """Logging for ``timer-sdk serve``: plain text for people, JSON lines for machines.
 
-Every module logs to ``logging.getLogger(__name__)``, so the logger names
-follow the modules (``timer_sdk.server``, ``timer_sdk.connection``, ...); an
-app that embeds the server configures them as it configures its own.
+Every module logs to a logger of its own (``timer_sdk.server``,
+``timer_sdk.connection``, ...: the names from before the modules moved into
+folders, kept so that log filters keep working); an app that embeds the
+server configures them as it configures its own.
 """
 
 from __future__ import annotations

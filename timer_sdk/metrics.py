@@ -1,7 +1,7 @@
 """Prometheus metrics over a server's live counters (the ``metrics`` extra).
 
 :class:`ServerCollector` is a ``prometheus_client`` custom collector: it
-reads :func:`timer_sdk.stats.snapshot` at scrape time and builds metric
+reads :func:`timer_sdk.serving.stats.snapshot` at scrape time and builds metric
 families then, so serving calls never touches a Prometheus object.
 :func:`register` adds one to a registry in one call, for an app with its own
 HTTP stack; :func:`start_http` is ``timer-sdk serve --metrics``, on
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from ._extras import install_hint
-from .observe import metrics_address
-from .stats import enable_timing, snapshot
+from .serving.stats import enable_timing, snapshot
+from .wire.address import metrics_address
 
 try:
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server

@@ -31,9 +31,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .client import TimerClient
-from .client_dialer import _BACKOFF_FIRST, _BACKOFF_MAX
-from .client_protocol import _ReplyDecoder
+from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX
+from .calling.protocol import _ReplyDecoder
+from .client import TimerClient, use_pool
 from .errors import ClientClosedError, LoopError, TimerError
 from .events import Subscription
 
@@ -195,3 +195,6 @@ class _PooledClient(TimerClient):
             task.cancel()
         await asyncio.gather(*healing, return_exceptions=True)
         await asyncio.gather(*(member.close() for member in self._members))
+
+
+use_pool(connect_pool)  # TimerClient.connect(connections=N) opens pools through this

@@ -1,9 +1,12 @@
 """The in-library asyncio server: the listener and its lifecycle.
 
 :func:`serve` binds a TCP, TLS or Unix socket on the running loop and hands
-each accepted socket to a :class:`~timer_sdk.connection.Connection`. The
+each accepted socket to a :class:`~timer_sdk.serving.connection.Connection`. The
 :class:`Server` owns what spans connections: the bounds of :class:`Limits`,
 the counters of :class:`ServerStats`, event fan-out, and a graceful close.
+
+Over 400 lines: the public face (serve, Server, its close) and the event
+fan-out share the set of subscribers; a connection's parts are in serving/.
 """
 
 from __future__ import annotations
@@ -21,22 +24,22 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .address import Address
-from .api import METHODS, Method
-from .backlog import event_size
-from .budget import Budget
-from .codec import StrictDecoder
-from .connection import Connection, event_frame
 from .limits import Limits, ServerStats
-from .listener import Acceptor
 from .models import EchoEvent
-from .plans import Plan, plan
-from .shutdown import serve_until_signal
-from .timer import Timer
+from .serving.connection import Connection, event_frame
+from .serving.listener import Acceptor
+from .serving.plans import Plan, plan
+from .serving.shutdown import serve_until_signal
+from .serving.subscriber import Subscriber
+from .wire.address import Address
+from .wire.api import METHODS, Method, Procs
+from .wire.backlog import event_size
+from .wire.budget import Budget
+from .wire.codec import StrictDecoder
 
 if TYPE_CHECKING:
     from .bus import EventBus
-    from .stats import CallTiming
+    from .serving.stats import CallTiming
 
 __all__ = ["Limits", "Server", "ServerStats", "serve"]
 
@@ -58,7 +61,7 @@ class Server:
     Use ``async with`` to close it on exit, or :meth:`serve_forever`.
     """
 
-    def __init__(self, timer: Timer, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, timer: Procs, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
         """Not called directly: :func:`serve` returns a server that is listening."""
         self.timer = timer
         """The timer whose procs this server calls."""
@@ -79,7 +82,7 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.refused: set[Connection] = set()  # being aborted in connection_made
         self.closing = False
-        self._subscribers: set[Connection] = set()
+        self._subscribers: set[Subscriber] = set()  # each connection's subscriber side
         self.bus: EventBus | None = None
         """Where events travel beyond this process; ``None``: in process only."""
         self.timing: CallTiming | None = None
@@ -201,7 +204,7 @@ class Server:
         """How many connections are subscribed to events."""
         return len(self._subscribers)
 
-    def _subscribe(self, conn: Connection) -> None:
+    def _subscribe(self, conn: Subscriber) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
         if self.bus is not None and len(self._subscribers) == 1:
@@ -215,12 +218,12 @@ class Server:
         Called when a connection must wait for room, as gRPC reclaims idle
         buffers before busy ones; each subscriber's next drop notice counts them.
         """
-        for conn in self._subscribers:
-            conn.shed_backlog()
+        for sub in self._subscribers:
+            sub.shed_backlog()
         for conn in self.connections:
             conn.refresh_charge()  # a write buffer the peer has drained since is not held
 
-    def _unsubscribe(self, conn: Connection) -> None:
+    def _unsubscribe(self, conn: Subscriber) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
         if self.bus is not None and not self._subscribers:
@@ -367,7 +370,7 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
 
 
 async def serve(
-    timer: Timer,
+    timer: Procs,
     address: str | Address = "tcp:127.0.0.1:0",
     *,
     limits: Limits | None = None,

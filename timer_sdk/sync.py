@@ -37,12 +37,9 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
-from . import api
-from .address import Address
 from .client import DEFAULT_MAX_PENDING, P, R
 from .client import TimerClient as AsyncTimerClient
 from .errors import LoopError
-from .framing import DEFAULT_MAX_FRAME_SIZE
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -53,6 +50,9 @@ from .models import (
     ScheduleConfig,
     ScheduleResult,
 )
+from .wire import api
+from .wire.address import Address
+from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["TimerClient"]
 

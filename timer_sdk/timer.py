@@ -13,7 +13,6 @@ from ssl import SSLContext
 from typing import TYPE_CHECKING
 
 from ._version import __version__
-from .address import Address
 from .errors import CallError
 from .models import (
     INT64_MAX,
@@ -29,11 +28,14 @@ from .models import (
     ScheduleResult,
     TimerConfig,
 )
+from .wire.address import Address
+from .wire.api import native_procs
 
 if TYPE_CHECKING:
     from .bus import EventBus
     from .events import Subscription
-    from .server import Limits, Server
+    from .limits import Limits
+    from .server import Server
 
 __all__ = ["EchoListener", "Timer"]
 
@@ -45,6 +47,7 @@ EchoListener = Callable[[EchoEvent], None]
 """A synchronous callback for ``on_echo_fired``; it must not block."""
 
 
+@native_procs
 class Timer:
     """The timer: one name, four async procs, one event.
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import cbor2
 
-from .. import api, client_plan
+from ..calling import plans as client_plan
 from ..client import TimerClient
-from ..codec import StrictDecoder
-from ..framing import RET_OK, encode_reply, encode_request
 from ..models import EchoParams, EchoRequest, EchoResponse, VersionParams
+from ..wire import api
+from ..wire.codec import StrictDecoder
+from ..wire.framing import RET_OK, encode_reply, encode_request
 from . import models_floor as mf
 from .floor import FloorClient
 from .models_floor import ModelsFloorClient

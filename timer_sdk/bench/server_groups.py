@@ -17,7 +17,7 @@ from typing import Any
 
 import cbor2
 
-from ..framing import encode_request
+from ..wire.framing import encode_request
 from .processes import Foreign, LoadGen, ServerProcess, UnderTest, servers, start
 from .rows import Row, Settings, progress
 

@@ -1,0 +1,1 @@
+"""The server's parts; :mod:`timer_sdk.server` assembles them into ``Server``."""

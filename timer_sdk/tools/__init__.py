@@ -1,0 +1,1 @@
+"""The command line (``timer-sdk``) and what only it uses."""
