@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from timer_sdk import Limits, Server, Timer, TimerClient, TimerConfig
+from timer_sdk import EchoRequest, EchoResponse, Limits, Server, Timer, TimerClient, TimerConfig
 from timer_sdk.bus.natsd import NatsServer
 from timer_sdk.serving.connection import Connection
 
@@ -28,6 +28,18 @@ CORE_MODULES = ("wire/framing", "wire/codec", "wire/api", "serving/plans", "wire
                 "calling/deadlines")  # fmt: skip
 BRANCH_FLOOR = 95.0
 """Branch coverage the core modules must reach when the whole suite ran."""
+
+
+class GatedTimer(Timer):
+    """Echoes that wait until the test opens the gate: a call held in flight, on cue."""
+
+    def __init__(self, config: TimerConfig | None = None) -> None:
+        super().__init__(config)
+        self.gate = asyncio.Event()
+
+    async def echo(self, req: EchoRequest) -> EchoResponse:
+        await self.gate.wait()
+        return await super().echo(req)
 
 
 _FLOOR_LINE = pytest.StashKey[tuple[str, bool]]()

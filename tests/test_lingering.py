@@ -14,33 +14,21 @@ from typing import Any
 import cbor2
 import pytest
 
-from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerConfig
+from timer_sdk import Server, TimerConfig
 from timer_sdk.serving import endings as connection_endings
 from timer_sdk.serving.connection import _QUANTUM, Connection
 from timer_sdk.wire.framing import encode_request
 
-from .conftest import RawConnection, Reads, wait_until
+from .conftest import GatedTimer, RawConnection, Reads, wait_until
 
 VERSION = encode_request(b"version", b"")
 
 
-class _HeldTimer(Timer):
-    """An echo that waits until the test opens its gate."""
-
-    def __init__(self) -> None:
-        super().__init__(TimerConfig(name="held"))
-        self.gate = asyncio.Event()
-
-    async def echo(self, req: EchoRequest) -> EchoResponse:
-        await self.gate.wait()
-        return await super().echo(req)
-
-
 async def _shutting_down_with_a_held_call(
     address: str,
-) -> tuple[_HeldTimer, Server, RawConnection, Connection, bytes]:
+) -> tuple[GatedTimer, Server, RawConnection, Connection, bytes]:
     """A server closing while one echo of one raw connection is held."""
-    timer = _HeldTimer()
+    timer = GatedTimer(TimerConfig(name="held"))
     server = await timer.serve(address)
     raw = await RawConnection.open(server.address)
     first = encode_request(b"echo", cbor2.dumps({"req": {"message": "held", "delayMs": 0}}))

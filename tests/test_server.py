@@ -13,7 +13,6 @@ import pytest
 
 from timer_sdk import (
     EchoRequest,
-    EchoResponse,
     Limits,
     RemoteCallError,
     Server,
@@ -23,7 +22,7 @@ from timer_sdk import (
 )
 from timer_sdk.wire.framing import encode_request
 
-from .conftest import RawConnection, wait_until
+from .conftest import GatedTimer, RawConnection, wait_until
 
 
 async def test_close_answers_calls_in_flight(address: str) -> None:
@@ -55,18 +54,6 @@ async def test_close_timeout_cancels_with_an_error_reply(address: str) -> None:
     with pytest.raises(TimerConnectionError):
         await client.version()
     await client.close()
-
-
-class GatedTimer(Timer):
-    """Echoes that wait until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-
-    async def echo(self, req: EchoRequest) -> EchoResponse:
-        await self.gate.wait()
-        return await super().echo(req)
 
 
 async def test_in_flight_bound_pauses_reading(address: str) -> None:

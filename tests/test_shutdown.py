@@ -15,29 +15,17 @@ from types import FrameType
 
 import pytest
 
-from timer_sdk import EchoRequest, EchoResponse, Server, Timer, TimerClient, TimerConfig
+from timer_sdk import EchoRequest, Server, TimerClient, TimerConfig
 from timer_sdk.serving.shutdown import serve_until_signal
 
-from .conftest import wait_until
+from .conftest import GatedTimer, wait_until
 
 SIG = signal.SIGUSR1
 
 
-class _HeldTimer(Timer):
-    """Echoes that wait until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__(TimerConfig(name="held"))
-        self.gate = asyncio.Event()
-
-    async def echo(self, req: EchoRequest) -> EchoResponse:
-        await self.gate.wait()
-        return await super().echo(req)
-
-
 @pytest.fixture
-async def held() -> AsyncIterator[tuple[_HeldTimer, Server]]:
-    timer = _HeldTimer()
+async def held() -> AsyncIterator[tuple[GatedTimer, Server]]:
+    timer = GatedTimer(TimerConfig(name="held"))
     server = await timer.serve("tcp:127.0.0.1:0")
     yield timer, server
     timer.gate.set()
@@ -64,7 +52,7 @@ def _kill(times: int = 1) -> None:
 
 
 async def test_one_signal_closes_gracefully_and_restores_the_handler(
-    held: tuple[_HeldTimer, Server],
+    held: tuple[GatedTimer, Server],
 ) -> None:
     timer, server = held
     seen: list[int] = []
@@ -93,7 +81,7 @@ async def test_one_signal_closes_gracefully_and_restores_the_handler(
 
 
 async def test_a_second_signal_is_acknowledged_and_a_third_stops_at_once(
-    held: tuple[_HeldTimer, Server],
+    held: tuple[GatedTimer, Server],
 ) -> None:
     _, server = held
     async with await TimerClient.connect(server.address, timeout=30) as client:
@@ -120,7 +108,7 @@ async def test_a_second_signal_is_acknowledged_and_a_third_stops_at_once(
 
 
 async def test_signals_before_it_wakes_stop_at_once(
-    held: tuple[_HeldTimer, Server],
+    held: tuple[GatedTimer, Server],
 ) -> None:
     _, server = held
     task, said = _serving(server)
@@ -135,7 +123,7 @@ async def test_signals_before_it_wakes_stop_at_once(
 
 
 async def test_a_server_closed_by_someone_else_ends_it_quietly(
-    held: tuple[_HeldTimer, Server],
+    held: tuple[GatedTimer, Server],
 ) -> None:
     _, server = held
     task, said = _serving(server)
@@ -146,7 +134,7 @@ async def test_a_server_closed_by_someone_else_ends_it_quietly(
     assert signal.getsignal(SIG) is signal.SIG_DFL
 
 
-async def test_cancelling_it_closes_the_server(held: tuple[_HeldTimer, Server]) -> None:
+async def test_cancelling_it_closes_the_server(held: tuple[GatedTimer, Server]) -> None:
     _, server = held
     task, _ = _serving(server)
     await _installed()
@@ -158,7 +146,7 @@ async def test_cancelling_it_closes_the_server(held: tuple[_HeldTimer, Server]) 
 
 
 async def test_cancelling_it_while_closing_waits_for_that_close(
-    held: tuple[_HeldTimer, Server],
+    held: tuple[GatedTimer, Server],
 ) -> None:
     timer, server = held
     async with await TimerClient.connect(server.address, timeout=30) as client:
