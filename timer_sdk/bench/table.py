@@ -1,12 +1,14 @@
 """The table: the targets first, then every row, each block fenced so it pastes as Markdown.
 
-Every line fits in :data:`WIDTH` columns. Nothing in it is quoted from
+Every line fits in :data:`WIDTH` columns; a note too long for its row's line is
+wrapped onto the lines below it, whole. Nothing in it is quoted from
 elsewhere: each number was measured in the run that the document describes.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 from .rows import TARGETS
@@ -14,6 +16,7 @@ from .rows import TARGETS
 __all__ = ["WIDTH", "format_table"]
 
 WIDTH = 100
+NOTE_INDENT = " " * 6
 UNITS = {"calls/s": "/s", "µs": "µs", "KiB": "KiB", "MiB": "MiB"}
 GROUP_TITLES = {
     "memory": "memory: server RSS (Linux)",
@@ -113,9 +116,15 @@ def _render(header: list[str], lines: list[list[str] | str]) -> list[str]:
             continue
         cells = [line[0].ljust(widths[0])]
         cells += [cell.rjust(width) for cell, width in zip(line[1:-1], widths[1:-1], strict=True)]
-        cells.append(line[-1])
-        text = "  ".join(cells).rstrip()
-        out.append(text if len(text) <= WIDTH else f"{text[: WIDTH - 1]}…")  # a long note
+        text = "  ".join([*cells, line[-1]]).rstrip()
+        if len(text) <= WIDTH:
+            out.append(text)
+            continue
+        # A long note goes whole on the lines below its row, never cut: a cut note
+        # would lose its verdict, and the layout would hang on what the run measured.
+        out.append("  ".join(cells).rstrip())
+        out += textwrap.wrap(line[-1], WIDTH, initial_indent=NOTE_INDENT,
+                             subsequent_indent=NOTE_INDENT)  # fmt: skip
     return out
 
 
