@@ -11,6 +11,9 @@ before each fence says how the block runs, ``<!-- readme-test: KIND: why -->``:
 - ``shell``: shell commands on their own.
 - ``node-client``: an ES module run by Node, with the generated TypeScript
   client installed, against a server named like the ``server`` block's.
+- ``go-client``: a Go main package run with ``go run``, in a module that
+  requires the generated Go client as the README says, against a server named
+  like the ``server`` block's.
 - ``kernel``: a cell of a real Jupyter kernel (top-level ``await``).
 - ``output``: what the block before printed, compared exactly.
 - ``parse-only``: a long-running command; its arguments are parsed by the
@@ -39,16 +42,17 @@ import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from timer_sdk import Limits, Timer, TimerConfig, __version__
-from timer_sdk.tools import cli, soak
+from timer_sdk.tools import cli, soak, stubs
 from timer_sdk.wire import api
 
-from . import _node
+from . import _go, _node
 from ._kernel import Kernel
 from .conftest import port_9099
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KINDS = {"server", "client", "shell-client", "shell", "kernel", "output", "parse-only", "skip"}
 KINDS.add("node-client")  # Node ES modules, with the generated TypeScript client
+KINDS.add("go-client")  # Go programs, with the generated Go client
 BIN = str(Path(sys.executable).parent)  # where the timer-sdk script is
 
 
@@ -186,10 +190,13 @@ def test_the_quickstarts_run_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_the_shell_blocks_run(tmp_path: Path) -> None:
-    schema_block, stubs_block = of("shell")
+    schema_block, stubs_block, go_block = of("shell")
     out = shell(stubs_block.code, tmp_path)
     assert out.returncode == 0, f"{stubs_block}:\n{out.stderr}"
     assert json.loads((tmp_path / "timer-client" / "package.json").read_text())["dependencies"]
+    out = shell(go_block.code, tmp_path)
+    assert out.returncode == 0, f"{go_block}:\n{out.stderr}"
+    assert (tmp_path / "timer-go" / "go.mod").read_text().startswith("module example.com/timer\n")
     out = shell(schema_block.code, tmp_path)
     assert out.returncode == 0, f"{schema_block}:\n{out.stderr}"
     assert (tmp_path / "timer.cddl").read_text().startswith("; The timer wire API")
@@ -231,6 +238,31 @@ async def test_the_node_blocks_run_with_the_generated_client(tmp_path: Path) -> 
                 expected = output_after(block)
                 if expected is not None:
                     assert out.decode() == expected, block
+
+
+async def test_the_go_blocks_run_with_the_generated_client(tmp_path: Path) -> None:
+    assert of("go-client")
+    stubs.generate("go", tmp_path / "timer-go", module="example.com/timer")
+    app = tmp_path / "app"  # a module that requires the client, as the README says
+    app.mkdir()
+    for command in (
+        ["mod", "init", "app"],
+        ["mod", "edit", "-require=example.com/timer@v0.0.0",
+         "-replace=example.com/timer=../timer-go"],
+    ):  # fmt: skip
+        done = _go.run(command, app)
+        assert done.returncode == 0, done.stderr
+    with port_9099():
+        async with await Timer(TimerConfig(name="kitchen")).serve("tcp:127.0.0.1:9099"):
+            for block in of("go-client"):
+                (app / "main.go").write_text(block.code)
+                proc = await asyncio.create_subprocess_exec(
+                    _go.require_go(), "run", ".", cwd=app, env=_go.ENV,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), 300)
+                assert proc.returncode == 0, f"{block}:\n{err.decode()}"
+                assert out.decode() == output_after(block), block
 
 
 class _Parsed(Exception):

@@ -133,11 +133,11 @@ _INDEX = (
 )
 
 
-def render(api: ApiDescription) -> dict[str, str]:
-    """Every file of the package, by path relative to its root."""
+def render(api: ApiDescription, package: str = PACKAGE) -> dict[str, str]:
+    """Every file of the npm package named ``package``, by path relative to its root."""
     here = resources.files(__package__ or "timer_sdk.tools.stubs") / "templates" / "typescript"
     tokens = {
-        "@@PACKAGE@@": PACKAGE,
+        "@@PACKAGE@@": package,
         "@@VERSION@@": __version__,
         "@@METHODS@@": ", ".join(f"`{proc.name}`" for proc in api.procs),
     }
