@@ -109,6 +109,7 @@ class NatsBus(EventBus):
         self._wanted = False  # whether anyone here subscribes
         self._events_sub: Subscription | None = None
         self._listening: asyncio.Future[None] | None = None  # done once events flow in
+        self._waiter: asyncio.Future[None] | None = None  # what subscriptions wait for meanwhile
         self._reconciler: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -123,6 +124,10 @@ class NatsBus(EventBus):
     def connected(self) -> bool:
         """Whether the bus is connected to NATS right now."""
         return self._connected.is_set()
+
+    @property
+    def gap(self) -> str | None:
+        return None if self._connected.is_set() else f"cut off from the event bus at {self.shown}"
 
     async def wait_connected(self) -> None:
         """Wait until the bus is connected (again)."""
@@ -225,10 +230,11 @@ class NatsBus(EventBus):
     async def _on_disconnected(self) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._wake_waiters()  # answered now: the gap notice says what they may miss
         if was_connected and not self._closing:
             logger.warning("event bus %s: disconnected; reconnecting", self.shown)
-            if self._sink is not None:  # the counts come after the reconnect, if ever
-                self._sink.deliver_gap(f"cut off from the event bus at {self.shown}")
+            if self._sink is not None and (gap := self.gap) is not None:
+                self._sink.deliver_gap(gap)  # the counts come after the reconnect, if ever
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
@@ -252,12 +258,24 @@ class NatsBus(EventBus):
             self._listening = asyncio.get_running_loop().create_future()
         elif not wanted and listening is not None and not listening.done():
             listening.set_result(None)  # whoever waited has left
+            self._wake_waiters()
         if self._reconciler is None:
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
 
     def ready(self) -> asyncio.Future[None] | None:
         listening = self._listening
-        return None if listening is None or listening.done() else listening
+        if listening is None or listening.done() or not self._connected.is_set():
+            return None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def _wake_waiters(self) -> None:
+        """Answer the subscriptions waiting: events flow in, or the bus is cut off."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _reconcile(self) -> None:
         """Subscribe or unsubscribe until NATS matches what is wanted."""
@@ -275,6 +293,7 @@ class NatsBus(EventBus):
                     break
             if self._wanted and self._listening is not None and not self._listening.done():
                 self._listening.set_result(None)
+                self._wake_waiters()
         finally:
             self._reconciler = None
 

@@ -128,7 +128,12 @@ class Subscriber:
             return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
         self._server._subscribe(self)
         reply = encode_reply(RET_OK, encode_item({"events": names}))
-        waiter = bus.ready() if bus is not None else None
+        if bus is None:
+            return reply
+        gap = bus.gap
+        if gap is not None:  # cut off: answer now, the gap notice first of its items
+            return reply + encode_reply(RET_EVENTS_DROPPED, encode_events_gap(gap))
+        waiter = bus.ready()
         if waiter is None:
             return reply
         # The reply promises every event from here on: wait until the bus delivers them.
