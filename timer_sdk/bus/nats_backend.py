@@ -159,12 +159,12 @@ class NatsBus(EventBus):
                     reconnected_cb=self._on_reconnected,
                 )
         except TimeoutError:
-            await self._nc.close()
+            await self._abandon()
             raise BusError(
                 f"cannot reach the event bus at {self.shown} within {self._connect_timeout} s"
             ) from None
         except (OSError, nats.errors.Error, _FirstAttemptFailed) as exc:
-            await self._nc.close()
+            await self._abandon()
             cause = exc.args[0] if isinstance(exc, _FirstAttemptFailed) else exc
             raise BusError(f"cannot reach the event bus at {self.shown}: {cause}") from cause
         connecting = False
@@ -175,6 +175,16 @@ class NatsBus(EventBus):
         logger.info(
             "events of timer %r travel on %s, subject %s", timer.name, self.shown, self.subject
         )
+
+    async def _abandon(self) -> None:
+        """Close after the first attempt failed, without waiting long for it.
+
+        After a failed TLS handshake nats-py waits for a socket that asyncio has
+        already closed, and would wait forever.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await self._nc.close()
 
     async def close(self) -> None:
         self._closing = True
