@@ -114,6 +114,45 @@ async def test_other_languages_read_the_subject_as_documented(
     assert msgs[0].headers and msgs[0].headers[PUBLISHER_HEADER] == _bus(first).publisher
 
 
+async def test_a_sync_request_gets_a_marker_of_every_servers_latest_number(
+    pair: tuple[Server, Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = pair
+    subject = "timer_sdk.ipc-server.on_echo_fired"
+    consumer = await nats.connect(_bus(first).url)
+    try:
+        sub = await consumer.subscribe(subject)
+        probe = await consumer.subscribe("probe")  # as above: our SUBs are in place
+        await consumer.publish("probe", b"")
+        await probe.next_msg(timeout=30)
+        async with (
+            await TimerClient.connect(first.address) as client,
+            client.events() as _,  # both servers listen: each hears the other's marker
+            await TimerClient.connect(second.address) as other,
+            other.events() as events,
+        ):
+            for message in ("one", "two"):
+                await client.echo(EchoRequest(message=message, delay_ms=0))
+            await Tally().read_until(events, 2)
+            await consumer.publish(f"{subject}.sync", b"")  # as any NATS client may
+            markers: dict[str, str] = {}
+            async with asyncio.timeout(30):
+                while len(markers) < 2:
+                    msg = await sub.next_msg(timeout=30)
+                    assert msg.headers is not None
+                    if not msg.data:  # the events' messages come first
+                        markers[msg.headers[PUBLISHER_HEADER]] = msg.headers[SEQ_HEADER]
+            await client.echo(EchoRequest(message="three", delay_ms=0))
+            assert await asyncio.wait_for(anext(events), 30) == EchoEvent(
+                message="three", echo_count=1
+            )  # a marker is no event, and accounts for none
+    finally:
+        await consumer.close()
+    # Each server's latest number: 0 for one that has fired nothing yet.
+    assert markers == {_bus(first).publisher: "2", _bus(second).publisher: "0"}
+    assert not [r for r in caplog.records if r.name == "timer_sdk.bus_nats"]
+
+
 async def test_non_subscribers_see_the_base_protocol_byte_for_byte_with_nats(
     pair: tuple[Server, Server],
 ) -> None:

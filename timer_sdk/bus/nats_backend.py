@@ -14,7 +14,7 @@ Message layout, for consumers in any language (docs/scaling.md):
 - header ``Timer-Publisher``: a random id per server run, and
   ``Timer-Seq``: 1, 2, 3, ... for each event that server fired. A message
   carries consecutive events, and its ``Timer-Seq`` is that of its last one; a
-  marker's is the publisher's latest.
+  marker's is the publisher's latest (0 before its first event).
 
 A message per event would cost each echo a publish in Python, about as much
 as the echo itself; so the publisher sends what piled up since it last ran in
@@ -325,10 +325,10 @@ class NatsBus(EventBus):
         headers = msg.headers or {}
         publisher = headers.get(PUBLISHER_HEADER)
         try:
-            seq = int(headers.get(SEQ_HEADER, ""))
+            seq = int(headers.get(SEQ_HEADER, ""))  # 0: a marker of one that fired nothing yet
         except ValueError:
-            seq = 0
-        if sink is None or publisher is None or seq <= 0:
+            seq = -1
+        if sink is None or publisher is None or seq < 0:
             logger.warning("event bus %s: ignoring a message without %s", self.shown, SEQ_HEADER)
             return
         events: list[EchoEvent] = []
