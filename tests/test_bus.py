@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from dataclasses import dataclass, field
 
 import cbor2
@@ -24,6 +25,7 @@ from timer_sdk import (
 from timer_sdk.bus import BusError, subject_for
 from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
 from timer_sdk.bus.natsd import NatsServer
+from timer_sdk.wire.framing import RET_EVENT, RET_EVENTS_DROPPED, RET_OK, encode_request
 
 from .conftest import RawConnection, wait_until
 from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
@@ -110,6 +112,45 @@ async def test_other_languages_read_the_subject_as_documented(
     ]
     assert [m.headers and m.headers[SEQ_HEADER] for m in msgs] == ["1", "2"]
     assert msgs[0].headers and msgs[0].headers[PUBLISHER_HEADER] == _bus(first).publisher
+
+
+async def test_a_sync_request_gets_a_marker_of_every_servers_latest_number(
+    pair: tuple[Server, Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = pair
+    subject = "timer_sdk.ipc-server.on_echo_fired"
+    consumer = await nats.connect(_bus(first).url)
+    try:
+        sub = await consumer.subscribe(subject)
+        probe = await consumer.subscribe("probe")  # as above: our SUBs are in place
+        await consumer.publish("probe", b"")
+        await probe.next_msg(timeout=30)
+        async with (
+            await TimerClient.connect(first.address) as client,
+            client.events() as _,  # both servers listen: each hears the other's marker
+            await TimerClient.connect(second.address) as other,
+            other.events() as events,
+        ):
+            for message in ("one", "two"):
+                await client.echo(EchoRequest(message=message, delay_ms=0))
+            await Tally().read_until(events, 2)
+            await consumer.publish(f"{subject}.sync", b"")  # as any NATS client may
+            markers: dict[str, str] = {}
+            async with asyncio.timeout(30):
+                while len(markers) < 2:
+                    msg = await sub.next_msg(timeout=30)
+                    assert msg.headers is not None
+                    if not msg.data:  # the events' messages come first
+                        markers[msg.headers[PUBLISHER_HEADER]] = msg.headers[SEQ_HEADER]
+            await client.echo(EchoRequest(message="three", delay_ms=0))
+            assert await asyncio.wait_for(anext(events), 30) == EchoEvent(
+                message="three", echo_count=1
+            )  # a marker is no event, and accounts for none
+    finally:
+        await consumer.close()
+    # Each server's latest number: 0 for one that has fired nothing yet.
+    assert markers == {_bus(first).publisher: "2", _bus(second).publisher: "0"}
+    assert not [r for r in caplog.records if r.name == "timer_sdk.bus_nats"]
 
 
 async def test_non_subscribers_see_the_base_protocol_byte_for_byte_with_nats(
@@ -222,6 +263,60 @@ async def test_a_lost_bus_is_a_gap_notice_at_once_then_sharing_resumes(
         assert await asyncio.wait_for(anext(there), 60) == EventsDropped(1)
         await client.echo(EchoRequest(message="after", delay_ms=0))
         assert await asyncio.wait_for(anext(there), 30) == EchoEvent(message="after", echo_count=1)
+
+
+async def test_a_subscribe_and_a_call_during_an_outage_are_answered_at_once(
+    pair: tuple[Server, Server], nats_server: NatsServer
+) -> None:
+    first, second = pair
+    third = await _serve(nats_server.url)  # no one has subscribed here yet
+    subscribe = encode_request(b"events.subscribe", b"\xa0")
+    gap = {"dropped": 0, "gap": f"cut off from the event bus at {nats_server.url}"}
+    try:
+        async with (
+            await TimerClient.connect(first.address) as caller,
+            await TimerClient.connect(second.address) as other,
+            other.events() as there,  # from before the outage: its counts stay exact
+        ):
+            await caller.echo(EchoRequest(message="before", delay_ms=0))
+            assert await asyncio.wait_for(anext(there), 30) == EchoEvent(
+                message="before", echo_count=1
+            )
+            nats_server.kill()
+            await wait_until(lambda: not any(_bus(s).connected for s in (first, second, third)))
+            conn = await RawConnection.open(third.address)
+            start = time.monotonic()
+            await conn.send(subscribe + VERSION_REQUEST)  # a call pipelined behind it
+            # Answered now, not once NATS is back (the test brings it back only later).
+            async with asyncio.timeout(5):
+                ret, body = await conn.recv_reply()
+                assert (ret, cbor2.loads(body)) == (RET_OK, {"events": ["on_echo_fired"]})
+                ret, body = await conn.recv_reply()  # the first of its items
+                assert (ret, cbor2.loads(body)) == (RET_EVENTS_DROPPED, gap)
+                ret, body = await conn.recv_reply()
+                assert ret == RET_OK and cbor2.loads(body).startswith("timer-sdk v")
+            print(f"subscribe and version answered in {time.monotonic() - start:.3f} s")
+            assert isinstance(await asyncio.wait_for(anext(there), 30), EventsMayHaveBeenMissed)
+            await caller.echo(EchoRequest(message="in the gap", delay_ms=0))  # never published
+            await asyncio.to_thread(nats_server.start)  # the same port again
+            # Counted exactly where it was subscribed before; flowing again everywhere.
+            assert await asyncio.wait_for(anext(there), 60) == EventsDropped(1)
+            async with asyncio.timeout(60):
+                while True:  # until the subscription made in the outage reaches NATS
+                    await caller.echo(EchoRequest(message="after", delay_ms=0))
+                    ret, body = await conn.recv_reply()
+                    if ret == RET_EVENT:
+                        break
+            for n in range(20):
+                await caller.echo(EchoRequest(message=f"{n}", delay_ms=0))
+            for n in range(20):  # complete and in order from then on
+                ret, body = await conn.recv_reply()
+                while ret == RET_EVENT and cbor2.loads(body)["data"]["message"] == "after":
+                    ret, body = await conn.recv_reply()
+                assert ret == RET_EVENT and cbor2.loads(body)["data"]["message"] == f"{n}"
+            await conn.close()
+    finally:
+        await third.close()
 
 
 async def test_serve_fails_clearly_when_nats_is_unreachable(nats_server: NatsServer) -> None:

@@ -191,8 +191,12 @@ async def test_a_subscription_cut_off_before_nats_confirmed_it_is_confirmed_afte
         bus.listen(True)
         waiting = bus.ready()
         assert waiting is not None
+        await asyncio.wait_for(waiting, 15)  # released by the cut: a gap notice tells them
+        assert proxy.cuts == 1
         async with asyncio.timeout(15):  # nats-py gives up on the lost PING after 5 s
-            await waiting
+            await bus.wait_connected()
+            while (waiting := bus.ready()) is not None:
+                await waiting
         assert (proxy.cuts, proxy.connections) == (1, 2)
         # The subscription NATS holds now is the one made again on the new connection.
         await consumer.publish(SUBJECT, b"", headers={PUBLISHER_HEADER: "cafe", SEQ_HEADER: "4"})

@@ -10,12 +10,13 @@ import asyncio
 from typing import Any
 
 from timer_sdk.limits import ServerStats
+from timer_sdk.models import EchoEvent
 from timer_sdk.serving.charges import Charges
 from timer_sdk.serving.endings import Endings
 from timer_sdk.serving.replies import Replies, _Slot
 from timer_sdk.serving.subscriber import Subscriber
 from timer_sdk.wire.backlog import EventBacklog
-from timer_sdk.wire.budget import Budget
+from timer_sdk.wire.budget import EVENT_FLOOR, Budget
 from timer_sdk.wire.framing import Request, RequestReader, encode_request
 
 
@@ -72,6 +73,9 @@ class _Owner:
 
     def _fill(self, slot: _Slot, frame: bytes) -> None:
         self.calls.append("fill")
+
+    def _flush(self) -> None:
+        self.calls.append("write")
 
 
 def test_replies_leave_in_request_order_whatever_order_they_finish_in() -> None:
@@ -181,3 +185,75 @@ async def test_the_subscriber_answers_extensions_and_sends_events_in_the_next_wr
     assert charges.event_pending == len(b"event-frame")
     assert stats.events_sent == 1
     assert owner.calls == ["recharge", "flush"]
+
+
+class _Peer(_Owner):
+    """A subscriber's connection that charges for real; its writes all reach the peer."""
+
+    def __init__(self, budget: Budget, stats: ServerStats) -> None:
+        super().__init__(_Transport())
+        self.replies = Replies()
+        self.backlog = EventBacklog(max_count=10_000, max_bytes=10 << 20)
+        self.charges = Charges(
+            self, budget=budget, stats=stats, reader=RequestReader(), backlog=self.backlog,
+            replies=self.replies, reclaim=lambda: None,
+        )  # fmt: skip
+        host: Any = type("Host", (), {"loop": None, "bus": None})()
+        self.sub = Subscriber(
+            self, server=host, stats=stats, budget=budget, backlog=self.backlog,
+            replies=self.replies, charges=self.charges, max_depth=16,
+        )  # fmt: skip
+        self.written = 0
+
+    def _recharge(self) -> None:
+        self.charges.recharge()
+
+    def _flush(self) -> None:
+        self.written += len(self.replies.out)
+        self.replies.out.clear()
+        self.charges.event_pending = 0
+        self.charges.recharge()
+
+    def fire(self, event: EchoEvent) -> None:
+        if self.sub.events_paused:
+            self.sub.hold_event(event)
+        else:
+            self.sub.send_event(b"f" * 1064)
+
+
+def test_past_the_share_only_subscribers_over_their_part_lose_events() -> None:
+    budget = Budget(4 << 20)  # a share of 1 MiB
+    stats = ServerStats()
+    stalled, slow, reader = (_Peer(budget, stats) for _ in range(3))
+    budget.split(3)
+    part = budget.event_part
+    assert part == (1 << 20) // 3
+    stalled._writing_paused = slow._writing_paused = True  # neither reads
+    event = EchoEvent(message="e" * 1000, echo_count=1)
+    for n in range(3000):
+        stalled.fire(event)
+        if n < 200:  # about 200 KiB: under its part
+            slow.fire(event)
+        reader.fire(event)
+    assert stalled.backlog.dropped > 2000  # its own oldest went
+    assert slow.backlog.dropped == 0 and len(slow.backlog) == 200
+    assert reader.backlog.dropped == 0 and reader.written + len(reader.replies.out) == 3000
+    assert reader.written  # a burst went to the socket before its turn ended
+    assert budget.events <= budget.event_share + 2 * 1064
+    # A server that needs the room takes every backlog down to the floor, no further.
+    for peer in (stalled, slow):
+        peer.sub.shed_backlog()
+        assert peer.charges.events_charged <= EVENT_FLOOR
+    assert len(slow.backlog) == EVENT_FLOOR // 1064
+    assert stats.events_dropped == stalled.backlog.dropped + slow.backlog.dropped
+
+
+def test_the_event_share_is_split_among_subscribers_down_to_a_floor() -> None:
+    budget = Budget(64 << 20)
+    assert budget.event_part == budget.event_share  # one subscriber, or none yet
+    budget.split(40)
+    assert budget.event_part == (16 << 20) // 40
+    budget.split(1000)
+    assert budget.event_part == EVENT_FLOOR
+    budget.split(0)
+    assert budget.event_part == budget.event_share

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncGenerator, Sequence
 
 import pytest
@@ -294,16 +295,21 @@ async def test_an_events_url_that_refuses_fails_at_once() -> None:
     assert "refused" in err
 
 
-async def test_a_silent_events_url_says_it_is_connecting() -> None:
+async def test_a_silent_events_url_says_it_is_connecting_then_gives_up_after_10_s() -> None:
     with socket.socket() as silent:  # the kernel completes connects; no one says a word
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         port = silent.getsockname()[1]
+        start = time.monotonic()
         proc = await _serve_process("--events-url", f"nats://user:secret@127.0.0.1:{port}")
         try:
             assert proc.stderr is not None
             line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
         finally:
-            proc.kill()
-            await _finish(proc)
-    assert line == f"timer-sdk: connecting to the event bus at nats://127.0.0.1:{port}...\n"
+            code, out, err = await _finish(proc)
+        took = time.monotonic() - start
+    shown = f"nats://127.0.0.1:{port}"
+    assert line == f"timer-sdk: connecting to the event bus at {shown}...\n"
+    assert code == 1 and "listening" not in out
+    assert err == f"timer-sdk serve: cannot reach the event bus at {shown} within 10.0 s\n"
+    assert took >= 10.0  # not sooner; _finish bounds the wait from above

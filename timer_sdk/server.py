@@ -207,6 +207,7 @@ class Server:
     def _subscribe(self, conn: Subscriber) -> None:
         """Send this connection every event the timer fires."""
         self._subscribers.add(conn)
+        self.budget.split(len(self._subscribers))
         if self.bus is not None and len(self._subscribers) == 1:
             self.bus.listen(True)
         if self._stop_listening is None:
@@ -226,6 +227,7 @@ class Server:
     def _unsubscribe(self, conn: Subscriber) -> None:
         """Stop sending events to this connection."""
         self._subscribers.discard(conn)
+        self.budget.split(len(self._subscribers))
         if self.bus is not None and not self._subscribers:
             self.bus.listen(False)
         if not self._subscribers and self._stop_listening is not None:

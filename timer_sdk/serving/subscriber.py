@@ -7,9 +7,12 @@ and the server's fan-out calls the rest on this object, not on the connection.
 While the peer is not reading, events wait in a bounded
 :class:`~timer_sdk.wire.backlog.EventBacklog`, charged to the budget like
 everything else the connection holds. All subscribers' event bytes together
-(held, or written and not yet sent) fill at most the budget's event share:
-past it a subscriber that is behind gets no more, so stalled subscribers never
-take the room that requests need.
+(held, or written and not yet sent) fill at most the budget's event share, so
+stalled subscribers never take the room that requests need. Within the share
+each subscriber is sure of its part (:attr:`~timer_sdk.wire.budget.Budget.event_part`):
+when the share is full only those holding more than their part lose events,
+their own oldest first, so a subscriber that keeps up loses none because
+others stalled.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..wire.api import (
     encode_events_dropped,
     encode_events_gap,
 )
-from ..wire.budget import IN_FLIGHT_COST
+from ..wire.budget import EVENT_FLOOR, IN_FLIGHT_COST
 from ..wire.codec import DecodeError, encode_item
 from ..wire.framing import (
     RET_EVENT,
@@ -65,6 +68,7 @@ class SubscriberOwner(Protocol):
 
     def _recharge(self) -> None: ...
     def _schedule_flush(self) -> None: ...
+    def _flush(self) -> None: ...
     def _track(self, task: asyncio.Task[None]) -> None: ...
     def _fill(self, slot: _Slot, frame: bytes) -> None: ...
 
@@ -96,7 +100,7 @@ class Subscriber:
         self._replies = replies
         self._charges = charges
         self._max_depth = max_depth
-        self.behind = False  # behind while the event share is full: told when caught up
+        self.behind = False  # holding events while writing is not paused: told when caught up
 
     # --- its requests -----------------------------------------------------------
 
@@ -124,7 +128,12 @@ class Subscriber:
             return encode_error(f"{SUBSCRIBE}: {bus.refusal}")
         self._server._subscribe(self)
         reply = encode_reply(RET_OK, encode_item({"events": names}))
-        waiter = bus.ready() if bus is not None else None
+        if bus is None:
+            return reply
+        gap = bus.gap
+        if gap is not None:  # cut off: answer now, the gap notice first of its items
+            return reply + encode_reply(RET_EVENTS_DROPPED, encode_events_gap(gap))
+        waiter = bus.ready()
         if waiter is None:
             return reply
         # The reply promises every event from here on: wait until the bus delivers them.
@@ -147,37 +156,51 @@ class Subscriber:
 
     @property
     def events_paused(self) -> bool:
-        """Whether event frames must wait: the peer is not reading, or is behind
-        while the event share is full (it then has one frame on its way at most)."""
+        """Whether event frames must wait: the peer is not reading, or it holds more
+        than its part while the event share is full (with one frame on its way at most)."""
         if self._owner._writing_paused:
             return True
         budget = self._budget
         charges = self._charges
         return (
             budget.events >= budget.event_share
+            and charges.events_charged >= budget.event_part
             and (charges.event_pending + charges.event_unsent) > 0
         )
 
     def hold_event(self, event: EchoEvent) -> None:
-        """Keep an event until the peer reads again; drop the oldest past the bounds."""
+        """Keep an event until the peer reads again; drop the oldest past the bounds.
+
+        Past the share only a subscriber holding more than its part loses
+        events; when the whole server is full, whatever it holds past
+        :data:`~timer_sdk.wire.budget.EVENT_FLOOR`.
+        """
         backlog = self._backlog
         budget = self._budget
+        charges = self._charges
         owner = self._owner
         transport = owner._transport
         if not owner._writing_paused and not self.behind and transport is not None:
-            # Behind while the share is full: be told when it has caught up.
+            # Held though writing: be told when what was written has gone.
             self.behind = True
             transport.set_write_buffer_limits(high=0, low=0)
-        if not len(backlog) and budget.events_over():
-            backlog.dropped += 1  # it would go at once: the share is full
+        part = budget.event_part
+        if not len(backlog) and budget.events_over() and charges.events_charged >= part:
+            backlog.dropped += 1  # it would go at once: its part of the full share is spent
             self._stats.events_dropped += 1
             return
         lost = backlog.hold(event)
-        self._owner._recharge()
-        while (budget.events_over() or budget.over()) and backlog.drop_oldest():
-            lost += 1  # past the share, or the server is full: this backlog yields first
-            self._owner._recharge()
+        owner._recharge()
+        while self._over_part(part) and backlog.drop_oldest():
+            lost += 1  # this backlog yields its oldest, not another subscriber's
+            owner._recharge()
         self._stats.events_dropped += lost
+
+    def _over_part(self, part: int) -> bool:
+        """Whether this subscriber must give up events: it holds more than it is sure of."""
+        held = self._charges.events_charged
+        budget = self._budget
+        return (held > part and budget.events_over()) or (held > EVENT_FLOOR and budget.over())
 
     def note_dropped(self, count: int) -> None:
         """Tell the peer that ``count`` events were lost before they reached this server."""
@@ -196,24 +219,30 @@ class Subscriber:
             self._owner._schedule_flush()
 
     def shed_backlog(self) -> None:
-        """Drop every event held for this subscriber: a reading peer needs the room more."""
+        """Drop the events held for this subscriber past the floor: requests need the room."""
         backlog = self._backlog
+        keep = EVENT_FLOOR - (self._charges.events_charged - backlog.bytes)  # less what was sent
         lost = 0
-        while backlog.drop_oldest():
+        while backlog.bytes > keep and backlog.drop_oldest():
             lost += 1
         if lost:
             self._stats.events_dropped += lost
             self._owner._recharge()
 
     def send_event(self, frame: bytes) -> None:
-        """Send an event frame with the next write."""
-        if self._owner._transport is not None:
+        """Send an event frame with the next write, or now if many are waiting for it."""
+        owner = self._owner
+        if owner._transport is not None:
             self._release_backlog()  # what was held for it is older, and goes first
             self._stats.events_sent += 1
             self._replies.out.append(frame)
-            self._charges.event_pending += len(frame)
-            self._owner._recharge()  # counted at once: a fan-out to many sees its own share fill
-            self._owner._schedule_flush()
+            charges = self._charges
+            charges.event_pending += len(frame)
+            owner._recharge()  # counted at once: a fan-out to many sees its own share fill
+            if charges.event_pending < EVENT_FLOOR:
+                owner._schedule_flush()
+            else:  # a burst: to the socket now, so that a reader never holds much
+                owner._flush()
 
     def drop_event(self) -> None:
         """Count an event this subscriber will never get, for its next drop notice."""

@@ -18,15 +18,26 @@ waits behind greedy ones. A connection holding under :data:`FLOOR` may
 always read a frame that keeps it under, so a 20-byte call is answered even
 while stuck work holds the whole budget. Event bytes count against the
 room requests need only up to their share (:data:`EVENT_SHARE`), so stalled
-subscribers cannot keep calls from being answered. No I/O here: a holder is
-resumed through its :meth:`Holder.budget_granted`.
+subscribers cannot keep calls from being answered. Within that share each
+subscriber is sure of its part (:attr:`Budget.event_part`), as each connection
+is of the floor: when the share is full, only subscribers holding more than
+their part lose events, so stalled ones never cost a reader its events.
+No I/O here: a holder is resumed through its :meth:`Holder.budget_granted`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["EVENT_SHARE", "FLOOR", "IN_FLIGHT_COST", "MIN_READ", "READ_HEADROOM", "Budget"]
+__all__ = [
+    "EVENT_FLOOR",
+    "EVENT_SHARE",
+    "FLOOR",
+    "IN_FLIGHT_COST",
+    "MIN_READ",
+    "READ_HEADROOM",
+    "Budget",
+]
 
 IN_FLIGHT_COST = 2048
 """Bytes charged per waiting reply over its payload: its Task, frame and slot."""
@@ -43,6 +54,9 @@ FLOOR = 16 * 1024
 EVENT_SHARE = 4
 """Event bytes count against the room requests need up to ``limit // EVENT_SHARE``."""
 
+EVENT_FLOOR = 64 * 1024
+"""The least part of the event share each subscriber is sure of, however many there are."""
+
 
 class Holder(Protocol):
     """What the budget needs from a connection."""
@@ -56,13 +70,17 @@ class Holder(Protocol):
 class Budget:
     """Bytes held for all peers together, against one limit."""
 
-    __slots__ = ("_granted", "_reserved", "_tickets", "_waiting", "events", "limit", "used")
+    __slots__ = ("_granted", "_reserved", "_tickets", "_waiting", "event_part", "events", "limit",
+                 "used")  # fmt: skip
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.events = 0
         """The part of :attr:`used` that is event frames, held or not yet sent."""
+        self.event_part = 0
+        """Event bytes each subscriber may hold while the share is full (see :meth:`split`)."""
+        self.split(1)
         self._reserved = 0  # owed to admitted frames still arriving
         self._granted: dict[Holder, int] = {}  # admitted: the bytes reserved (0: a head read)
         self._waiting: dict[Holder, tuple[int, int]] = {}  # (arrival, need)
@@ -77,6 +95,14 @@ class Budget:
     def event_share(self) -> int:
         """The most event bytes that count against the room requests need."""
         return self.limit // EVENT_SHARE
+
+    def split(self, subscribers: int) -> None:
+        """Share the event bytes among ``subscribers``: each is sure of an equal part.
+
+        The parts add up to the share, or to :data:`EVENT_FLOOR` each when
+        there are too many subscribers for that.
+        """
+        self.event_part = max(EVENT_FLOOR, self.limit // EVENT_SHARE // max(subscribers, 1))
 
     def room(self) -> int:
         """Bytes requests may still take: events count only up to their share."""
