@@ -16,14 +16,18 @@ With ``--older`` it is an older server instead: ``ComplexRequest`` has no
 field it does not know, as the reference does (ret 1).
 
 Usage: ``python -m tests._newer_server [--older]``; it prints ``tcp:127.0.0.1:PORT``
-once it listens, and serves until killed.
+once it listens, and serves until killed. Tests use :func:`running`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -69,11 +73,11 @@ class Newer:
         """What is wrong with a request, as strictly as the reference checks keys."""
         shape = self.api[method]
         if not isinstance(payload, dict) or set(payload) - set(shape):
-            return f"{method}: unknown field in {payload!r}"
+            return f"unknown field in {payload!r}"
         for key, fields in shape.items():
             value = payload.get(key)
             if not isinstance(value, dict) or set(value) - fields:
-                return f"{method}: unknown field in {key}: {value!r}"
+                return f"unknown field in {key}: {value!r}"
         return None
 
     def answer(self, method: str, payload: Any, writer: asyncio.StreamWriter) -> bytes:
@@ -137,6 +141,20 @@ class Newer:
         finally:
             self.subscribers.discard(writer)
             writer.close()
+
+
+@contextlib.contextmanager
+def running(*args: str) -> Iterator[str]:
+    """Run this server as a process with ``args``; its address while it runs."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests._newer_server", *args],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            yield proc.stdout.readline().strip()  # printed once it listens
+        finally:
+            proc.kill()
 
 
 async def main(argv: list[str]) -> None:

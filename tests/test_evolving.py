@@ -8,10 +8,7 @@ an earlier one that lacks two optional request fields. docs/protocol.md,
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +30,7 @@ from timer_sdk import (
 from timer_sdk import sync as blocking
 from timer_sdk.wire.codec import DecodeError
 
-from ._newer_server import WRONG_TYPE
-
-ROOT = Path(__file__).resolve().parent.parent
+from ._newer_server import WRONG_TYPE, running
 
 JOB = JobSpec(name="j", payload=["p"], priority=1)
 RETRY = RetryPolicy(max_attempts=3, backoff_ms=100, retry_on=["timeout"])
@@ -58,27 +53,16 @@ EVENTS: list[Any] = [
 ]
 
 
-def start(*args: str) -> Iterator[str]:
-    """Run the stand-in server as a process; its address while it runs."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "tests._newer_server", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    ) as proc:  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            yield proc.stdout.readline().strip()  # printed once it listens
-        finally:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def newer() -> Iterator[str]:
-    yield from start()
+    with running() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
 def older() -> Iterator[str]:
-    yield from start("--older")
+    with running("--older") as address:
+        yield address
 
 
 async def test_the_async_client_gets_every_call_and_event_from_a_newer_server(

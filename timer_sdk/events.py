@@ -59,7 +59,6 @@ class UnknownEvent:
     data: Any
 
 
-_Event = EchoEvent | UnknownEvent
 _Item = EchoEvent | UnknownEvent | EventsMayHaveBeenMissed
 
 
@@ -123,7 +122,7 @@ class Subscription:
         """Whether the stream has ended."""
         return self._closed
 
-    def publish(self, event: _Event) -> None:
+    def publish(self, event: EchoEvent | UnknownEvent) -> None:
         """Queue ``event``; drop the oldest waiting one if the queue is full."""
         if self._closed:
             return
