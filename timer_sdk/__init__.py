@@ -29,7 +29,7 @@ from .errors import (
     TimerConnectionError,
     TimerError,
 )
-from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription
+from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription, UnknownEvent
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -77,6 +77,7 @@ __all__ = [
     "TimerConfig",
     "TimerConnectionError",
     "TimerError",
+    "UnknownEvent",
     "__version__",
     "serve",
 ]
