@@ -31,8 +31,8 @@ from ..limits import Limits
 from ..models import TimerConfig
 from ..wire import api
 from ..wire.codec import DecodeError
+from ..wire.description import unwrap
 from . import schema
-from .description import unwrap
 
 __all__ = [
     "DEFAULT_ADDRESS",
