@@ -23,6 +23,7 @@ from timer_sdk import Timer
 from timer_sdk.models import INT64_MAX, INT64_MIN, Int64, TimerModel
 from timer_sdk.tools import compat, schema
 from timer_sdk.tools.compat import BREAKING, IF_USED, SAFE, Change
+from timer_sdk.tools.compat_values import Document, subset, words
 from timer_sdk.wire.description import describe
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "docs" / "api.json"
@@ -375,3 +376,94 @@ def test_the_published_api_is_current() -> None:
         drift = compat.compare(json.loads(PUBLISHED.read_text()), json.loads(current))
         pytest.fail(f"docs/api.json is not the API of these models; publish it ({PUBLISH}):\n"
                     + compat.report(drift))  # fmt: skip
+
+
+# --- values: which a reader accepts of what a writer may send -----------------------
+
+DEFS = Document(
+    {"$defs": {"Level": {"enum": ["a", "b"], "type": "string"}, "M": {"type": "object"}}}, "DEFS"
+)
+INT, NUM, TEXT = {"type": "integer"}, {"type": "number"}, {"type": "string"}
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader", "expected"),
+    [
+        ({**INT, "exclusiveMinimum": 0}, {**INT, "minimum": 1}, True),
+        ({**INT, "minimum": 0}, {**INT, "exclusiveMinimum": 0}, False),
+        ({**INT, "exclusiveMaximum": 11}, {**INT, "maximum": 10}, True),
+        ({**NUM, "exclusiveMaximum": 1.5}, {**NUM, "maximum": 1.5}, True),
+        (INT, NUM, True),
+        (NUM, INT, False),
+        ({**TEXT, "maxLength": 5}, {**TEXT, "maxLength": 10}, True),
+        (TEXT, {**TEXT, "maxLength": 10}, False),
+        (TEXT, {**TEXT, "pattern": "^a"}, False),
+        ({"enum": ["ab", "ac"]}, {**TEXT, "pattern": "^a", "maxLength": 2}, True),
+        ({"enum": ["abc"]}, {**TEXT, "maxLength": 2}, False),
+        ({"const": 3}, {**INT, "maximum": 5}, True),
+        ({"const": True}, INT, False),  # a bool is no integer, as strict readers have it
+        ({"const": 1}, {"type": "boolean"}, False),
+        ({"const": None}, {"type": "null"}, True),
+        ({"const": 1.5}, TEXT, False),
+        ({"const": {"a": 1}}, {"type": "object"}, False),
+        ({"const": "a"}, {"$ref": "#/$defs/Level"}, True),
+        ({"$ref": "#/$defs/Level"}, TEXT, True),
+        ({"$ref": "#/$defs/Level"}, {"enum": ["a"]}, False),
+        ({"type": "array", "items": INT, "maxItems": 3}, {"type": "array", "items": NUM}, True),
+        ({"type": "array", "items": TEXT}, {"type": "array", "items": INT}, False),
+        ({"type": "array", "items": TEXT}, {"type": "array", "items": TEXT, "minItems": 1}, False),
+        ({"anyOf": [TEXT, {"type": "null"}]}, TEXT, False),
+        ({"anyOf": [TEXT, {"type": "null"}]}, {"anyOf": [{"type": "null"}, TEXT]}, True),
+        ({"type": "boolean"}, {"type": "boolean"}, True),
+        ({"$ref": "#/$defs/M"}, {"type": "object"}, False),
+        ({"type": "object"}, {"type": "object", "title": "documentation only"}, True),
+        ({"type": "object", "minProperties": 1}, {"type": "object"}, False),
+    ],
+)
+def test_which_values_a_reader_accepts(writer: Any, reader: Any, expected: bool) -> None:
+    assert subset(writer, reader, DEFS, DEFS) is expected
+
+
+@pytest.mark.parametrize(
+    ("frag", "text"),
+    [
+        ({**INT, "minimum": 1, "maximum": 10}, "integer from 1 to 10"),
+        ({**INT, "minimum": 1, "maximum": INT64_MAX}, "integer from 1"),
+        ({**NUM, "exclusiveMaximum": 2}, "float up to 2"),
+        ({"type": "array", "items": {"$ref": "#/$defs/M"}}, "list of M"),
+        ({"enum": [1, 2]}, "enum (1, 2)"),
+        ({"anyOf": [TEXT, {"type": "null"}]}, "text or null"),
+        ({"type": "boolean"}, "bool"),
+        ({}, "any value"),
+    ],
+)
+def test_types_in_words(frag: Any, text: str) -> None:
+    assert words(frag, DEFS) == text
+
+
+def test_a_field_that_holds_several_models_pairs_them_by_name() -> None:
+    old = _api(BASE, BASE)
+    old["$defs"]["PutParams"]["properties"]["item"] = {
+        "anyOf": [{"$ref": "#/$defs/Item"}, {"$ref": "#/$defs/Reply"}]
+    }
+    new = copy.deepcopy(old)
+    new["$defs"]["Item"]["properties"]["name"]["description"] = "what it is called"
+    new["$defs"]["Reply"]["required"].remove("size")
+    new["$defs"]["Reply"]["properties"]["size"] = {"anyOf": [INT, {"type": "null"}]}
+    changes = compat.compare(old, new)
+    assert [(c.subject, c.what) for c in changes] == [
+        ("Reply.size", "field now optional"),
+        ("Reply.size", "type changed: integer -> integer or null"),
+        ("Item.name", "documentation changed"),
+    ], compat.report(changes)
+    assert "put request: item.size" in changes[0].where  # Reply, used in a request here
+
+
+def test_a_model_that_became_text_is_a_type_change() -> None:
+    old = _api(BASE, BASE)
+    new = copy.deepcopy(old)
+    new["$defs"]["PutParams"]["properties"]["item"] = TEXT
+    (change,) = compat.compare(old, new)
+    assert (change.subject, change.what, change.level) == (
+        "PutParams.item", "type changed: Item -> text", BREAKING
+    )  # fmt: skip

@@ -51,8 +51,6 @@ class Document:
 
     def alternatives(self, frag: Any) -> list[dict[str, Any]]:
         """``frag`` as the list of its alternatives; a model is ``{"$model": name}``."""
-        if not isinstance(frag, dict):
-            return [{"const": frag}]
         name = self.model(frag)
         if name is not None:
             return [{"$model": name}]
@@ -207,8 +205,8 @@ def words(frag: Any, doc: Document) -> str:
         elif alt.get("type") == "array":
             texts.append(f"list of {words(alt.get('items', {}), doc)}")
         else:
-            names = {"string": "text", "boolean": "bool", "null": "null"}
-            texts.append(names.get(str(alt.get("type")), str(plain(alt))))
+            named = str(alt.get("type", "any value"))
+            texts.append({"string": "text", "boolean": "bool"}.get(named, named))
     return " or ".join(texts)
 
 

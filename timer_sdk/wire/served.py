@@ -43,8 +43,8 @@ class ServerDescription:
 
     ``version`` is the server's package version, ``extensions`` the extension
     methods it answers besides the procs (``server.stats`` only where it is
-    enabled), and ``api`` its whole API, which
-    :func:`timer_sdk.tools.schema.cddl` and ``json_schema`` render.
+    enabled), and ``api`` its whole API, which ``timer_sdk.tools.schema.cddl``
+    and ``json_schema`` render.
     """
 
     version: str
