@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from timer_sdk.tools import stubs
-from timer_sdk.tools.description import ApiDescription
+from timer_sdk.wire.description import ApiDescription
 
 PROGRAM = Path(__file__).resolve().parent / "go" / "main.go"
 MODULE = "example.com/timer"

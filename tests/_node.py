@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from timer_sdk.tools import stubs
-from timer_sdk.tools.description import ApiDescription
+from timer_sdk.wire.description import ApiDescription
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "node"  # the test programs, compiled with the client

@@ -67,7 +67,8 @@ def test_top_level_help_is_plain_text_and_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0
     assert "``" not in out.stdout and ":mod:" not in out.stdout
-    for command in ("serve", "call", "example", "schema", "stubs", "demo", "bench"):
+    for command in ("serve", "call", "example", "schema", "describe", "compat", "stubs", "demo",
+                    "bench"):  # fmt: skip
         assert re.search(rf"^\s+{command}\s+\w", out.stdout, re.MULTILINE), command
         text = run(command, "--help").stdout
         assert text.startswith(f"usage: timer-sdk {command}"), command
@@ -85,6 +86,16 @@ def test_call_help_lists_every_method_with_its_json_shape() -> None:
     assert "timer-sdk example METHOD" in text
 
 
+def test_describe_and_compat_help_say_what_they_compare_and_how_they_exit() -> None:
+    describe = flat(run("describe", "--help").stdout)
+    assert "usage: timer-sdk describe [-h] [--format {cddl,json-schema}]" in describe
+    assert "byte for byte" in describe and "server.describe" in describe
+    compat = flat(run("compat", "--help").stdout)
+    assert "0 when compatible both ways, 1 when something breaks, 2 when OLD or NEW" in compat
+    assert "OLD the older API: a file written by `timer-sdk schema --format json-schema`" in compat
+    assert "an older client against a newer server" in compat
+
+
 def test_serve_help_gives_every_limit_a_flag_with_help_and_unit() -> None:
     text = flat(run("serve", "--help").stdout)
     for field in dataclasses.fields(Limits):
@@ -99,7 +110,7 @@ def test_every_serve_and_call_option_has_help() -> None:
     subcommands = next(
         action for action in _parser()._actions if isinstance(action, argparse._SubParsersAction)
     )
-    for name in ("serve", "call", "example", "schema"):
+    for name in ("serve", "call", "example", "schema", "describe", "compat"):
         for action in subcommands.choices[name]._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
 

@@ -32,7 +32,7 @@ from timer_sdk.models import (
 )
 from timer_sdk.server import Server
 from timer_sdk.tools import cli, stubs
-from timer_sdk.tools.description import describe
+from timer_sdk.wire.description import describe
 from timer_sdk.tools.stubs.go import exported
 
 from . import _go, vectors

@@ -31,8 +31,8 @@ from timer_sdk.models import (
 )
 from timer_sdk.server import Server
 from timer_sdk.tools import cli, stubs
-from timer_sdk.tools.description import describe, describe_model
 from timer_sdk.wire.api import METHODS
+from timer_sdk.wire.description import describe, describe_model
 
 from . import _node, vectors
 from ._newer_server import running

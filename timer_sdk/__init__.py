@@ -45,6 +45,7 @@ from .models import (
 from .server import Limits, Server, serve
 from .timer import Timer
 from .wire.address import Address
+from .wire.served import ServerDescription
 
 __all__ = [
     "Address",
@@ -71,6 +72,7 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleResult",
     "Server",
+    "ServerDescription",
     "Subscription",
     "Timer",
     "TimerClient",

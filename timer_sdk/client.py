@@ -58,6 +58,7 @@ from .models import (
 from .wire import api
 from .wire.address import Address
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE, encode_request
+from .wire.served import DESCRIBE, ServerDescription, decode_description
 
 __all__ = ["DEFAULT_MAX_PENDING", "TimerClient"]
 
@@ -280,6 +281,15 @@ class TimerClient(_Events):
         frame = _SCHEDULE.frame_of(job, retry, schedule)
         result: ScheduleResult = await self._start(frame, _SCHEDULE, timeout)
         return result
+
+    async def describe(self, *, timeout: float | None = None) -> ServerDescription:
+        """Ask the server what it is: its version, its extensions and its whole API.
+
+        A server without the ``server.describe`` extension (the reference, or
+        an older timer-sdk) answers with an error reply:
+        :class:`~timer_sdk.errors.RemoteCallError`, ``unknown method: server.describe``.
+        """
+        return decode_description(await self.call_raw(DESCRIBE, timeout=timeout))
 
     # --- the generic call ----------------------------------------------------
 

@@ -53,6 +53,7 @@ from .models import (
 from .wire import api
 from .wire.address import Address
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
+from .wire.served import ServerDescription
 
 __all__ = ["TimerClient"]
 
@@ -319,6 +320,10 @@ class TimerClient:
         return self._portal.run(
             lambda: self._client.schedule(job, retry, schedule, timeout=timeout)
         )
+
+    def describe(self, *, timeout: float | None = None) -> ServerDescription:
+        """Ask the server what it is: its version, its extensions and its whole API."""
+        return self._portal.run(lambda: self._client.describe(timeout=timeout))
 
     # --- the generic call ----------------------------------------------------
 

@@ -40,6 +40,7 @@ from ..wire.framing import (
     encode_error,
     encode_reply,
 )
+from ..wire.served import DESCRIBE, describe_reply
 from .stats import STATS, stats_reply
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class Subscriber:
             return encode_reply(RET_OK, encode_item(None))
         if request.method == STATS:
             return stats_reply(self._server)
+        if request.method == DESCRIBE:
+            stats = (STATS,) if self._server.stats_enabled else ()
+            return describe_reply((SUBSCRIBE, UNSUBSCRIBE, DESCRIBE, *stats))
         self._stats.error_replies += 1
         return encode_error(f"unknown method: {request.method}")
 

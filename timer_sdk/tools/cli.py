@@ -1,4 +1,4 @@
-"""The ``timer-sdk`` command: serve, call, example, schema, stubs, demo, top, bench.
+"""The ``timer-sdk`` command: serve, call, example, schema, describe, compat, stubs, demo, top...
 
 ``timer-sdk serve [ADDRESS]`` runs the in-library server until Ctrl-C or
 SIGTERM; ``--workers N`` runs N server processes on one TCP port. ``timer-sdk
@@ -6,6 +6,8 @@ call ADDRESS METHOD [JSON]`` calls any method and prints the reply as JSON, as
 grpcurl does for gRPC; ``timer-sdk example METHOD`` prints a payload to start
 from. ``timer-sdk schema`` prints the wire API as CDDL or JSON Schema, and
 ``timer-sdk stubs`` writes a typed client for another language (:mod:`timer_sdk.tools.stubs`).
+``timer-sdk describe`` prints a running server's API and ``timer-sdk compat``
+judges what changed between two (:mod:`timer_sdk.tools.api_commands`).
 ``timer-sdk demo`` starts a server process and makes a round trip of every
 method against it. ``timer-sdk bench`` measures the server and client beside a
 minimal floor (see :mod:`timer_sdk.bench`); ``timer-sdk top`` watches a running
@@ -530,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _example(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command in ("describe", "compat"):
+            from .api_commands import run_command as run_api
+
+            return run_api(args, _client_ssl(args))
         if args.command == "stubs":
             from .stubs import run_command as run_stubs
 

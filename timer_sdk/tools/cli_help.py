@@ -31,8 +31,8 @@ from ..limits import Limits
 from ..models import TimerConfig
 from ..wire import api
 from ..wire.codec import DecodeError
+from ..wire.description import unwrap
 from . import schema
-from .description import unwrap
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -360,6 +360,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="cddl",
         help="CDDL (RFC 8610) or JSON Schema 2020-12, by wire names (default %(default)s)",
     )
+
+    from .api_commands import add_compat_arguments, add_describe_arguments
+
+    describe = commands.add_parser(
+        "describe",
+        help="print a running server's API, as schema prints this SDK's",
+        description=_para(
+            "Print the API of the server at ADDRESS, read through its server.describe "
+            "extension, in the formats of `timer-sdk schema`: for a server of this version "
+            "the output is the same, byte for byte. A server without the extension (the "
+            "reference, or an older timer-sdk) is named as such: exit status 1."
+        ),
+        formatter_class=_FORMATTER,
+    )
+    add_describe_arguments(describe)
+    _add_tls(describe, server=False)
+    compat = commands.add_parser(
+        "compat",
+        help="list what changed between two APIs, and whom it breaks",
+        description=_para(
+            "List every difference from API OLD to API NEW, each judged for an older client "
+            "against a newer server and for a newer client against an older server: safe, "
+            "'if used' (only a peer that uses the new part fails), or breaking. Exit status: "
+            "0 when compatible both ways, 1 when something breaks, 2 when OLD or NEW cannot "
+            "be read."
+        ),
+        formatter_class=_FORMATTER,
+    )
+    add_compat_arguments(compat)
+    _add_tls(compat, server=False)
 
     commands.add_parser(
         "demo",

@@ -1,6 +1,6 @@
 """The wire API as schemas for other languages, generated from :mod:`timer_sdk.wire.api`.
 
-Everything here is rendered from the description of :mod:`timer_sdk.tools.description`
+Everything here is rendered from the description of :mod:`timer_sdk.wire.description`
 (itself built from :data:`~timer_sdk.wire.api.METHODS`, :data:`~timer_sdk.wire.api.EVENTS`
 and the Pydantic models), by wire (camelCase) names, so it cannot drift from
 what the server accepts; the client stubs of :mod:`timer_sdk.tools.stubs` read the same:
@@ -16,14 +16,19 @@ Sans-I/O: nothing here touches a socket or a loop.
 
 from __future__ import annotations
 
-import re
+import copy
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
 
-from ..models import INT64_MAX
-from .description import ApiDescription, ModelDescription, TypeRef, describe, describe_model, spell
+from ..wire.description import (
+    ApiDescription,
+    ModelDescription,
+    TypeRef,
+    describe,
+    describe_model,
+    spell,
+)
 
 __all__ = ["cddl", "example", "json_schema", "method_table", "shape"]
 
@@ -92,78 +97,10 @@ def json_schema(api: ApiDescription | None = None) -> dict[str, Any]:
     ``$defs`` holds ``<method>-request`` and ``<method>-reply`` for every
     method, the event payloads and the extension's frames, and every model
     they use. Validate a payload against ``#/$defs/echo-request``, say.
-    Pydantic writes the models' schemas (with their bounds and docs) from
-    the classes the description names.
+    Pydantic writes the models' schemas (with their bounds and docs) when
+    the description is made: see :attr:`ApiDescription.json_schema`.
     """
-    api = api or describe()
-    entries: list[tuple[type[BaseModel], Any]] = [
-        (p.params.source, "validation") for p in api.procs
-    ]
-    entries += [(p.result.model.source, "serialization") for p in api.procs if p.result.model]
-    entries += [(event.data.source, "serialization") for event in api.events]
-    refs, document = models_json_schema(entries, by_alias=True, ref_template="#/$defs/{model}")
-    defs: dict[str, Any] = document["$defs"]
-    for definition in defs.values():  # docstrings are reST; readers of a schema want text
-        if "description" in definition:
-            text = re.sub(r":\w+:`~?([^`]+)`", r"\1", definition["description"])
-            definition["description"] = text.replace("``", "`")
-    for proc in api.procs:
-        defs[f"{proc.name}-request"] = refs[(proc.params.source, "validation")]
-        if proc.result.model is not None:
-            defs[f"{proc.name}-reply"] = refs[(proc.result.model.source, "serialization")]
-        else:
-            defs[f"{proc.name}-reply"] = TypeAdapter(_python_type(proc.result)).json_schema()
-    names = {"enum": [event.name for event in api.events]}
-    defs[f"{api.subscribe}-request"] = _object({"events": {"type": "array", "items": names}}, [])
-    defs[f"{api.subscribe}-reply"] = _object(
-        {"events": {"type": "array", "items": names}}, ["events"]
-    )
-    defs[f"{api.unsubscribe}-request"] = _object({}, [])
-    defs[f"{api.unsubscribe}-reply"] = {"type": "null"}
-    defs["event-frame"] = {
-        "oneOf": [
-            _object(
-                {"event": {"const": e.name}, "data": refs[(e.data.source, "serialization")]},
-                ["event", "data"],
-            )
-            for e in api.events
-        ]
-    }
-    defs["events-dropped-frame"] = {
-        "oneOf": [
-            _object(
-                {"dropped": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}, ["dropped"]
-            ),
-            _object({"dropped": {"const": 0}, "gap": {"type": "string"}}, ["dropped", "gap"]),
-        ]
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "timer wire API",
-        "description": "Generated from timer_sdk/wire/api.py; CBOR payloads, by wire (camelCase) "
-        "names. Validate a payload against #/$defs/<method>-request.",
-        "$defs": dict(sorted(defs.items())),
-    }
-
-
-def _python_type(ref: TypeRef) -> Any:
-    """A reply type that is not a model, back as a Python type for Pydantic."""
-    if ref.item is not None:
-        return list[_python_type(ref.item)]  # type: ignore[misc]
-    if ref.model is not None:
-        return ref.model.source
-    return {"text": str, "int64": int, "bool": bool, "float": float}[ref.scalar]
-
-
-def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "additionalProperties": False,
-    }
-    if required:
-        schema["required"] = required
-    return schema
+    return copy.deepcopy(dict((api or describe()).json_schema))
 
 
 # --- human-readable shapes and examples ------------------------------------------

@@ -1,6 +1,6 @@
 """``timer-sdk stubs``: typed clients for other languages, generated from the one declaration.
 
-Each target renders :class:`~timer_sdk.tools.description.ApiDescription` (the same
+Each target renders :class:`~timer_sdk.wire.description.ApiDescription` (the same
 description the schema export renders) into files; :func:`render` is
 sans-I/O and :func:`generate` writes the files. A new language is one more
 entry of :data:`TARGETS`.
@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from ..description import ApiDescription, describe
+from ...wire.description import ApiDescription, describe
 from . import go, typescript
 
 __all__ = ["TARGETS", "add_arguments", "generate", "render", "run_command"]

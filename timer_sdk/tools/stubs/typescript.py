@@ -13,7 +13,7 @@ import re
 from importlib import resources
 
 from ..._version import __version__
-from ..description import (
+from ...wire.description import (
     ApiDescription,
     FieldDescription,
     ModelDescription,
