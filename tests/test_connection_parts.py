@@ -245,7 +245,12 @@ def test_past_the_share_only_subscribers_over_their_part_lose_events() -> None:
         peer.sub.shed_backlog()
         assert peer.charges.events_charged <= EVENT_FLOOR
     assert len(slow.backlog) == EVENT_FLOOR // 1064
+    reader.sub.shed_backlog()  # nothing held: nothing to give
     assert stats.events_dropped == stalled.backlog.dropped + slow.backlog.dropped
+    reader._transport = None  # gone: an event for it is sent nowhere
+    sent = stats.events_sent
+    reader.sub.send_event(b"f" * 1064)
+    assert stats.events_sent == sent
 
 
 def test_the_event_share_is_split_among_subscribers_down_to_a_floor() -> None:

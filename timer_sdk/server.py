@@ -226,8 +226,9 @@ class Server:
 
     def _unsubscribe(self, conn: Subscriber) -> None:
         """Stop sending events to this connection."""
-        self._subscribers.discard(conn)
-        self.budget.split(len(self._subscribers))
+        if conn in self._subscribers:  # every connection comes here as it closes
+            self._subscribers.discard(conn)
+            self.budget.split(len(self._subscribers))
         if self.bus is not None and not self._subscribers:
             self.bus.listen(False)
         if not self._subscribers and self._stop_listening is not None:
