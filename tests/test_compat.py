@@ -467,3 +467,19 @@ def test_a_model_that_became_text_is_a_type_change() -> None:
     assert (change.subject, change.what, change.level) == (
         "PutParams.item", "type changed: Item -> text", BREAKING
     )  # fmt: skip
+
+
+def test_a_model_that_holds_itself_is_compared_once_and_each_use_is_named() -> None:
+    old = _api(BASE, BASE)
+    defs = old["$defs"]
+    defs["Inner"] = {"type": "object", "properties": {"size": {**INT, "maximum": 20}}}
+    defs["Item"]["properties"]["inner"] = {"$ref": "#/$defs/Inner"}
+    defs["Item"]["properties"]["parts"] = {"type": "array", "items": {"$ref": "#/$defs/Item"}}
+    defs["PutParams"]["properties"]["other"] = {"$ref": "#/$defs/Item"}
+    new = copy.deepcopy(old)
+    new["$defs"]["Inner"]["properties"]["size"]["maximum"] = 10
+    (change,) = compat.compare(old, new)
+    assert change.subject == "Inner.size"
+    # Each way in is named; the way round through parts[] is walked once, not forever.
+    assert change.where == ("put request: item.inner.size", "put request: other.inner.size")
+    assert (change.old_client.level, change.new_client.level) == (BREAKING, SAFE)

@@ -561,7 +561,9 @@ def test_an_unclosed_client_warns_and_is_closed(tcp_served: ThreadServer) -> Non
 
 # --- the facade is the async client, method for method ------------------------
 
-FACADE = ["connect", "version", "echo", "complex", "schedule", "call", "call_raw", "close"]
+FACADE = [
+    "connect", "version", "echo", "complex", "schedule", "describe", "call", "call_raw", "close"
+]  # fmt: skip
 ASYNC_ONLY = {"events"}
 """Async streams, not offered blocking (yet)."""
 

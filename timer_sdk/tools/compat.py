@@ -128,19 +128,21 @@ class _Compare:
     def __init__(self, old: Document, new: Document) -> None:
         self.old, self.new = old, new
         self.uses: dict[tuple[str, str], dict[Side, list[str]]] = {}
+        self.inside: set[tuple[str, str]] = set()  # the models being walked into
         self.changes: list[Change] = []
 
     def pair(self, o_name: str, n_name: str, side: Side, path: str) -> None:
-        uses = self.uses.setdefault((o_name, n_name), {})
-        first = side not in uses
-        uses.setdefault(side, []).append(path)
-        if not first:
-            return
+        """Note where a model is used; go on into the models it holds, every path once."""
+        self.uses.setdefault((o_name, n_name), {}).setdefault(side, []).append(path)
+        if (o_name, n_name) in self.inside:
+            return  # a model that holds itself: its fields are compared once
+        self.inside.add((o_name, n_name))
         o_model, n_model = self.old.defs[o_name], self.new.defs[n_name]
         for field in o_model.get("properties", {}):
             if field in n_model.get("properties", {}):
                 o_frag, n_frag = o_model["properties"][field], n_model["properties"][field]
                 self.nested(o_frag, n_frag, side, _join(path, field))
+        self.inside.discard((o_name, n_name))
 
     def nested(self, o_frag: Any, n_frag: Any, side: Side, path: str) -> None:
         o_models, n_models = self.old.models_in(o_frag), self.new.models_in(n_frag)
