@@ -130,3 +130,6 @@ class ServerStats:
     accept_pauses: int = 0
     """Times accepting paused because the process was out of file descriptors."""
     by_method: dict[str, int] = field(default_factory=dict)
+    """Requests per method, for the methods the server knows."""
+    errors_by_method: dict[str, int] = field(default_factory=dict)
+    """Error replies per method, for the methods the server knows."""
