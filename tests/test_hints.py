@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
+from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient, _extras
 from timer_sdk._extras import EXTRAS, install_hint
 from timer_sdk.bench.rows import Row, Target
 from timer_sdk.bench.table import LEGEND, TARGET_NOTE
@@ -34,10 +34,17 @@ def _names(requirements: list[str]) -> tuple[str, ...]:
 def test_install_hints_name_the_packages_the_extra_brings(extra: str) -> None:
     declared = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
     assert EXTRAS[extra] == _names(declared[extra])
-    hint = install_hint(extra)
-    # From a clone, and from a wheel: 'timer-sdk[...]' needs the project on an index.
-    assert hint.startswith(f"pip install -e '.[{extra}]' from a clone, or pip install ")
-    assert "timer-sdk[" not in hint
+    # This suite runs from an editable clone: the extra is installed into it.
+    assert install_hint(extra) == f"pip install -e '{PYPROJECT.parent}[{extra}]'"
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_from_a_wheel_the_hint_names_the_packages(
+    extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 'timer-sdk[...]' would need the project on an index; a wheel has no clone.
+    monkeypatch.setattr(_extras, "editable_clone", lambda: None)
+    assert install_hint(extra) == "pip install " + " ".join(EXTRAS[extra])
 
 
 def test_the_nats_hint_is_the_one_the_bus_gives() -> None:
