@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from .calling import plans as client_plan
+from .calling.connecting import Connecting
 from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
 from .calling.events import _Events
 from .calling.protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
@@ -141,7 +142,7 @@ class TimerClient(_Events):
         self._resubscriber: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         address: str | Address,
         *,
@@ -154,8 +155,11 @@ class TimerClient(_Events):
         connections: int = 1,
         max_pending: int = DEFAULT_MAX_PENDING,
         dead_after: float | None = None,
-    ) -> TimerClient:
+    ) -> Connecting[TimerClient]:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
+
+        ``client = await TimerClient.connect(address)``, or ``async with
+        TimerClient.connect(address) as client:`` to close it when the block ends.
 
         ``timeout`` is the default for every call. With ``reconnect``, a call
         made after the connection was lost first reconnects, waiting a backoff
@@ -187,6 +191,36 @@ class TimerClient(_Events):
         It is off because silence can be a slow call; set it above your
         longest call.
         """
+        return Connecting(
+            cls._open(
+                address,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                reconnect=reconnect,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                max_frame_size=max_frame_size,
+                connections=connections,
+                max_pending=max_pending,
+                dead_after=dead_after,
+            )
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float | None,
+        connect_timeout: float | None,
+        reconnect: bool,
+        ssl: SSLContext | None,
+        server_hostname: str | None,
+        max_frame_size: int,
+        connections: int,
+        max_pending: int,
+        dead_after: float | None,
+    ) -> TimerClient:
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:

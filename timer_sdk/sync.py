@@ -247,8 +247,9 @@ class TimerClient:
         all N connections are busy.
         """
         portal = _get_portal()
-        client = portal.run(
-            lambda: AsyncTimerClient.connect(
+
+        async def open_client() -> AsyncTimerClient:
+            return await AsyncTimerClient.connect(
                 address,
                 timeout=timeout,
                 connect_timeout=connect_timeout,
@@ -259,9 +260,9 @@ class TimerClient:
                 connections=connections,
                 max_pending=max_pending,
                 dead_after=dead_after,
-            ),
-            _close,
-        )
+            )
+
+        client = portal.run(open_client, _close)
         blocking = cls.__new__(cls)
         blocking._set_up(client, portal)
         return blocking
