@@ -72,7 +72,7 @@ def check_installed_copy(venv: Path, away: Path, *, nats: bool) -> None:
 
 SDIST_TOPS = {
     "timer_sdk", "tests", "docs", "notebooks", ".ci", "README.md", "CHANGELOG.md", "LICENSE",
-    "mkdocs.yml", "pyproject.toml", "PKG-INFO", ".gitignore",
+    "pyproject.toml", "PKG-INFO", ".gitignore",
 }  # fmt: skip
 """What the sdist may hold at its top: the project's own, never what a user made in the clone."""
 

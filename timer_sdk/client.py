@@ -161,7 +161,12 @@ class TimerClient(_Events):
         ``client = await TimerClient.connect(address)``, or ``async with
         TimerClient.connect(address) as client:`` to close it when the block ends.
 
-        ``timeout`` is the default for every call. With ``reconnect``, a call
+        ``timeout`` is the default for every call, in seconds (``None`` waits
+        forever). ``connect_timeout`` bounds the connect itself, the TLS
+        handshake included (``None`` waits forever). ``server_hostname`` is the
+        name a ``tls:`` server's certificate must match, when it is not the
+        address's host (say, an IP address with a certificate for a name).
+        With ``reconnect``, a call
         made after the connection was lost first reconnects, waiting a backoff
         (50 ms, doubling to 5 s) after each failed attempt; calls that were in
         flight when it was lost fail with ConnectionLost and are never
@@ -180,16 +185,16 @@ class TimerClient(_Events):
         (a notebook, threads on the blocking client), or to reach several
         ``--workers`` of one server.
 
-        ``max_frame_size`` caps the body of a reply or event (a default server
-        never sends more than its own 1 MiB limit). Backpressure: at most
-        ``max_pending`` calls are in flight, abandoned ones included until
-        their replies arrive, and while the socket's write buffer is full a
-        new call writes nothing; either way it waits its turn, and the wait
-        counts against its timeout. ``dead_after`` (seconds, off by default)
-        declares the connection dead when nothing arrives for that long while
-        calls wait: they fail with ConnectionLost, and ``reconnect`` applies.
-        It is off because silence can be a slow call; set it above your
-        longest call.
+        ``max_frame_size`` caps the body of a reply or event, 1 MiB by default
+        (a default server never sends more than its own 1 MiB limit).
+        Backpressure: at most ``max_pending`` calls (1024 by default) are in
+        flight, abandoned ones included until their replies arrive, and while
+        the socket's write buffer is full a new call writes nothing; either
+        way it waits its turn, and the wait counts against its timeout.
+        ``dead_after`` (seconds, off by default) declares the connection dead
+        when nothing arrives for that long while calls wait: they fail with
+        ConnectionLost, and ``reconnect`` applies. It is off because silence
+        can be a slow call; set it above your longest call.
         """
         return Connecting(
             cls._open(

@@ -326,6 +326,7 @@ class TimerClient:
     def call(self, method: api.Method[P, R], params: P, *, timeout: float | None = None) -> R:
         """Call ``method`` with its request envelope and return its typed reply.
 
+        ``timeout`` (seconds) overrides the client's default.
         Raises as the async ``call`` does. Interrupting it (Ctrl-C) cancels
         the call: a request already written still runs on the server, and
         its reply is discarded.
