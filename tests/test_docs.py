@@ -311,7 +311,7 @@ def test_the_readme_python_scripts_pass_mypy_strict(tmp_path: Path) -> None:
 
 def test_the_guides_give_commands_that_work() -> None:
     # Addresses need their scheme, and extras are installed without a package index.
-    for guide in ("scaling.md", "limits.md", "protocol.md"):
+    for guide in ("scaling.md", "limits.md", "protocol.md", "tls.md"):
         text = (ROOT / "docs" / guide).read_text()
         assert not re.search(r"timer-sdk call (?!(tcp|tls|unix):)", text), guide
         assert "timer-sdk[" not in text, guide
