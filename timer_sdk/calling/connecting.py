@@ -49,5 +49,5 @@ class Connecting(Generic[C]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._client is not None:
-            await self._client.close()
+        assert self._client is not None  # entered: __aexit__ runs only after __aenter__ returned
+        await self._client.close()
