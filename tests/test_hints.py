@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,42 @@ def test_running_one_test_prints_no_coverage_table() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
     assert "TOTAL" not in done.stdout and "Missing" not in done.stdout, done.stdout
+
+
+class _Installed:
+    """What importlib.metadata gives for an installation: its direct_url.json, or none."""
+
+    def __init__(self, recorded: str | None) -> None:
+        self.recorded = recorded
+
+    def read_text(self, name: str) -> str | None:
+        assert name == "direct_url.json"
+        return self.recorded
+
+
+@pytest.mark.parametrize(
+    "installed",
+    [
+        None,  # not installed at all: run from a source tree on sys.path
+        _Installed(None),  # from an index or a wheel file without a record
+        _Installed('{"url": "file:///tmp/timer_sdk-0.1.0-py3-none-any.whl", "archive_info": {}}'),
+        _Installed('{"url": "file:///src/timer", "dir_info": {}}'),  # pip install . (not -e)
+    ],
+)
+def test_only_an_editable_install_has_a_clone(
+    installed: _Installed | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def distribution(name: str) -> _Installed:
+        assert name == "timer-sdk"
+        if installed is None:
+            raise metadata.PackageNotFoundError(name)
+        return installed
+
+    _extras.editable_clone.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(metadata, "distribution", distribution)
+            assert _extras.editable_clone() is None
+    finally:
+        _extras.editable_clone.cache_clear()
+    assert _extras.editable_clone() == PYPROJECT.parent  # this suite's own clone
