@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from timer_sdk.bench.floor import FloorClient, FloorError, FloorServer, serve_fl
 from timer_sdk.bench.loadgen import run_job
 from timer_sdk.bench.models_floor import ModelsFloorClient, serve_models_floor
 from timer_sdk.bench.processes import ServerProcess, start
+from timer_sdk.bench.rows import WORKER_COUNTS, Settings, estimate_seconds
 from timer_sdk.models import EchoParams, VersionParams
 from timer_sdk.serving.connection import Connection
 from timer_sdk.wire.framing import encode_request
@@ -184,6 +186,9 @@ def _run_bench(*args: str) -> tuple[str, dict[str, Any]]:
                 "--json", str(out), *args]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=110, check=False)
         assert done.returncode == 0, done.stderr
+        # Before anything is measured, it says how long it will take.
+        first = done.stderr.splitlines()[0]
+        assert re.fullmatch(r"bench: +\d+\.\d s  this run takes about \d+ s: .+ on asyncio", first)
         return done.stdout, json.loads(out.read_text())
 
 
@@ -327,3 +332,32 @@ def test_timeout_targets_bound_ours_over_ours_without_a_timeout() -> None:
     default = row("client gather echo, client timeout=5", 94.0, 100.0)
     assert (default.target, default.target_basis, default.met) == (">= 0.95", "untimed", False)
     assert row("client gather echo, timeout=5", 95.0, 0.0).met is None
+
+
+def test_a_timeout_rows_target_shows_the_number_it_compares() -> None:
+    # Its /models column passes the bound; the target is on ours over ours untimed.
+    detail = {"untimed": 100.0, "vs_untimed": 0.93}
+    row = Row("client", "client gather echo, timeout=5", "calls/s", 93.0, 1.0, "asyncio",
+              "higher", models_floor=60.0, detail=detail)  # fmt: skip
+    table = format_table({"rows": [asdict(row)], "quick": True})
+    [line] = [line for line in table.splitlines() if line.startswith("client gather echo")]
+    assert line.endswith("1.55  ours/untimed 0.93 ≥ 0.95: MISSED"), line
+
+
+def test_the_workers_title_names_every_count_it_measures() -> None:
+    rows = [
+        Row("workers", f"workers={n} echo tcp 8x32", "calls/s", 1.0, 1.0, "asyncio", "higher")
+        for n in WORKER_COUNTS
+    ]
+    table = format_table({"rows": [asdict(r) for r in rows]})
+    assert "workers: serve --workers 1, 2 and 4, one TCP port" in table
+    for n in WORKER_COUNTS:
+        assert f"workers={n} echo" in table
+
+
+def test_the_estimate_grows_with_what_is_run() -> None:
+    quick = Settings(quick=True, loops=("asyncio",)).resolved()
+    full = Settings(loops=("asyncio",)).resolved()
+    assert 10 < estimate_seconds(quick) < estimate_seconds(full)
+    both = Settings(quick=True, loops=("asyncio", "asyncio")).resolved()
+    assert estimate_seconds(quick) < estimate_seconds(both) < 2 * estimate_seconds(quick)

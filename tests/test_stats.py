@@ -72,6 +72,21 @@ async def test_a_unix_server_answers_stats_by_default(tmp_path: Path) -> None:
     assert now["time"] >= now["timing_since"] >= first["time"] - 1
 
 
+async def test_per_method_errors_count_from_start_up_as_calls_do(tmp_path: Path) -> None:
+    # A failed call before anyone watched: its row and the server's total agree.
+    async with (
+        await Timer().serve(f"unix:{tmp_path / 's.sock'}") as server,
+        await TimerClient.connect(server.address, timeout=30) as client,
+    ):
+        with pytest.raises(RemoteCallError):
+            await client.call_raw("echo", encode_item({"req": {"message": 5, "delayMs": 0}}))
+        first = await _stats(client)
+    assert first["methods"]["echo"]["calls"] == first["methods"]["echo"]["errors"] == 1
+    assert first["counters"]["error_replies"] == 1
+    assert server.stats.errors_by_method == {"echo": 1}
+    assert "errors_by_method" not in first["counters"]  # per method, under "methods"
+
+
 async def test_stats_enabled_on_tcp_and_timing_off_until_read() -> None:
     async with await Timer().serve("tcp:127.0.0.1:0", stats=True) as server:
         plans = {name: answer for name, (_, answer) in server.plans.items()}

@@ -124,6 +124,15 @@ async def test_every_method_end_to_end(built: Path, server: Server) -> None:
     assert seen["afterUnsubscribe"] == expected["version"]
     assert seen["lateReply"] == "late"
     assert seen["afterClose"] == "ConnectionClosedError"
+    schedule, echo = seen["errorMessages"]
+    assert schedule == "schedule: job name must not be empty"
+    assert echo.startswith("echo: invalid request: ")
+    assert "echo: echo:" not in echo
+    refused, bad = seen["connectErrors"]
+    assert refused.startswith("ConnectError unix:/nonexistent/timer.sock: "), refused
+    assert bad == (
+        "ConnectError nats://x:1: expected tcp:HOST:PORT or unix:PATH (this client has no TLS)"
+    )
 
 
 async def test_the_frames_are_the_captured_vectors_byte_for_byte(built: Path) -> None:
@@ -337,3 +346,24 @@ def test_tsc_reports_a_type_error_in_a_program(built: Path) -> None:
     )  # fmt: skip
     assert out.returncode != 0
     assert "Type 'string' is not assignable to type 'number'" in out.stdout
+
+
+@pytest.mark.timeout(300)
+def test_installing_the_package_as_its_readme_says_warns_of_no_install_script(
+    tmp_path: Path,
+) -> None:
+    # npm lists dependencies whose install scripts no allowScripts entry covers.
+    _, npm = _node.require_node()
+    version = subprocess.run([npm, "--version"], capture_output=True, text=True, check=True)
+    if tuple(map(int, version.stdout.split(".")[:2])) < (11, 16):
+        pytest.skip(f"npm {version.stdout.strip()} predates allowScripts")
+    for name, text in stubs.render("typescript").items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=280, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "install-scripts" not in done.stdout + done.stderr
+    assert "cbor-extract" in (tmp_path / "README.md").read_text()  # and why it is safe

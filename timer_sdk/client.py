@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from .calling import plans as client_plan
+from .calling.connecting import Connecting
 from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
 from .calling.events import _Events
 from .calling.protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
@@ -142,7 +143,7 @@ class TimerClient(_Events):
         self._resubscriber: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(
+    def connect(
         cls,
         address: str | Address,
         *,
@@ -155,10 +156,18 @@ class TimerClient(_Events):
         connections: int = 1,
         max_pending: int = DEFAULT_MAX_PENDING,
         dead_after: float | None = None,
-    ) -> TimerClient:
+    ) -> Connecting[TimerClient]:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
-        ``timeout`` is the default for every call. With ``reconnect``, a call
+        ``client = await TimerClient.connect(address)``, or ``async with
+        TimerClient.connect(address) as client:`` to close it when the block ends.
+
+        ``timeout`` is the default for every call, in seconds (``None`` waits
+        forever). ``connect_timeout`` bounds the connect itself, the TLS
+        handshake included (``None`` waits forever). ``server_hostname`` is the
+        name a ``tls:`` server's certificate must match, when it is not the
+        address's host (say, an IP address with a certificate for a name).
+        With ``reconnect``, a call
         made after the connection was lost first reconnects, waiting a backoff
         (50 ms, doubling to 5 s) after each failed attempt; calls that were in
         flight when it was lost fail with ConnectionLost and are never
@@ -177,17 +186,47 @@ class TimerClient(_Events):
         (a notebook, threads on the blocking client), or to reach several
         ``--workers`` of one server.
 
-        ``max_frame_size`` caps the body of a reply or event (a default server
-        never sends more than its own 1 MiB limit). Backpressure: at most
-        ``max_pending`` calls are in flight, abandoned ones included until
-        their replies arrive, and while the socket's write buffer is full a
-        new call writes nothing; either way it waits its turn, and the wait
-        counts against its timeout. ``dead_after`` (seconds, off by default)
-        declares the connection dead when nothing arrives for that long while
-        calls wait: they fail with ConnectionLost, and ``reconnect`` applies.
-        It is off because silence can be a slow call; set it above your
-        longest call.
+        ``max_frame_size`` caps the body of a reply or event, 1 MiB by default
+        (a default server never sends more than its own 1 MiB limit).
+        Backpressure: at most ``max_pending`` calls (1024 by default) are in
+        flight, abandoned ones included until their replies arrive, and while
+        the socket's write buffer is full a new call writes nothing; either
+        way it waits its turn, and the wait counts against its timeout.
+        ``dead_after`` (seconds, off by default) declares the connection dead
+        when nothing arrives for that long while calls wait: they fail with
+        ConnectionLost, and ``reconnect`` applies. It is off because silence
+        can be a slow call; set it above your longest call.
         """
+        return Connecting(
+            cls._open(
+                address,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                reconnect=reconnect,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                max_frame_size=max_frame_size,
+                connections=connections,
+                max_pending=max_pending,
+                dead_after=dead_after,
+            )
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float | None,
+        connect_timeout: float | None,
+        reconnect: bool,
+        ssl: SSLContext | None,
+        server_hostname: str | None,
+        max_frame_size: int,
+        connections: int,
+        max_pending: int,
+        dead_after: float | None,
+    ) -> TimerClient:
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:

@@ -102,6 +102,7 @@ class Subscription:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.max_queue = max_queue
+        """Events held for the reader; past it the oldest are dropped, and counted."""
         self.dropped = 0
         """How many events this subscription has dropped in all."""
         self._queue: deque[_Item] = deque()

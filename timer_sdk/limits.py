@@ -21,7 +21,12 @@ __all__ = ["Limits", "ServerStats"]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Every bound the server enforces. All are per server."""
+    """Every bound the server enforces. All are per server.
+
+    Give the bounds to change by keyword, ``Limits(max_frame_size=4 * 1024 * 1024)``;
+    the others keep their defaults. A bound typed ``X | None`` is switched off
+    by ``None``.
+    """
 
     max_frame_size: int = field(
         default=DEFAULT_MAX_FRAME_SIZE,
@@ -106,17 +111,26 @@ class Limits:
 
 @dataclass(slots=True)
 class ServerStats:
-    """Counters since the server started."""
+    """Counters since the server started: :attr:`Server.stats <timer_sdk.Server.stats>`."""
 
     connections_accepted: int = 0
+    """Connections accepted."""
     connections_refused: int = 0
+    """Connections closed at once: over ``max_connections``, or while shutting down."""
     requests: int = 0
+    """Requests received, of every method, known or not."""
     error_replies: int = 0
+    """Error replies sent for any reason: failed calls, bad frames, unknown methods."""
     protocol_violations: int = 0
+    """Frames or payloads that broke the protocol."""
     frame_timeouts: int = 0
+    """Frames not finished within ``frame_timeout``."""
     idle_timeouts: int = 0
+    """Connections closed after ``idle_timeout`` with nothing in flight."""
     events_sent: int = 0
+    """Event frames sent to subscribers."""
     events_dropped: int = 0
+    """Events a subscriber lost: it was not reading, or the memory budget was spent."""
     budget_waits: int = 0
     """Times a connection stopped reading because the memory budget was spent."""
     budget_refusals: int = 0
@@ -130,3 +144,6 @@ class ServerStats:
     accept_pauses: int = 0
     """Times accepting paused because the process was out of file descriptors."""
     by_method: dict[str, int] = field(default_factory=dict)
+    """Requests per method, for the methods the server knows."""
+    errors_by_method: dict[str, int] = field(default_factory=dict)
+    """Error replies per method, for the methods the server knows."""

@@ -130,6 +130,8 @@ class Server:
         flight). A second signal is acknowledged, a third stops at once. Returns
         ``True`` if the close was graceful, ``False`` if a third signal cut it
         short. Main thread only: it uses ``loop.add_signal_handler``.
+        ``shutdown_timeout`` is :meth:`close`'s ``timeout``: how long the
+        requests in flight may take before they are cancelled.
         """
         return await serve_until_signal(self, shutdown_timeout=shutdown_timeout, report=report)
 
@@ -387,7 +389,9 @@ async def serve(
 
     ``address`` is ``tcp:HOST:PORT``, ``tls:HOST:PORT`` (with ``ssl``) or
     ``unix:PATH``; port 0 picks a free port, and :attr:`Server.address` tells
-    which. A Unix socket is created with ``unix_mode`` (owner only by
+    which. ``limits`` bounds what peers may take (:class:`~timer_sdk.Limits`
+    with its defaults if not given). ``ssl`` is the server's TLS context, for
+    ``tls:`` (see the TLS guide). A Unix socket is created with ``unix_mode`` (owner only by
     default); an existing path is replaced only if it is a stale socket.
     ``reuse_port`` lets several processes share one TCP port (SO_REUSEPORT).
     ``bus`` carries events between servers of one timer: a ``nats://HOST:PORT``

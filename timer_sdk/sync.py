@@ -250,8 +250,9 @@ class TimerClient:
         all N connections are busy.
         """
         portal = _get_portal()
-        client = portal.run(
-            lambda: AsyncTimerClient.connect(
+
+        async def open_client() -> AsyncTimerClient:
+            return await AsyncTimerClient.connect(
                 address,
                 timeout=timeout,
                 connect_timeout=connect_timeout,
@@ -262,9 +263,9 @@ class TimerClient:
                 connections=connections,
                 max_pending=max_pending,
                 dead_after=dead_after,
-            ),
-            _close,
-        )
+            )
+
+        client = portal.run(open_client, _close)
         blocking = cls.__new__(cls)
         blocking._set_up(client, portal)
         return blocking
@@ -343,6 +344,7 @@ class TimerClient:
     def call(self, method: api.Method[P, R], params: P, *, timeout: float | None = None) -> R:
         """Call ``method`` with its request envelope and return its typed reply.
 
+        ``timeout`` (seconds) overrides the client's default.
         Raises as the async ``call`` does. Interrupting it (Ctrl-C) cancels
         the call: a request already written still runs on the server, and
         its reply is discarded.

@@ -59,6 +59,7 @@ class Timer:
 
     def __init__(self, config: TimerConfig | None = None) -> None:
         self.config = config or TimerConfig()
+        """The timer's configuration: ``TimerConfig()`` unless one was given."""
         self._listeners: list[EchoListener] = []
 
     @property

@@ -1,10 +1,18 @@
 // Every method of the generated client against a real server; prints what it saw as JSON.
 // Usage: node e2e.js ADDRESS
-import { CallTimeoutError, RemoteCallError, TimerClient, type EventItem, type EventMap } from "../dist/index.js";
+import {
+  CallTimeoutError,
+  ConnectError,
+  RemoteCallError,
+  TimerClient,
+  type EventItem,
+  type EventMap,
+} from "../dist/index.js";
 
 const address = process.argv[2] ?? "";
 const client = await TimerClient.connect(address, { timeoutMs: 20_000 });
 const other = await TimerClient.connect(address, { timeoutMs: 20_000 });
+const third = await TimerClient.connect(address, { timeoutMs: 20_000 });
 const seen: Record<string, unknown> = {};
 
 seen.version = await client.version();
@@ -77,4 +85,19 @@ try {
 } catch (error) {
   seen.afterClose = (error as Error).name;
 }
+
+// An error reply names its method once, whether or not the server's message does.
+const messageOf = (error: unknown) => (error instanceof RemoteCallError ? error.message : `${error}`);
+seen.errorMessages = [
+  await third.schedule({ ...job, name: "" }, retry, when).then(String, messageOf),
+  await third.echo({ message: 5 as unknown as string, delayMs: 0 }).then(String, messageOf),
+];
+await third.close();
+// A connection that cannot be made is a ConnectError, like the client's other typed errors.
+const failed = async (target: string) =>
+  TimerClient.connect(target, { connectTimeoutMs: 5_000 }).then(
+    () => "connected",
+    (error) => (error instanceof ConnectError ? `${error.name} ${error.message}` : `${error}`),
+  );
+seen.connectErrors = [await failed("unix:/nonexistent/timer.sock"), await failed("nats://x:1")];
 console.log(JSON.stringify(seen));

@@ -13,15 +13,19 @@ from .._extras import install_hint
 __all__ = [
     "GROUPS",
     "TARGETS",
+    "WORKER_COUNTS",
     "Row",
     "Settings",
     "Target",
     "available_loops",
+    "estimate_seconds",
     "progress",
     "start_progress",
 ]
 
 GROUPS = ("memory", "ping-pong", "pipelined", "workers", "client", "codec")
+WORKER_COUNTS = (1, 2, 4)
+"""The ``serve --workers N`` that the workers group measures."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,33 @@ def available_loops() -> tuple[str, ...]:
     except ImportError:
         return ("asyncio",)
     return ("asyncio", "uvloop")
+
+
+# What each group takes, as measured on a 2-core machine: seconds of set-up per event
+# loop (server and worker processes to start), and measured windows per event loop (each
+# a warm-up and a duration, per round, for ours and both floors). Codec runs once.
+_COSTS = {
+    "memory": (3.0, 0),
+    "ping-pong": (0.0, 4),
+    "pipelined": (0.0, 6),
+    "workers": (8.5, 3),
+    "client": (2.5, 4),
+    "codec": (3.0, 0),
+}
+
+
+def estimate_seconds(settings: Settings) -> float:
+    """About how long a run of these (resolved) settings takes, to say up front."""
+    assert settings.warmup is not None
+    assert settings.duration is not None
+    assert settings.rounds is not None
+    window = 3 * settings.rounds * (settings.warmup + settings.duration)
+    total = 0.0
+    for group in settings.groups:
+        setup, windows = _COSTS[group]
+        times = 1 if group == "codec" else len(settings.loops)
+        total += times * (setup + windows * window)
+    return total
 
 
 _progress_started: list[float] = []  # when this run started, if it reports progress

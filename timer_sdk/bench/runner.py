@@ -24,7 +24,15 @@ from typing import Any
 from .._version import __version__
 from .client_groups import bench_codec, client_rows
 from .processes import Foreign, LoadGen, servers, start
-from .rows import GROUPS, Row, Settings, available_loops, start_progress
+from .rows import (
+    GROUPS,
+    Row,
+    Settings,
+    available_loops,
+    estimate_seconds,
+    progress,
+    start_progress,
+)
 from .server_groups import DEPTH, Context, bench_server_groups
 
 __all__ = ["GROUPS", "Row", "Settings", "available_loops", "run_benchmark"]
@@ -88,6 +96,10 @@ def run_benchmark(settings: Settings | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results as the JSON document."""
     settings = (settings or Settings()).resolved()
     start_progress(settings.progress)
+    progress(
+        f"this run takes about {estimate_seconds(settings):.0f} s: "
+        f"{', '.join(settings.groups)} on {' and '.join(settings.loops)}"
+    )
     loadgen_loop = available_loops()[-1]
     against = Foreign(settings.against) if settings.against else None
     if against is not None:

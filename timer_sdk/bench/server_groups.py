@@ -19,7 +19,7 @@ import cbor2
 
 from ..wire.framing import encode_request
 from .processes import Foreign, LoadGen, ServerProcess, UnderTest, servers, start
-from .rows import Row, Settings, progress
+from .rows import WORKER_COUNTS, Row, Settings, progress
 
 __all__ = ["DEPTH", "Context", "ServerSet", "bench_server_groups"]
 
@@ -324,7 +324,7 @@ def _bench_workers(ctx: Context, one: ServerSet) -> None:
     results_one = _measure(ctx, {role: one[role] for role in KINDS}, job)
     ctx.add(_row(ctx, ("workers", f"workers=1 {name}", "calls/s", "higher"), results_one, _rate,
                  skipped=skipped))  # fmt: skip
-    for n in (2, 4):
+    for n in WORKER_COUNTS[1:]:
         _bench_n_workers(ctx, job, name, results_one, n)
 
 

@@ -41,9 +41,11 @@ class EventSource(Protocol):
     """What a bus needs of the timer it serves: its name and its events (a ``Timer``)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The timer's name: servers that share it share events."""
 
-    def add_echo_listener(self, listener: Callable[[EchoEvent], None]) -> Callable[[], None]: ...
+    def add_echo_listener(self, listener: Callable[[EchoEvent], None]) -> Callable[[], None]:
+        """Call ``listener`` with each event the timer fires; return a remover."""
 
 
 class EventSink(Protocol):

@@ -58,6 +58,9 @@ class _Events:
         stream carries an
         :class:`~timer_sdk.events.EventsMayHaveBeenMissed` notice at the gap.
         Calls keep working on the same client meanwhile.
+
+        ``max_queue`` events wait for this subscriber; when it falls further
+        behind, the oldest are dropped and an ``EventsDropped`` notice counts them.
         """
         return Subscription(max_queue=max_queue, opener=self._open_events)
 

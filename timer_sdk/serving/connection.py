@@ -49,6 +49,7 @@ from .replies import Replies, _Slot
 from .subscriber import WRITE_HIGH, Subscriber, event_frame
 
 if TYPE_CHECKING:
+    from ..limits import ServerStats
     from .host import Host
 
 __all__ = ["Connection", "event_frame"]
@@ -324,15 +325,15 @@ class Connection(asyncio.BufferedProtocol):
         try:
             outcome = answer(request.payload)
         except DecodeError as exc:
-            stats.error_replies += 1
+            _count_error(stats, method.name)
             stats.protocol_violations += 1
             logger.info("%s: %s", self._peer, exc)
             return encode_error(str(exc))
         except CallError as exc:
-            stats.error_replies += 1
+            _count_error(stats, method.name)
             return encode_error(exc.message)
         except Exception:
-            stats.error_replies += 1
+            _count_error(stats, method.name)
             logger.exception("%s: %s raised", self._peer, method.name)
             return encode_error(f"{method.name}: internal error")
         if isinstance(outcome, bytes):
@@ -371,7 +372,7 @@ class Connection(asyncio.BufferedProtocol):
     def _oversize(self, method: Method[Any, Any], size: int) -> bytes:
         # Never send what a client with the same limit must refuse.
         self._stats.oversize_replies += 1
-        self._stats.error_replies += 1
+        _count_error(self._stats, method.name)
         return encode_error(
             f"{method.name}: reply of {size} bytes exceeds the limit of "
             f"{self._max_frame_size} bytes"
@@ -384,15 +385,15 @@ class Connection(asyncio.BufferedProtocol):
             result = await _eager.resume(suspended)
             frame = self._reply_frame(method, result)
         except CallError as exc:
-            self._stats.error_replies += 1
+            _count_error(self._stats, method.name)
             frame = encode_error(exc.message)
         except asyncio.CancelledError:
             if self._transport is None:
                 return  # an orphan: its caller is gone, and so is the slot
-            self._stats.error_replies += 1
+            _count_error(self._stats, method.name)
             frame = encode_error(f"{method.name}: cancelled: the server is shutting down")
         except Exception:
-            self._stats.error_replies += 1
+            _count_error(self._stats, method.name)
             logger.exception("%s: %s raised", self._peer, method.name)
             frame = encode_error(f"{method.name}: internal error")
         self._fill(slot, frame)
@@ -442,3 +443,10 @@ def _describe_peer(transport: asyncio.BaseTransport) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer) if peer else "unix peer"
+
+
+def _count_error(stats: ServerStats, name: str) -> None:
+    """An error reply to a call of ``name`` (a method this server knows)."""
+    stats.error_replies += 1
+    errors = stats.errors_by_method
+    errors[name] = errors.get(name, 0) + 1

@@ -50,14 +50,13 @@ BOUNDS: tuple[float, ...] = tuple(2**bits / 1e9 for bits in range(_LOW, _HIGH + 
 
 
 class MethodTiming:
-    """One method's completed calls: error count, and a duration histogram."""
+    """One method's completed calls: a duration histogram."""
 
-    __slots__ = ("by_bits", "errors", "ns")
+    __slots__ = ("by_bits", "ns")
 
     def __init__(self) -> None:
         self.by_bits = [0] * 65  # calls by the bit length of (duration in ns - 1)
         self.ns = 0
-        self.errors = 0
 
     def record(self, took_ns: int) -> None:
         self.by_bits[(took_ns - 1).bit_length()] += 1  # took_ns <= 2**bits: le is inclusive
@@ -87,7 +86,6 @@ class CallTiming:
             try:
                 outcome = answer(payload)
             except BaseException:
-                into.errors += 1
                 into.record(clock() - started)
                 raise
             if isinstance(outcome, bytes):
@@ -106,8 +104,7 @@ class CallTiming:
 async def _finish(suspended: _eager.Suspended, into: MethodTiming, started: int) -> Any:
     try:
         result = await _eager.resume(suspended)
-    except BaseException:
-        into.errors += 1  # the connection answers it with an error reply
+    except BaseException:  # the connection answers it with an error reply
         into.record(time.perf_counter_ns() - started)
         raise
     into.record(time.perf_counter_ns() - started)
@@ -148,20 +145,20 @@ def snapshot(server: Counted) -> dict[str, Any]:
     stats = server.stats
     budget = server.budget
     by_method = dict(stats.by_method)
+    errors = dict(stats.errors_by_method)
     timing = server.timing
     methods: dict[str, Any] = {}
     for name in server.plans:
-        entry: dict[str, Any] = {"calls": by_method.get(name, 0)}
+        entry: dict[str, Any] = {"calls": by_method.get(name, 0), "errors": errors.get(name, 0)}
         if timing is not None:
             one = timing.methods[name]
-            entry["errors"] = one.errors
             entry["buckets"] = one.buckets()
             entry["sum"] = one.ns / 1e9
         methods[name] = entry
     counters = {
         name: getattr(stats, name)
         for name in type(stats).__dataclass_fields__
-        if name != "by_method"
+        if name not in ("by_method", "errors_by_method")
     }
     return {
         "timer": server.timer.name,

@@ -31,7 +31,6 @@ import os
 import re
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -63,6 +62,7 @@ from .cli_help import (
     limits_from_args,
 )
 from .observe import start_metrics
+from .tls_flags import client_ssl, server_ssl
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
 
@@ -91,26 +91,6 @@ def _run(coro: Coroutine[Any, Any, int], loop: str = "auto") -> int:
         return runner.run(coro)
 
 
-def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not args.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(args.tls_cert, args.tls_key)
-    if args.tls_client_ca:
-        context.load_verify_locations(args.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not (args.tls_ca or args.tls_cert):
-        return None
-    context = ssl.create_default_context(cafile=args.tls_ca)
-    if args.tls_cert:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-    return context
-
-
 # --- serve -------------------------------------------------------------------
 
 
@@ -133,7 +113,7 @@ async def _serve(
         server = await timer.serve(
             args.address,
             limits=limits,
-            ssl=_server_ssl(args),
+            ssl=server_ssl(args),
             unix_mode=int(args.unix_mode, 8),
             reuse_port=reuse_port,
             bus=bus,
@@ -212,7 +192,7 @@ def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connecti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the parent too
     try:
         code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
-    except (OSError, TimerError, ValueError) as exc:
+    except (OSError, TimerError, ValueError, UsageError) as exc:
         print(f"timer-sdk serve: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         code = 1
     sys.exit(code)
@@ -286,6 +266,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
             if natsd is not None:
                 print(f"timer-sdk: events shared through a private nats-server at "
                       f"{natsd.url} (pid {natsd.pid})", flush=True)  # fmt: skip
+            elif getattr(child_args, "unshared_events", None):  # said now, not first on subscribe
+                print(f"timer-sdk: subscriptions will be refused: {child_args.unshared_events}",
+                      flush=True)  # fmt: skip
             else:
                 _say_shared(args.events_url, args.name)
             _wait_for_workers(workers, natsd, lambda: stopping)
@@ -426,7 +409,7 @@ async def _call(args: argparse.Namespace) -> int:
             raise UsageError(f"the payload is not valid JSON: {exc}") from None
     try:
         async with await TimerClient.connect(
-            args.address, timeout=args.timeout, ssl=_client_ssl(args)
+            args.address, timeout=args.timeout, ssl=client_ssl(args)
         ) as client:
             if method is not None:
                 result: object = await client.call(method, params)

@@ -536,9 +536,26 @@ async def _soak(args: argparse.Namespace) -> int:
     return 0 if report.clean and server.returncode == 0 else 1
 
 
+DESCRIPTION = """\
+A bounded load and soak run: many connections, every method, every reply checked.
+
+Starts a server process on 127.0.0.1 (or on a Unix socket in a temporary
+directory), runs the load against it, and prints calls per second, error counts,
+mismatches (must be 0) and the server's resident memory at the start and the end.
+Each connection mixes every method with calls that must fail, time out or be
+cancelled; every request carries something unique, so a reply delivered to the
+wrong caller counts as a mismatch. Exits non-zero if any reply was wrong or any
+call failed unexpectedly.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak from the command line; return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m timer_sdk.tools.soak", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m timer_sdk.tools.soak",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to run the load")
     parser.add_argument("--connections", type=int, default=200, help="concurrent connections")
     parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp")

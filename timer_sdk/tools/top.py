@@ -34,7 +34,7 @@ class MethodRow:
     calls: int
     """Calls since the server started."""
     errors: int
-    """Error replies since timing began (the first ``server.stats`` call)."""
+    """Error replies since the server started."""
     rate: float
     """Calls per second between the two samples."""
     error_rate: float

@@ -65,8 +65,8 @@ T = TypeVar("T")
 class Procs(Protocol):
     """What the method table calls and a server serves: the library's procs.
 
-    :class:`~timer_sdk.timer.Timer` is one. The underscored bodies are what
-    :attr:`Method.call_now` calls when a proc would not wait.
+    :class:`~timer_sdk.timer.Timer` is one, and what ``serve()`` takes. Its
+    underscored bodies answer a call at once when the proc would not wait.
     """
 
     @property

@@ -24,7 +24,8 @@ export class RemoteCallError extends Error {
     readonly method: string,
     readonly remoteMessage: string,
   ) {
-    super(`${method}: ${remoteMessage}`);
+    // The server's message usually names the method already: say it once.
+    super(remoteMessage.startsWith(`${method}:`) ? remoteMessage : `${method}: ${remoteMessage}`);
   }
 }
 
@@ -53,6 +54,18 @@ export class InvalidReplyError extends Error {
     cause: Error,
   ) {
     super(`${method}: invalid reply: ${cause.message}`, { cause });
+  }
+}
+
+/** No connection could be made: a bad address, a refusal, or no answer in time. */
+export class ConnectError extends Error {
+  override readonly name = "ConnectError";
+  constructor(
+    readonly address: string,
+    message: string,
+    options?: ErrorOptions,
+  ) {
+    super(`${address}: ${message}`, options);
   }
 }
 
@@ -112,18 +125,18 @@ export function dial(address: string, options: ConnectOptions = {}): Promise<net
     const colon = rest.lastIndexOf(":");
     const port = Number(rest.slice(colon + 1));
     if (colon < 0 || !Number.isInteger(port) || port < 1 || port > 65535) {
-      throw new Error(`${address}: expected tcp:HOST:PORT with a port from 1 to 65535`);
+      throw new ConnectError(address, "expected tcp:HOST:PORT with a port from 1 to 65535");
     }
     target = { host: rest.slice(0, colon).replace(/^\[(.*)\]$/, "$1"), port };
   } else {
-    throw new Error(`${address}: expected tcp:HOST:PORT or unix:PATH (this client has no TLS)`);
+    throw new ConnectError(address, "expected tcp:HOST:PORT or unix:PATH (this client has no TLS)");
   }
   const timeoutMs = options.connectTimeoutMs ?? 10_000;
   return new Promise((resolve, reject) => {
     const socket = net.connect(target);
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new Error(`${address}: no connection within ${timeoutMs} ms`));
+      reject(new ConnectError(address, `no connection within ${timeoutMs} ms`));
     }, timeoutMs);
     socket.once("connect", () => {
       clearTimeout(timer);
@@ -133,7 +146,7 @@ export function dial(address: string, options: ConnectOptions = {}): Promise<net
     });
     socket.once("error", (error) => {
       clearTimeout(timer);
-      reject(new Error(`${address}: ${error.message}`, { cause: error }));
+      reject(new ConnectError(address, error.message, { cause: error }));
     });
   });
 }
