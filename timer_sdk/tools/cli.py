@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("describe", "compat"):
             from .api_commands import run_command as run_api
 
-            return run_api(args, _client_ssl(args))
+            return run_api(args, client_ssl(args))
         if args.command == "stubs":
             from .stubs import run_command as run_stubs
 
