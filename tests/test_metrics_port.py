@@ -21,7 +21,7 @@ from timer_sdk.metrics import MetricsServer, serve_metrics
 from timer_sdk.tools import cli
 from timer_sdk.wire.address import metrics_address
 
-from .test_faults import cpu_seconds
+from .test_faults import LOOPS, cpu_seconds
 from .test_metrics import METRICS
 from .test_workers import _finish
 
@@ -242,7 +242,7 @@ async def test_past_the_cap_a_new_connection_closes_the_oldest_and_a_scrape_is_s
     assert b"timer_sdk_requests_total" in body
 
 
-async def test_close_stops_listening_and_closes_open_connections() -> None:
+async def _close_while_a_connection_is_open() -> None:
     async with metrics_port() as (metrics, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(HALF_HEAD)
@@ -253,6 +253,12 @@ async def test_close_stops_listening_and_closes_open_connections() -> None:
         writer.close()
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_close_stops_listening_and_closes_open_connections(loop: str) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(_close_while_a_connection_is_open())
 
 
 # --- wildcards, however spelled ------------------------------------------------

@@ -303,8 +303,8 @@ class _Exchange(asyncio.Protocol):
             self._reply(_response(431, b"the request head is over 8 KiB\n"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        assert self._deadline is not None  # set when the connection was made
+        self._deadline.cancel()
         self._port._closed(self)
 
     def abort(self) -> None:
