@@ -18,8 +18,8 @@ import pytest
 from timer_sdk import Timer, TimerClient
 from timer_sdk.errors import AddressError
 from timer_sdk.metrics import MetricsServer, serve_metrics
+from timer_sdk.serving.metrics_address import metrics_address
 from timer_sdk.tools import cli
-from timer_sdk.wire.address import metrics_address
 
 from .test_faults import LOOPS, cpu_seconds
 from .test_metrics import METRICS

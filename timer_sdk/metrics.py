@@ -25,8 +25,8 @@ from ._extras import install_hint
 from .errors import AddressError
 from .limits import ServerStats
 from .serving.listener import Acceptor
+from .serving.metrics_address import metrics_address, refuse_every_interface
 from .serving.stats import enable_timing, snapshot
-from .wire.address import metrics_address, refuse_every_interface
 
 try:
     from prometheus_client import CollectorRegistry, ProcessCollector

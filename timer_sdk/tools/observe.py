@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .._extras import install_hint
 from ..errors import AddressError
-from ..wire.address import metrics_address
+from ..serving.metrics_address import metrics_address
 
 if TYPE_CHECKING:
     from ..metrics import MetricsServer

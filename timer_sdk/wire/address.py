@@ -8,15 +8,12 @@ stream socket.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import AddressError
 
-__all__ = ["Address", "metrics_address", "refuse_every_interface"]
-
-_NUMERIC = socket.AI_NUMERICHOST | socket.AI_PASSIVE
+__all__ = ["Address", "metrics_address"]
 
 Scheme = Literal["tcp", "tls", "unix"]
 
@@ -66,46 +63,18 @@ class Address:
 def metrics_address(text: str) -> Address:
     """``tcp:HOST:PORT`` for ``--metrics``: loopback, or one interface named explicitly.
 
-    A host that means every interface would publish load figures on all of
-    them: refused, however it is spelled (``0``, ``0x0``, ``0.0.0``,
-    ``::ffff:0.0.0.0`` all bind the wildcard). A host name is judged where
-    it is bound, by :func:`refuse_every_interface` on the bound address.
+    A wildcard host would publish load figures on every interface: refused.
     """
-    if not text.startswith("tcp:"):
-        raise AddressError(f"--metrics {text}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:9464")
     address = Address.parse(text)
-    refuse_every_interface(text, "*" if address.host == "*" else _numeric(address.host))
-    return address
-
-
-def refuse_every_interface(text: str, bound: str | None) -> None:
-    """Raise :class:`AddressError` if ``bound``, a numeric host, means every interface."""
-    if bound is None:
-        return
-    meaning = bound
-    if bound != "*":
-        ip = ipaddress.ip_address(bound)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # on an IPv6 socket it is still IPv4's wildcard
-        if not ip.is_unspecified:
-            return
-        meaning = str(ip)
-    host = Address.parse(text).host
-    means = "" if host == meaning else f" ({host} is {meaning})"
-    raise AddressError(
-        f"--metrics {text}: will not serve metrics on every interface{means}; name the one "
-        "to serve on (tcp:127.0.0.1:9464 for this host only, or one of the host's addresses)"
-    )
-
-
-def _numeric(host: str) -> str | None:
-    """The address a numeric ``host`` binds, read as the socket layer reads it; None for a name.
-
-    getaddrinfo with AI_NUMERICHOST parses without a lookup, and takes
-    inet_aton's forms too (``0``, ``0x0``, ``0.0.0``, ``0000.0.0.0``).
-    """
+    if address.scheme != "tcp":
+        raise AddressError(f"--metrics {text}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:9464")
     try:
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=_NUMERIC)
-    except (socket.gaierror, UnicodeError):
-        return None
-    return str(found[0][4][0])
+        wildcard = ipaddress.ip_address(address.host).is_unspecified
+    except ValueError:
+        wildcard = address.host == "*"
+    if wildcard:
+        raise AddressError(
+            f"--metrics {text}: will not serve metrics on every interface; name the one to "
+            "serve on (tcp:127.0.0.1:9464 for this host only, or one of the host's addresses)"
+        )
+    return address
