@@ -32,8 +32,8 @@ from timer_sdk.models import (
 )
 from timer_sdk.server import Server
 from timer_sdk.tools import cli, stubs
-from timer_sdk.wire.description import describe
 from timer_sdk.tools.stubs.go import exported
+from timer_sdk.wire.description import describe
 
 from . import _go, vectors
 

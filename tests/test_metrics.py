@@ -30,11 +30,13 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @asynccontextmanager
-async def serving(workers: int = 1) -> AsyncIterator[tuple[str, list[str]]]:
-    """``serve --metrics`` on port 0; yield the server's address and each metrics URL."""
+async def serving(
+    workers: int = 1, metrics: str = "tcp:127.0.0.1:0"
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """``serve --metrics`` (port 0 by default); yield the server's address and each metrics URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "timer_sdk", "serve", "tcp:127.0.0.1:0",
-        "--metrics", "tcp:127.0.0.1:0", "--workers", str(workers),
+        "--metrics", metrics, "--workers", str(workers),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -140,6 +142,30 @@ async def test_a_scrape_under_two_workers_shows_each_worker() -> None:
     assert echoes == durations == 4 * 7
 
 
+def _two_free_ports() -> int:
+    """A port P such that P and P+1 were both free a moment ago."""
+    for _ in range(20):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two free ports side by side")
+
+
+async def test_under_workers_worker_i_serves_its_own_metrics_on_port_plus_i() -> None:
+    port = _two_free_ports()
+    async with serving(workers=2, metrics=f"tcp:127.0.0.1:{port}") as (_, urls):
+        scrapes = {url: await scrape(url) for url in urls}
+    assert sorted(scrapes) == [f"http://127.0.0.1:{port + i}/metrics" for i in range(2)]
+    for url, samples in scrapes.items():
+        index = int(url.rsplit(":", 1)[1].removesuffix("/metrics")) - port
+        assert ("timer_sdk_connections_open", frozenset({("worker", str(index))})) in samples
+
+
 def test_embedding_registers_on_the_apps_registry() -> None:
     async def main() -> bytes:
         async with await Timer().serve("tcp:127.0.0.1:0") as server:
@@ -234,8 +260,10 @@ def test_the_cost_measurement_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert metrics_cost.main(["--rounds", "1", "--duration", "0.05"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].split() == ["load", "metrics", "off", "metrics", "on", "on/off"]
-    assert len(rows) == 6  # three loads, and server CPU for the two pipelined ones
+    # three loads, server CPU for the two pipelined ones, and a scrape's server CPU
+    assert len(rows) == 7
     assert all(float(row.split()[-1]) > 0 for row in rows[1:])
+    assert rows[-1].startswith("scrape /metrics, server CPU ms")
 
 
 @pytest.mark.parametrize(

@@ -4,29 +4,39 @@
 reads :func:`timer_sdk.serving.stats.snapshot` at scrape time and builds metric
 families then, so serving calls never touches a Prometheus object.
 :func:`register` adds one to a registry in one call, for an app with its own
-HTTP stack; :func:`start_http` is ``timer-sdk serve --metrics``, on
-``prometheus_client``'s own HTTP server.
+HTTP stack; :func:`serve_metrics` is ``timer-sdk serve --metrics``: a small
+HTTP server on the server's own event loop, bounded like the RPC port (a
+connection cap, a deadline, no thread per connection), because
+``prometheus_client``'s thread-per-connection server let held-open
+connections take every descriptor of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIServer
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
 
 from ._extras import install_hint
+from .errors import AddressError
+from .limits import ServerStats
+from .serving.listener import Acceptor
+from .serving.metrics_address import metrics_address, refuse_every_interface
 from .serving.stats import enable_timing, snapshot
-from .wire.address import metrics_address
 
 try:
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
         Metric,
     )
+    from prometheus_client.exposition import choose_encoder
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - the extra is in dev
     raise ImportError(
@@ -36,11 +46,13 @@ except ImportError as exc:  # pragma: no cover - the extra is in dev
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["COUNTERS", "ServerCollector", "register", "start_http", "stop_http"]
+__all__ = ["COUNTERS", "MetricsServer", "ServerCollector", "register", "serve_metrics"]
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "timer_sdk"
+_BACKLOG = 16  # also bounds what one accept batch takes before the cap closes the oldest
+_MAX_HEAD = 8192  # bytes of request line and headers; a scraper sends a few hundred
 
 COUNTERS: dict[str, str] = {
     # a ServerStats field, exported as timer_sdk_<field>_total: its help
@@ -137,30 +149,176 @@ def register(server: Server, registry: CollectorRegistry, **labels: str) -> Serv
     return collector
 
 
-def start_http(
-    server: Server, address: str, labels: dict[str, str] | None = None
-) -> tuple[WSGIServer, str]:
-    """Serve ``server``'s metrics at ``/metrics`` on ``address``; return the server and its URL.
+async def serve_metrics(
+    server: Server,
+    address: str,
+    labels: dict[str, str] | None = None,
+    *,
+    max_connections: int = 8,
+    timeout: float = 5.0,
+) -> MetricsServer:
+    """Serve ``server``'s metrics at ``/metrics`` on ``address``, on the running loop.
 
-    The HTTP server runs in a daemon thread; ``shutdown()`` and ``server_close()`` stop it.
+    ``address`` is ``tcp:HOST:PORT``; a host that means every interface is
+    refused (:class:`~timer_sdk.errors.AddressError`), however it is spelled
+    and for a name when it is bound. Port 0 picks a free port, and
+    :attr:`MetricsServer.url` tells which. At most
+    ``max_connections`` are open at once: one more closes the oldest. A
+    connection has ``timeout`` seconds to send its request head and take
+    the reply. :meth:`MetricsServer.close` stops it.
     """
     parsed = metrics_address(address)
-    host, port = parsed.host, parsed.port
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     registry.register(ServerCollector(server, labels))
+    port = MetricsServer(registry, max_connections, timeout)
+    loop = asyncio.get_running_loop()
     try:
-        httpd, _thread = start_http_server(port, host, registry=registry)
+        # Bound but not listening until judged: nothing can connect to a refused address.
+        listening = await loop.create_server(
+            port._exchange, parsed.host, parsed.port, reuse_address=True, backlog=_BACKLOG,
+            start_serving=False,
+        )  # fmt: skip
     except OSError as exc:
-        raise OSError(exc.errno, f"--metrics {address}: {exc.strerror}") from None
-    bound = httpd.server_address[1]
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{bound}/metrics"
-    logger.info("metrics at %s", url)
-    return httpd, url
+        raise OSError(exc.errno, f"--metrics {address}: {os.strerror(exc.errno or 0)}") from None
+    try:
+        for sock in listening.sockets:
+            refuse_every_interface(address, sock.getsockname()[0])
+    except AddressError:
+        listening.close()
+        raise
+    await port._start(listening, server.stats)
+    host, bound = listening.sockets[0].getsockname()[:2]
+    port.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/metrics"
+    logger.info("metrics at %s", port.url)
+    return port
 
 
-def stop_http(httpd: WSGIServer) -> None:
-    """Stop what :func:`start_http` started."""
-    httpd.shutdown()
-    httpd.server_close()
+class MetricsServer:
+    """``/metrics`` over HTTP/1.1 on the server's own event loop, bounded like the RPC port.
+
+    No thread and at most ``max_connections`` descriptors: a new connection
+    beyond them closes the oldest, so held-open connections cannot lock a
+    scraper out, and a flood of them cannot take descriptors the RPC port
+    needs. Each connection gets one answer, then is closed.
+    """
+
+    url: str = ""
+    """Where it serves, e.g. ``http://127.0.0.1:9464/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry, max_connections: int, timeout: float) -> None:
+        self._registry = registry
+        self._cap = max_connections
+        self._timeout = timeout
+        self._open: dict[_Exchange, None] = {}  # oldest first
+        self._listening: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
+
+    async def _start(self, listening: asyncio.Server, stats: ServerStats) -> None:
+        self._listening = listening
+        loop = asyncio.get_running_loop()
+        if isinstance(loop, BaseSelectorEventLoop):  # accept without spinning when out of fds
+            socks = [sock.dup() for sock in listening.sockets]
+            self._acceptor = Acceptor(
+                loop, socks, self._exchange, ssl=None, handshake_timeout=None, stats=stats,
+                backlog=_BACKLOG,
+            )  # fmt: skip
+        else:
+            await listening.start_serving()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._acceptor is not None:
+            await self._acceptor.close()
+        if self._listening is not None:
+            self._listening.close()
+        for exchange in list(self._open):
+            exchange.abort()
+
+    def _exchange(self) -> _Exchange:
+        return _Exchange(self)
+
+    def _opened(self, exchange: _Exchange) -> None:
+        if len(self._open) >= self._cap:
+            oldest = next(iter(self._open))
+            oldest.abort()
+            self._open.pop(oldest, None)
+        self._open[exchange] = None
+
+    def _closed(self, exchange: _Exchange) -> None:
+        self._open.pop(exchange, None)
+
+    def _answer(self, head: bytes) -> bytes:
+        """The whole HTTP response to a request ``head``."""
+        line, _, rest = head.decode("latin-1").partition("\r\n")
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _response(400, b"a request line is METHOD /metrics HTTP/1.1\n")
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return _response(405, b"GET or HEAD\n", ("Allow", "GET, HEAD"))
+        if target.partition("?")[0] != "/metrics":
+            return _response(404, b"metrics are at /metrics\n")
+        accept = ""
+        for field in rest.split("\r\n"):
+            name, _, value = field.partition(":")
+            if name.strip().lower() == "accept":
+                accept = value.strip()
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self._registry)
+        return _response(200, body, ("Content-Type", content_type), bodyless=method == "HEAD")
+
+
+def _response(status: int, body: bytes, *headers: tuple[str, str], bodyless: bool = False) -> bytes:
+    if not headers:
+        headers = (("Content-Type", "text/plain; charset=utf-8"),)
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]  # fmt: skip
+    return "\r\n".join(lines).encode("latin-1") + (b"" if bodyless else body)
+
+
+class _Exchange(asyncio.Protocol):
+    """One connection: a request head within the deadline, one answer, closed."""
+
+    def __init__(self, port: MetricsServer) -> None:
+        self._port = port
+        self._head = b""
+        self._answered = False
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._port._timeout, self._expire)
+        self._port._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        start = max(0, len(self._head) - 3)  # the blank line may straddle two reads
+        self._head += data
+        end = self._head.find(b"\r\n\r\n", start)
+        if end >= 0:
+            self._reply(self._port._answer(self._head[:end]))
+        elif len(self._head) > _MAX_HEAD:
+            self._reply(_response(431, b"the request head is over 8 KiB\n"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self._deadline is not None  # set when the connection was made
+        self._deadline.cancel()
+        self._port._closed(self)
+
+    def abort(self) -> None:
+        assert self._transport is not None
+        self._transport.abort()
+
+    def _reply(self, response: bytes) -> None:
+        assert self._transport is not None
+        self._answered = True
+        self._transport.write(response)
+        self._transport.close()
+
+    def _expire(self) -> None:
+        if self._answered:  # the peer has not taken its reply
+            self.abort()
+        else:
+            self._reply(_response(408, b"the request head did not arrive in time\n"))

@@ -4,7 +4,9 @@
 --loop asyncio``, one with ``--metrics tcp:127.0.0.1:0``, which times every
 call), then runs the same load on each in alternation, round after round,
 so that both see the same machine; it prints the medians and their ratio.
-The load is the benchmark's own load generator, in this process.
+The load is the benchmark's own load generator, in this process. Last, it
+scrapes the second server's ``/metrics`` and prints the server CPU per
+scrape: the time a scrape holds the server's event loop.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import argparse
 import statistics
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .loadgen import run_job
+from .loadgen import cpu_seconds, run_job
 from .processes import ServerProcess
 from .server_groups import request
 
@@ -42,6 +45,17 @@ def _measure(server: ServerProcess, load: dict[str, Any], duration: float) -> tu
     return rate, (cpu * 1e6 / result["calls"] if cpu else 0.0)
 
 
+def _scrape_cpu_ms(server: ServerProcess, url: str, scrapes: int) -> float:
+    """Server CPU per scrape of ``url``, in ms: accept, parse, build the exposition, reply."""
+    assert server.pid is not None
+    before = cpu_seconds(server.pid)
+    for _ in range(scrapes):
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            reply.read()
+    after = cpu_seconds(server.pid)
+    return (after - before) * 1e3 / scrapes if before is not None and after is not None else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m timer_sdk.bench.metrics_cost")
     parser.add_argument("--rounds", type=int, default=9, help="alternations (default 9)")
@@ -52,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         off = ServerProcess("off", [*base, f"unix:{Path(tmp, 'off.sock')}"])
         on = ServerProcess("on", [*base, f"unix:{Path(tmp, 'on.sock')}",
                                   "--metrics", "tcp:127.0.0.1:0"])  # fmt: skip
+        assert on.proc.stdout is not None
+        url = on.proc.stdout.readline().decode().rsplit(" ", 1)[-1].strip()  # metrics at URL
         try:
             print(f"{'load':34} {'metrics off':>12} {'metrics on':>12} {'on/off':>7}")
             for name, load in _LOADS.items():
@@ -67,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     cpu = {k: statistics.median(c for _, c in v) for k, v in seen.items()}
                     print(f"{'  server CPU per call, µs':34} {cpu['off']:12.2f} {cpu['on']:12.2f} "
                           f"{cpu['on'] / cpu['off']:7.3f}")  # fmt: skip
+            # After the loads: every method is timed, so the exposition is at its fullest.
+            scrape = _scrape_cpu_ms(on, url, scrapes=10 * args.rounds)
+            print(f"{'scrape /metrics, server CPU ms':34} {'-':>12} {scrape:12.2f}")
         finally:
             off.stop()
             on.stop()

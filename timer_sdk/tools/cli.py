@@ -122,16 +122,16 @@ async def _serve(
     finally:
         waiting.cancel()
     try:
-        metrics = start_metrics(server, args, worker=ready is not None)
+        metrics = await start_metrics(server, args, worker=ready is not None)
     except BaseException:
         await server.close(timeout=0)
         raise
     freeze_startup_heap()  # before the first request: full collections skip startup's heap
     try:
-        return await _serve_until_stopped(server, args, ready, metrics and metrics[1])
+        return await _serve_until_stopped(server, args, ready, metrics.url if metrics else None)
     finally:
         if metrics is not None:
-            metrics[0]()  # stop serving /metrics
+            await metrics.close()
 
 
 async def _serve_until_stopped(

@@ -13,14 +13,14 @@ import argparse
 import dataclasses
 import multiprocessing
 import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .._extras import install_hint
 from ..errors import AddressError
-from ..wire.address import metrics_address
+from ..serving.metrics_address import metrics_address
 
 if TYPE_CHECKING:
+    from ..metrics import MetricsServer
     from ..server import Server
 
 __all__ = ["add_serve_flags", "start_metrics"]
@@ -46,7 +46,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         type=_metrics_flag,
         metavar="tcp:HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; a loopback host, or "
-        "one interface named explicitly (a wildcard such as 0.0.0.0 is refused); under "
+        "one interface named explicitly (every spelling of a wildcard, such as 0.0.0.0, 0 "
+        "or [::], is refused); under "
         f"--workers, worker I serves on PORT+I. Needs: {METRICS_EXTRA}",
     )
     group.add_argument(
@@ -78,16 +79,16 @@ def _worker_index() -> int:
     return int(match.group(1))
 
 
-def start_metrics(
+async def start_metrics(
     server: Server, args: argparse.Namespace, *, worker: bool
-) -> tuple[Callable[[], None], str] | None:
-    """Serve ``/metrics`` if ``--metrics`` was given; return how to stop it, and its URL.
+) -> MetricsServer | None:
+    """Serve ``/metrics`` if ``--metrics`` was given, on the running loop.
 
     A worker says where at once; a single server after its listening line.
     """
     if not args.metrics:
         return None
-    from ..metrics import start_http, stop_http
+    from ..metrics import serve_metrics
 
     address = metrics_address(args.metrics)
     labels = None
@@ -96,7 +97,7 @@ def start_metrics(
         labels = {"worker": str(index)}
         if address.port:
             address = dataclasses.replace(address, port=address.port + index)
-    httpd, url = start_http(server, str(address), labels)
+    metrics = await serve_metrics(server, str(address), labels)
     if worker:
-        print(f"timer-sdk: worker {index} metrics at {url}", flush=True)
-    return lambda: stop_http(httpd), url
+        print(f"timer-sdk: worker {index} metrics at {metrics.url}", flush=True)
+    return metrics
