@@ -204,7 +204,7 @@ class MetricsServer:
     """
 
     url: str = ""
-    """Where it serves, e.g. ``http://127.0.0.1:9464/metrics``."""
+    """The address of ``/metrics`` as a URL, with the host and port it bound."""
 
     def __init__(self, registry: CollectorRegistry, max_connections: int, timeout: float) -> None:
         self._registry = registry
