@@ -210,10 +210,11 @@ def _method(proc_name: str, fields: tuple[FieldDescription, ...], result: TypeRe
     ident = exported(re.sub(r"\W", "_", proc_name).replace("_", " ").title().replace(" ", ""))
     params = [(field, _local(field.wire)) for field in fields]
     args = "".join(f", {name} {_field_type(field)}" for field, name in params)
-    wire = ", ".join(field.wire for field in fields)
+    given = " with " + ", ".join(name for _, name in params) if params else ""
     doc = (
-        f"// {ident} calls {proc_name}: request {{{wire}}}, reply {_type(result)}.\n"
-        "// An error reply is a *RemoteError; ctx's deadline gives a *TimeoutError.\n"
+        f"// {ident} calls the server's {proc_name} proc{given} and returns its reply.\n"
+        "// An error reply is a *RemoteError; ctx's deadline gives a *TimeoutError,\n"
+        "// and the server still runs the call (see the README).\n"
     )
     body = ["\te := &encoder{}", *_write_members(params, "\t")]
     return (
