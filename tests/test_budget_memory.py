@@ -75,3 +75,23 @@ async def test_small_frames_in_one_read_start_only_what_the_floor_holds() -> Non
         finally:
             await hog.close()
             await small.close()
+
+
+async def test_a_running_request_is_charged_its_decoded_size() -> None:
+    # One character past U+FFFF makes the whole text 4 bytes a character once
+    # decoded: an 8 KB payload holds about 32 KB while its proc runs.
+    timer = GatedTimer()
+    async with await timer.serve() as server:
+        conn = await RawConnection.open(server.address)
+        try:
+            message = "a" * 8000 + "\U0001d11e"
+            await conn.send(echo_frame(message, 0))
+            await wait_until(lambda: server.stats.requests == 1)
+            (held,) = (c.held for c in server.connections)
+            assert held >= 4 * len(message) + IN_FLIGHT_COST, held
+            timer.gate.set()
+            ret, body = await conn.recv_reply()
+            assert (ret, cbor2.loads(body)["echoed"]) == (RET_OK, message)
+            await wait_until(lambda: server.budget.used == 0)
+        finally:
+            await conn.close()

@@ -348,7 +348,9 @@ class Connection(asyncio.BufferedProtocol):
             if len(outcome) - _REPLY_HEAD > self._max_frame_size:
                 return self._oversize(method, len(outcome) - _REPLY_HEAD)
             return outcome
-        slot = self._replies.open(len(request.payload) + IN_FLIGHT_COST)
+        # Charged what it holds while it runs: its decoded arguments (text can take up to
+        # 4 bytes a character), never less than its payload.
+        slot = self._replies.open(max(len(request.payload), outcome.held) + IN_FLIGHT_COST)
         self._track(self._loop.create_task(self._finish(method, outcome, slot)))
         return None
 
