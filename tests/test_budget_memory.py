@@ -10,18 +10,20 @@ with 2,000 connections, 5 s holds and every reply.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import cbor2
 
-from timer_sdk import Limits
+from timer_sdk import Limits, Timer
 from timer_sdk.wire.budget import FLOOR, IN_FLIGHT_COST
 from timer_sdk.wire.framing import RET_OK
 
 from ._memory_probe import echo as echo_frame
 from ._memory_probe import measure
 from .conftest import GatedTimer, RawConnection, wait_until
+from .vectors import VERSION_REQUEST
 
 KiB = 1024
 
@@ -93,5 +95,31 @@ async def test_a_running_request_is_charged_its_decoded_size() -> None:
             ret, body = await conn.recv_reply()
             assert (ret, cbor2.loads(body)["echoed"]) == (RET_OK, message)
             await wait_until(lambda: server.budget.used == 0)
+        finally:
+            await conn.close()
+
+
+class _SlowVersion(Timer):
+    """A timer whose version waits: a proc without arguments that suspends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def version(self) -> str:
+        await self.gate.wait()
+        return "slow"
+
+
+async def test_a_running_request_without_arguments_is_charged_for_itself() -> None:
+    timer = _SlowVersion()
+    async with await timer.serve() as server:
+        conn = await RawConnection.open(server.address)
+        try:
+            await conn.send(VERSION_REQUEST)
+            await wait_until(lambda: server.stats.requests == 1)
+            assert [c.held for c in server.connections] == [1 + IN_FLIGHT_COST]  # its 0xa0
+            timer.gate.set()
+            assert await conn.recv_reply() == (RET_OK, cbor2.dumps("slow"))
         finally:
             await conn.close()
