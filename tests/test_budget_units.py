@@ -145,6 +145,20 @@ def test_a_start_under_the_floor_needs_room_for_its_request_only() -> None:
     assert not budget.admit(small, 1)  # a frame read would also need room for its request
 
 
+def test_partial_frames_waiting_in_line_never_keep_the_room_from_themselves() -> None:
+    # 20 connections each read a frame's first 4 KiB, under the floor, and wait for
+    # room for its rest: 80 KiB of a 64 KiB budget. Once the hog's bytes are freed,
+    # the line is served; counted against the room, its own bytes would block it.
+    budget = Budget(64 * KiB)
+    (hog, *line), granted = peers(budget, 21)
+    hog.hold(60 * KiB)
+    for peer in line:
+        peer.hold(4 * KiB)
+        assert not budget.admit(peer, 20 * KiB)  # larger than the floor allows
+    hog.hold(0)
+    assert granted == line[:3]  # 64 KiB of room: three frames of 20 KiB
+
+
 def test_waiters_are_granted_least_held_first_then_in_arrival_order() -> None:
     budget = Budget(MiB)
     (hog, *line), granted = peers(budget, 5)

@@ -14,7 +14,9 @@ where it costs nothing. Nothing is refused that could ever fit.
 
 Waiters are served fairly by bytes held, as a fair queue would: whoever
 holds least goes first, arrival order breaking ties, so a small caller never
-waits behind greedy ones. A connection holding under :data:`FLOOR` may
+waits behind greedy ones. What waiters hold under the floor does not count
+against the room they wait for, so a line of partial frames cannot block
+itself. A connection holding under :data:`FLOOR` may
 always read a frame, and start it, if that keeps it under, so a 20-byte call
 is answered even while stuck work holds the whole budget. A whole frame
 becomes a running request only with room for what that holds
@@ -117,11 +119,11 @@ class Budget:
             if need <= granted:
                 return True
             self._release(holder)  # the head arrived: now the frame is known
-            if self._fits(holder, need, self.room(), start):
+            if self._fits(holder, need, self._own_room(holder), start):
                 return True
         elif holder in self._waiting:
             return False
-        elif not self._waiting and self._fits(holder, need, self.room(), start):
+        elif not self._waiting and self._fits(holder, need, self._own_room(holder), start):
             return True
         elif self._fits(holder, need, 0, start):
             return True  # under the floor
@@ -176,6 +178,11 @@ class Budget:
             if self._waiting:
                 self._grant()
 
+    def _own_room(self, holder: Holder) -> int:
+        # As for waiters (see _grant): what it holds under the floor is not the budget's.
+        held = holder.held
+        return self.room() + (held if held < FLOOR else FLOOR)
+
     def _fits(self, holder: Holder, need: int, room: int, start: bool) -> bool:
         size = need or MIN_READ
         # Under the floor, room is kept for the request a frame read becomes.
@@ -192,7 +199,9 @@ class Budget:
         # Least held first, then first come: a fair queue by bytes, never skipping the
         # head, so a large frame gets the room it waits for as it is freed.
         waiting = self._waiting
-        room = self.room()
+        # What waiters hold under the floor is the floor's, not the budget's: counted,
+        # enough partial frames waiting in line would keep the room from them forever.
+        room = self.room() + sum(min(h.held, FLOOR) for h in waiting)
         while waiting:
             holder = min(waiting, key=lambda h: (h.held, waiting[h][0]))
             _, need, start = waiting[holder]
