@@ -11,7 +11,7 @@ from timer_sdk.serving.plans import plan
 from timer_sdk.timer import Timer
 from timer_sdk.wire.api import COMPLEX
 from timer_sdk.wire.backlog import EVENT_OVERHEAD, EventBacklog, event_size
-from timer_sdk.wire.budget import FLOOR, MIN_READ, READ_HEADROOM, Budget
+from timer_sdk.wire.budget import FLOOR, IN_FLIGHT_COST, MIN_READ, READ_HEADROOM, Budget
 from timer_sdk.wire.codec import DecodeError, StrictDecoder, check_items
 from timer_sdk.wire.framing import Rejected, Request, RequestReader, encode_request
 
@@ -101,13 +101,62 @@ def test_under_the_floor_a_holder_reads_even_when_stuck_work_holds_everything() 
     (hog, small, big), _ = peers(budget, 3)
     hog.hold(2 * MiB)  # past the limit: only work that ends can free it
     assert budget.admit(small, 0)
-    assert budget.admit(small, FLOOR - MIN_READ)  # it stays under the floor
+    # It stays under the floor, with room for the request the frame becomes.
+    assert budget.admit(small, FLOOR - IN_FLIGHT_COST)
     budget.finished(small)
-    small.hold(FLOOR - 100)
+    small.hold(FLOOR - IN_FLIGHT_COST - 100)
     assert not budget.admit(small, 200)  # it would not
     big.hold(FLOOR)
     assert not budget.admit(big, 0)
     assert budget.waiting == 2
+
+
+def test_whole_frames_start_within_the_room_or_the_floor() -> None:
+    budget = Budget(MiB)
+    (hog, small, other), granted = peers(budget, 3)
+    assert budget.startable(small) == MiB // IN_FLIGHT_COST
+    hog.hold(MiB - 3 * IN_FLIGHT_COST)
+    assert budget.startable(small) == 3
+    hog.hold(2 * MiB)  # no room: one start while it stays under the floor
+    small.hold(FLOOR - IN_FLIGHT_COST)
+    assert budget.startable(small) == 1
+    small.hold(FLOOR - IN_FLIGHT_COST + 1)
+    assert budget.startable(small) == 0
+    # Waiting to start: granted room for one request once it is freed.
+    assert not budget.admit(small, IN_FLIGHT_COST, start=True)
+    hog.hold(MiB - IN_FLIGHT_COST - small.held)
+    assert granted == [small]
+    assert budget.admit(small, IN_FLIGHT_COST, start=True)
+    assert budget.startable(small) == 1  # its grant
+    other.hold(0)
+    assert not budget.admit(other, MiB, start=False)  # a waiter: the room is not small's now
+    assert budget.startable(small) == 1
+    budget.finished(small)
+    assert budget.startable(small) == 0
+
+
+def test_a_start_under_the_floor_needs_room_for_its_request_only() -> None:
+    budget = Budget(MiB)
+    (hog, small), _ = peers(budget, 2)
+    hog.hold(2 * MiB)
+    small.hold(FLOOR - IN_FLIGHT_COST)  # a whole frame read: only its request is to come
+    assert budget.admit(small, IN_FLIGHT_COST, start=True)
+    budget.finished(small)
+    assert not budget.admit(small, 1)  # a frame read would also need room for its request
+
+
+def test_partial_frames_waiting_in_line_never_keep_the_room_from_themselves() -> None:
+    # 20 connections each read a frame's first 4 KiB, under the floor, and wait for
+    # room for its rest: 80 KiB of a 64 KiB budget. Once the hog's bytes are freed,
+    # the line is served; counted against the room, its own bytes would block it.
+    budget = Budget(64 * KiB)
+    (hog, *line), granted = peers(budget, 21)
+    hog.hold(60 * KiB)
+    for peer in line:
+        peer.hold(4 * KiB)
+        assert not budget.admit(peer, 20 * KiB)  # larger than the floor allows
+    hog.hold(0)
+    assert granted == line[:3]  # 64 KiB of room: three frames of 20 KiB
 
 
 def test_waiters_are_granted_least_held_first_then_in_arrival_order() -> None:

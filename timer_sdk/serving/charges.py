@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from ..wire.budget import IN_FLIGHT_COST
 from ..wire.framing import encode_error
 
 if TYPE_CHECKING:
@@ -111,17 +112,23 @@ class Charges:
         self.budget_wait = False
         self._owner._schedule_flush()
 
-    def admitted(self) -> bool:
-        """Whether to read on; if not, this connection waits for the budget's grant."""
+    def admitted(self, held_back: bool = False) -> bool:
+        """Whether to read on; if not, this connection waits for the budget's grant.
+
+        ``held_back``: a whole frame waits to be started, for want of room for
+        the request it becomes (:data:`~timer_sdk.wire.budget.IN_FLIGHT_COST`).
+        """
         if self.budget_wait:
             return False
         reader = self._reader
         need = reader.frame_needs if reader.in_frame else 0
         budget = self._budget
-        if need and reader.buffered + need > budget.limit:
+        if held_back:
+            need = IN_FLIGHT_COST
+        elif need and reader.buffered + need > budget.limit:
             self._refuse_frame(reader.buffered + need)
             need = 0  # its rest is skipped as it arrives
-        if budget.admit(self, need):
+        if budget.admit(self, need, start=held_back):
             return True
         self.budget_wait = True
         self._stats.budget_waits += 1

@@ -245,16 +245,24 @@ class Connection(asyncio.BufferedProtocol):
         out = replies.out
         limit = self._max_in_flight
         quantum = _QUANTUM
+        charges = self._charges
+        # Each frame may become a running request: start no more than the budget holds.
+        startable = self._budget.startable(charges)
+        held_back = False
         # Each frame adds at most one slot, so a batch within the in-flight room fits.
         while len(slots) < limit and not self._writing_paused:
             if not quantum:
                 self._schedule_flush()  # the rest next turn, after everyone else
                 break
-            wanted = min(quantum, limit - len(slots))
+            if not startable:
+                held_back = reader.buffered > 0 and not reader.frame_needs  # a whole frame
+                break
+            wanted = min(quantum, limit - len(slots), startable)
             events = reader.take(wanted)
             if not events:
                 break
             quantum -= len(events)
+            startable -= len(events)
             for event in events:
                 if type(event) is Request:
                     frame = self._dispatch(event)
@@ -283,7 +291,6 @@ class Connection(asyncio.BufferedProtocol):
                 break  # no whole frame is left: no bytes arrive while we answer
         if out:
             self._flush()
-        charges = self._charges
         charges.recharge()
         completed_any = quantum < _QUANTUM
         blocked = len(slots) >= limit or self._writing_paused or not quantum
@@ -299,7 +306,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         # Paused by our own choice (in-flight bound, unsent replies, budget):
         # the frame deadline stops too, as it is for slow peers only.
-        reading = not blocked and charges.admitted()
+        reading = not blocked and charges.admitted(held_back)
+        if reading and held_back:
+            self._schedule_flush()  # room for the next request now: start it next turn
         endings.frame_clock(reading, completed_any)
         self._pause_reading(not reading)
 
@@ -340,7 +349,9 @@ class Connection(asyncio.BufferedProtocol):
             if len(outcome) - _REPLY_HEAD > self._max_frame_size:
                 return self._oversize(method, len(outcome) - _REPLY_HEAD)
             return outcome
-        slot = self._replies.open(len(request.payload) + IN_FLIGHT_COST)
+        # Charged what it holds while it runs: its decoded arguments (text can take up to
+        # 4 bytes a character), never less than its payload.
+        slot = self._replies.open(max(len(request.payload), outcome.held) + IN_FLIGHT_COST)
         self._track(self._loop.create_task(self._finish(method, outcome, slot)))
         return None
 

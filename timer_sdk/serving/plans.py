@@ -21,7 +21,13 @@ from pydantic import ValidationError
 
 from .. import _eager
 from ..wire.api import Method, Procs, is_native
-from ..wire.codec import DecodeError, StrictDecoder, check_items, describe_validation
+from ..wire.codec import (
+    DecodeError,
+    StrictDecoder,
+    check_items,
+    decoded_size,
+    describe_validation,
+)
 
 __all__ = ["Plan", "plan"]
 
@@ -45,6 +51,7 @@ def plan(method: Method[Any, Any], timer: Procs, decoder: StrictDecoder, max_ite
     call_now = method.call_now if is_native(timer, name) else None
 
     def answer(payload: bytes) -> bytes | _eager.Suspended:
+        item: Any = None
         if empty is not None and (not payload or payload == b"\xa0"):
             params = empty
         else:
@@ -62,7 +69,11 @@ def plan(method: Method[Any, Any], timer: Procs, decoder: StrictDecoder, max_ite
             if result is not None:
                 return encode(result)
         outcome = _eager.start(invoke(timer, params))
-        return outcome if type(outcome) is _eager.Suspended else encode(outcome)
+        if type(outcome) is not _eager.Suspended:
+            return encode(outcome)
+        if item is not None:
+            outcome.held = decoded_size(item)  # what it holds while it runs, not its bytes
+        return outcome
 
     answer.__qualname__ = f"plan.<{name}>"
     return answer

@@ -96,7 +96,10 @@ class CallTiming:
                 return outcome
             assert isinstance(outcome, _eager.Suspended)
             # Step the wrapper once, to where the proc suspended: the connection resumes it.
-            return _eager.start(_finish(outcome, into, started))
+            wrapped = _eager.start(_finish(outcome, into, started))
+            assert isinstance(wrapped, _eager.Suspended)
+            wrapped.held = outcome.held
+            return wrapped
 
         return run
 

@@ -14,9 +14,14 @@ where it costs nothing. Nothing is refused that could ever fit.
 
 Waiters are served fairly by bytes held, as a fair queue would: whoever
 holds least goes first, arrival order breaking ties, so a small caller never
-waits behind greedy ones. A connection holding under :data:`FLOOR` may
-always read a frame that keeps it under, so a 20-byte call is answered even
-while stuck work holds the whole budget. Event bytes count against the
+waits behind greedy ones. What waiters hold under the floor does not count
+against the room they wait for, so a line of partial frames cannot block
+itself. A connection holding under :data:`FLOOR` may
+always read a frame, and start it, if that keeps it under, so a 20-byte call
+is answered even while stuck work holds the whole budget. A whole frame
+becomes a running request only with room for what that holds
+(:meth:`Budget.startable`), so many small frames in one read cannot hold
+more than they were charged. Event bytes count against the
 room requests need only up to their share (:data:`EVENT_SHARE`), so stalled
 subscribers cannot keep calls from being answered. Within that share each
 subscriber is sure of its part (:attr:`Budget.event_part`), as each connection
@@ -39,8 +44,9 @@ __all__ = [
     "Budget",
 ]
 
-IN_FLIGHT_COST = 2048
-"""Bytes charged per waiting reply over its payload: its Task, frame and slot."""
+IN_FLIGHT_COST = 4096
+"""Bytes charged per running request over its payload: its Task, coroutines, timer
+and slot (a held ``echo`` takes about 3.7 KB of the server's RSS besides its text)."""
 
 READ_HEADROOM = 64 * 1024
 """The most one socket read adds: connections read into buffers of this size at most."""
@@ -48,8 +54,11 @@ READ_HEADROOM = 64 * 1024
 MIN_READ = 1024
 """The smallest read: a frame's head, when the budget has no room left."""
 
-FLOOR = 16 * 1024
-"""What any connection may hold whatever the budget says: small callers are never stuck."""
+FLOOR = 12 * 1024
+"""What any connection may hold whatever the budget says: small callers are never stuck.
+
+With the connection's own 4 KiB or so, a server holds at most the budget plus
+about 16 KiB per connection."""
 
 EVENT_SHARE = 4
 """Event bytes count against the room requests need up to ``limit // EVENT_SHARE``."""
@@ -83,7 +92,7 @@ class Budget:
         self.split(1)
         self._reserved = 0  # owed to admitted frames still arriving
         self._granted: dict[Holder, int] = {}  # admitted: the bytes reserved (0: a head read)
-        self._waiting: dict[Holder, tuple[int, int]] = {}  # (arrival, need)
+        self._waiting: dict[Holder, tuple[int, int, bool]] = {}  # (arrival, need, start)
         self._tickets = 0
 
     @property
@@ -120,11 +129,13 @@ class Budget:
         if after < before and self._waiting:
             self._grant()
 
-    def admit(self, holder: Holder, need: int) -> bool:
+    def admit(self, holder: Holder, need: int, *, start: bool = False) -> bool:
         """Whether ``holder`` may read on; if not, it waits until granted.
 
         ``need`` is what is still to come of the frame it is receiving, or 0
-        between frames (a head read, of :data:`MIN_READ` at most).
+        between frames (a head read, of :data:`MIN_READ` at most). With
+        ``start``, a whole frame waits to become a request: ``need`` is what
+        that request holds (see :meth:`startable`).
         """
         granted = self._granted.get(holder)
         room = self.limit - self.used - self._reserved
@@ -134,16 +145,16 @@ class Budget:
             if need <= granted:
                 return True
             self._release(holder)  # the head arrived: now the frame is known
-            if self._fits(holder, need, self.room()):
+            if self._fits(holder, need, self._own_room(holder), start):
                 return True
         elif holder in self._waiting:
             return False
-        elif not self._waiting and self._fits(holder, need, self.room()):
+        elif not self._waiting and self._fits(holder, need, self._own_room(holder), start):
             return True
-        elif self._fits(holder, need, 0):
+        elif self._fits(holder, need, 0, start):
             return True  # under the floor
         self._tickets += 1
-        self._waiting[holder] = (self._tickets, need)
+        self._waiting[holder] = (self._tickets, need, start)
         return False
 
     def read_size(self, holder: Holder) -> int:
@@ -153,6 +164,22 @@ class Budget:
             return READ_HEADROOM
         room = max(room, self.room())  # events past their share are not the requests'
         return room if room > MIN_READ else MIN_READ
+
+    def startable(self, holder: Holder) -> int:
+        """How many whole frames ``holder`` may start now, at :data:`IN_FLIGHT_COST` each.
+
+        Its grant and the room left count (the room only with nobody waiting for
+        it); failing those, one if it stays under the floor.
+        """
+        room = self.limit - self.used - self._reserved
+        if room >= IN_FLIGHT_COST and not self._waiting:
+            return room // IN_FLIGHT_COST  # the common case: room, nobody waiting
+        room = self._granted.get(holder, 0)
+        if not self._waiting:
+            room += max(self.room(), 0)
+        if room >= IN_FLIGHT_COST:
+            return room // IN_FLIGHT_COST
+        return 1 if holder.held + IN_FLIGHT_COST <= FLOOR else 0
 
     def finished(self, holder: Holder) -> None:
         """``holder``'s frame is whole, or it stopped reading: its grant ends."""
@@ -177,9 +204,15 @@ class Budget:
             if self._waiting:
                 self._grant()
 
-    def _fits(self, holder: Holder, need: int, room: int) -> bool:
+    def _own_room(self, holder: Holder) -> int:
+        # As for waiters (see _grant): what it holds under the floor is not the budget's.
+        held = holder.held
+        return self.room() + (held if held < FLOOR else FLOOR)
+
+    def _fits(self, holder: Holder, need: int, room: int, start: bool) -> bool:
         size = need or MIN_READ
-        if size > room and holder.held + size > FLOOR:
+        # Under the floor, room is kept for the request a frame read becomes.
+        if size > room and holder.held + size + (0 if start else IN_FLIGHT_COST) > FLOOR:
             return False
         self._granted[holder] = need
         self._reserved += need
@@ -192,11 +225,13 @@ class Budget:
         # Least held first, then first come: a fair queue by bytes, never skipping the
         # head, so a large frame gets the room it waits for as it is freed.
         waiting = self._waiting
-        room = self.room()
+        # What waiters hold under the floor is the floor's, not the budget's: counted,
+        # enough partial frames waiting in line would keep the room from them forever.
+        room = self.room() + sum(min(h.held, FLOOR) for h in waiting)
         while waiting:
             holder = min(waiting, key=lambda h: (h.held, waiting[h][0]))
-            need = waiting[holder][1]
-            if not self._fits(holder, need, room):
+            _, need, start = waiting[holder]
+            if not self._fits(holder, need, room, start):
                 return
             del waiting[holder]
             room -= need or MIN_READ

@@ -12,6 +12,7 @@ and the field.
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from typing import Any, Literal, NoReturn
 
@@ -27,6 +28,7 @@ __all__ = [
     "StrictDecoder",
     "check_items",
     "decode_item",
+    "decoded_size",
     "describe_validation",
     "dump_model",
     "encode_item",
@@ -192,6 +194,22 @@ def check_items(payload: bytes, max_items: int, max_depth: int = DEFAULT_MAX_DEP
             pos += arg  # a string's bytes
         elif major == 6:
             return
+
+
+def decoded_size(item: object) -> int:
+    """Bytes a decoded item holds in memory: each object's own size, all levels together.
+
+    A text string is held at 1, 2 or 4 bytes a character, whichever its widest
+    character needs, so this can be up to four times its UTF-8 length.
+    """
+    size = sys.getsizeof(item)
+    if type(item) is dict:
+        for key, value in item.items():
+            size += decoded_size(key) + decoded_size(value)
+    elif type(item) is list:
+        for value in item:
+            size += decoded_size(value)
+    return size
 
 
 def encode_item(item: object) -> bytes:

@@ -51,7 +51,6 @@ RET_EVENTS_DROPPED = 17
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 DEFAULT_MAX_METHOD_LENGTH = 256
 
-_KEEP = 64 * 1024  # a receive buffer past this is freed once its frames are all taken
 _U32 = struct.Struct(">I")
 _REPLY_HEAD = struct.Struct(">iI")
 _unpack_u32 = _U32.unpack_from
@@ -234,8 +233,9 @@ class RequestReader(_Reader):
             except UnicodeDecodeError:
                 method = raw_method.decode("utf-8", "replace")
                 events.append(Rejected(method, "method name is not valid UTF-8"))
-        if pos == size and size > _KEEP:
-            # All taken: give a large buffer's memory back now, not at the next read.
+        if pos == size:
+            # All taken: free the buffer now, not at the next read. A connection that
+            # waits holds nothing uncharged (its requests are copies).
             self._buf = b""
             pos = 0
         self._pos = pos
