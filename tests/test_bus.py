@@ -20,6 +20,7 @@ from timer_sdk import (
     Timer,
     TimerClient,
     TimerConfig,
+    UnknownEvent,
 )
 from timer_sdk.bus import BusError, subject_for
 from timer_sdk.bus.nats_backend import PUBLISHER_HEADER, SEQ_HEADER, NatsBus
@@ -33,7 +34,9 @@ from .vectors import ECHO_REPLY, ECHO_REQUEST, VERSION_REQUEST
 class Tally:
     """What one subscriber saw: events, and the counts of drop notices, in order."""
 
-    items: list[EchoEvent | EventsDropped | EventsMayHaveBeenMissed] = field(default_factory=list)
+    items: list[EchoEvent | UnknownEvent | EventsDropped | EventsMayHaveBeenMissed] = field(
+        default_factory=list
+    )
 
     @property
     def accounted(self) -> int:

@@ -42,6 +42,7 @@ from timer_sdk import (
     Timer,
     TimerClient,
     TimerConfig,
+    UnknownEvent,
 )
 from timer_sdk.serving.connection import event_frame
 from timer_sdk.wire.framing import encode_reply, encode_request
@@ -445,33 +446,35 @@ async def test_a_reply_with_no_call_waiting_breaks_the_connection() -> None:
                 await client.version()
 
 
-async def test_an_unexpected_return_code_fails_the_call_and_the_connection() -> None:
+async def test_an_unknown_return_code_is_no_reply_and_costs_nothing() -> None:
     async def ret_five(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         await read_request(reader)
-        writer.write(encode_reply(5, b"?") + encode_reply(0, cbor2.dumps("too late")))
+        writer.write(encode_reply(5, b"?") + encode_reply(0, cbor2.dumps("first")))
+        writer.write(encode_reply(1, b"second") + encode_reply(5, b"?"))
 
     async with fake_server(ret_five) as address, await TimerClient.connect(address) as client:
         first, second = await asyncio.gather(
             client.version(), client.version(), return_exceptions=True
         )
-        assert isinstance(first, ProtocolError)
-        assert str(first) == "version: unexpected return code 5"
-        assert isinstance(second, ProtocolError)
-        assert str(second) == f"{address}: unexpected return code 5"
-        assert client.closed
+        assert first == "first"
+        assert isinstance(second, RemoteCallError)
+        assert str(second) == "version: second"
+        assert not client.closed
 
 
-async def test_drop_notices_and_a_malformed_event_through_the_sdk() -> None:
-    event = {"event": "on_echo_fired", "data": {"message": "m", "echoCount": 1}}
+async def test_drop_notices_unknown_events_and_a_malformed_event_through_the_sdk() -> None:
+    # A newer server's keys are ignored, its event kinds delivered as they are.
+    event = {"event": "on_echo_fired", "data": {"message": "m", "echoCount": 1, "new": 1}}
 
     async def events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert await read_request(reader) == (b"events.subscribe", b"\xa0")
         writer.write(
             encode_reply(0, cbor2.dumps({"events": ["on_echo_fired"]}))
-            + encode_reply(17, cbor2.dumps({"dropped": 3}))
-            + encode_reply(16, cbor2.dumps(event))
-            + encode_reply(16, cbor2.dumps({"event": "on_nothing", "data": {}}))
+            + encode_reply(17, cbor2.dumps({"dropped": 3, "since": 0}))
+            + encode_reply(16, cbor2.dumps({**event, "at": 1}))
+            + encode_reply(16, cbor2.dumps({"event": "on_nothing", "data": {"x": [1]}}))
+            + encode_reply(16, cbor2.dumps({"event": 16, "data": {}}))
         )
 
     async with (
@@ -481,6 +484,7 @@ async def test_drop_notices_and_a_malformed_event_through_the_sdk() -> None:
     ):
         assert await anext(stream) == EventsDropped(3)
         assert await anext(stream) == EchoEvent(message="m", echo_count=1)
+        assert await anext(stream) == UnknownEvent("on_nothing", {"x": [1]})
         with pytest.raises(ProtocolError, match="invalid event frame"):
             await anext(stream)
         assert stream.dropped == 3

@@ -35,6 +35,7 @@ from timer_sdk.tools.description import describe, describe_model
 from timer_sdk.wire.api import METHODS
 
 from . import _node, vectors
+from ._newer_server import running
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +47,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-async def run_node(built: Path, program: str, address: str) -> Any:
-    """Run a compiled test program against ``address``; what it printed, as JSON."""
+async def run_node(built: Path, program: str, *addresses: str) -> Any:
+    """Run a compiled test program against ``addresses``; what it printed, as JSON."""
     node, _ = _node.require_node()
     proc = await asyncio.create_subprocess_exec(
-        node, str(built / "test-build" / f"{program}.js"), address,
+        node, str(built / "test-build" / f"{program}.js"), *addresses,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -72,7 +73,9 @@ def item(message: str) -> dict[str, Any]:
 def test_the_fresh_client_type_checks_under_strict(built: Path) -> None:
     # The fixture compiled it; here, that the compile produced the whole client.
     compiled = {path.name for path in (built / "dist").glob("*.js")}
-    assert compiled == {"client.js", "connection.js", "index.js", "types.js", "wire.js"}
+    assert compiled == {
+        "client.js", "connection.js", "index.js", "readers.js", "types.js", "wire.js"
+    }  # fmt: skip
 
 
 async def test_every_method_end_to_end(built: Path, server: Server) -> None:
@@ -205,6 +208,32 @@ async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
     }
 
 
+async def test_every_call_and_event_from_a_newer_server_and_an_older_one(built: Path) -> None:
+    with running() as newer, running("--older") as older:
+        seen = await run_node(built, "newer", newer, older)
+
+    job = {"jobId": "ipc-server:j", "willRunCount": 120}
+    assert seen["calls"] == [  # the fields this client knows, and no others
+        "nim-timer v0.2.0",
+        {"echoed": "one", "timerName": "ipc-server"},
+        {"summary": "received 2 messages, note=n, retries=0", "itemCount": 2, "hasNote": True},
+        {**job, "firstRunAtMs": 1007, "effectiveBackoffMs": 100},
+        {"echoed": "two", "timerName": "ipc-server"},
+    ]
+    assert seen["items"] == [
+        item("one"),
+        {"kind": "unknown", "event": "on_job_scheduled", "data": job},
+        item("two"),
+    ]
+    assert seen["wrongType"] == (
+        "InvalidReplyError: echo: invalid reply: echoed: expected text, got number"
+    )
+    assert seen["after"] == "nim-timer v0.2.0"  # the connection is kept
+    assert seen["olderComplex"] == "received 2 messages, note=n, retries=0"
+    assert seen["olderSchedule"] == 1000
+    assert seen["olderRefuses"].startswith("RemoteCallError: complex: unknown field")
+
+
 class _Method:
     """A stand-in for api.Method: what the description reads."""
 
@@ -267,7 +296,7 @@ def test_the_stubs_command_writes_the_package(
         str(path.relative_to(tmp_path / "ts")) for path in (tmp_path / "ts").rglob("*.*")
     } == set(files)
     assert (tmp_path / "ts" / "src" / "types.ts").read_text() == files["src/types.ts"]
-    assert "wrote 8 files of the typescript client" in capsys.readouterr().out
+    assert "wrote 9 files of the typescript client" in capsys.readouterr().out
     package = json.loads(files["package.json"])
     # Pinned exactly: the same install on every machine.
     for version in {**package["dependencies"], **package["devDependencies"]}.values():

@@ -30,7 +30,7 @@ from .errors import (
     TimerConnectionError,
     TimerError,
 )
-from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription
+from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription, UnknownEvent
 from .models import (
     ComplexRequest,
     ComplexResponse,
@@ -79,6 +79,7 @@ __all__ = [
     "TimerConfig",
     "TimerConnectionError",
     "TimerError",
+    "UnknownEvent",
     "__version__",
     "serve",
 ]

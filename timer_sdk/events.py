@@ -6,6 +6,8 @@ queue is full the oldest waiting event is dropped, and the next item the
 subscriber gets is an :class:`EventsDropped` notice with the count. Where
 the count cannot be known (a client's connection was lost and reopened), the
 stream carries an :class:`EventsMayHaveBeenMissed` notice at the gap instead.
+An event of a kind this client does not know (a newer server's) arrives as
+an :class:`UnknownEvent`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from .models import EchoEvent
 
-__all__ = ["EventsDropped", "EventsMayHaveBeenMissed", "Subscription"]
+__all__ = ["EventsDropped", "EventsMayHaveBeenMissed", "Subscription", "UnknownEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +45,28 @@ class EventsMayHaveBeenMissed:
     reason: str
 
 
-_Item = EchoEvent | EventsMayHaveBeenMissed
+@dataclass(frozen=True, slots=True)
+class UnknownEvent:
+    """An event of a kind this client does not know, from a newer server.
+
+    ``name`` is its wire name and ``data`` its payload as decoded, unchecked.
+    It is delivered, not dropped, so that a program can log or forward it;
+    one that only handles the events it knows passes over it by its type.
+    It takes a place in the queue like any event.
+    """
+
+    name: str
+    data: Any
+
+
+_Item = EchoEvent | UnknownEvent | EventsMayHaveBeenMissed
 
 
 class Subscription:
     """An async iterator of :class:`EchoEvent` and the notices about gaps in it.
 
-    The notices are :class:`EventsDropped` and :class:`EventsMayHaveBeenMissed`.
+    The notices are :class:`EventsDropped` and :class:`EventsMayHaveBeenMissed`;
+    an event of a kind this client does not know is an :class:`UnknownEvent`.
     Use it as ``async with timer.events() as events: async for item in events:``.
     The iteration ends when the subscription is closed (by :meth:`aclose`,
     by closing its client, or by the server shutting down); a lost connection
@@ -104,7 +122,7 @@ class Subscription:
         """Whether the stream has ended."""
         return self._closed
 
-    def publish(self, event: EchoEvent) -> None:
+    def publish(self, event: EchoEvent | UnknownEvent) -> None:
         """Queue ``event``; drop the oldest waiting one if the queue is full."""
         if self._closed:
             return
@@ -167,7 +185,9 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> EchoEvent | EventsDropped | EventsMayHaveBeenMissed:
+    async def __anext__(
+        self,
+    ) -> EchoEvent | UnknownEvent | EventsDropped | EventsMayHaveBeenMissed:
         """Return the next item; cancelling this loses nothing queued."""
         if self._opener is not None:
             await self._open()

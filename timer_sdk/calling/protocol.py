@@ -175,9 +175,12 @@ class _ClientProtocol(asyncio.Protocol):
                 self.fail(ProtocolError(f"{self.address}: {event.message}"))
                 return
             ret = event.ret
-            if ret > RET_ERROR and self.events_requested and ret in _EVENT_RETS:
-                if not self._on_event(ret, event.body):
-                    return
+            if ret > RET_ERROR or ret < RET_OK:  # never a reply (docs/protocol.md)
+                if self.events_requested and ret in _EVENT_RETS:
+                    if not self._on_event(ret, event.body):
+                        return
+                else:
+                    logger.debug("%s: skipped a frame of unknown ret %d", self.address, ret)
                 continue
             if ret == RET_GOAWAY and self.goaway:
                 self._on_goaway(event.body)
@@ -193,13 +196,9 @@ class _ClientProtocol(asyncio.Protocol):
                     future.set_result(method.decode_result(event.body))
                 except ProtocolError as exc:
                     future.set_exception(exc)
-            elif ret == RET_ERROR:
+            else:
                 message = event.body.decode("utf-8", "replace")
                 future.set_exception(RemoteCallError(method.name, message))
-            else:
-                future.set_exception(ProtocolError(f"{method.name}: unexpected return code {ret}"))
-                self.fail(ProtocolError(f"{self.address}: unexpected return code {ret}"))
-                return
         if self._queue:
             self._admit()
 
@@ -209,7 +208,7 @@ class _ClientProtocol(asyncio.Protocol):
         With nothing buffered, replies need no copy into the reader. This
         stops at the first frame that is partial, over the limit, not a reply
         (an event, an unknown code) or has no call waiting: the reader's loop
-        takes those, and raises their errors.
+        takes those, and raises their errors or skips them.
         """
         pending = self.pending
         limit = self.reader.max_frame_size

@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from pydantic import BaseModel, TypeAdapter
 from pydantic_core import SchemaValidator
 
+from ..events import UnknownEvent
 from ..models import (
     ComplexParams,
     ComplexRequest,
@@ -193,14 +194,20 @@ class Method(Generic[P, R]):
         return codec.encode_model(params)
 
     def decode_result(self, body: bytes) -> R:
-        """Decode and validate a success body."""
+        """Decode and validate a success body, as a client reads it.
+
+        Every declared field is checked; a field the reply type does not
+        declare (a newer server's) is ignored.
+        """
         try:
             item = codec.decode_item(body)
         except codec.DecodeError as exc:
             raise codec.DecodeError(f"{self.name}: invalid reply: {exc}") from None
         if self.result is str and type(item) is str:
             return item  # type: ignore[return-value]  # all a str validator would check
-        result: R = codec.validate(self._result_adapter, item, f"{self.name}: invalid reply")
+        result: R = codec.validate(
+            self._result_adapter, item, f"{self.name}: invalid reply", extra="ignore"
+        )
         return result
 
 
@@ -278,13 +285,29 @@ def encode_event(name: str, event: BaseModel) -> bytes:
     return codec.encode_item({"event": name, "data": codec.dump_model(event)})
 
 
-def decode_event(body: bytes) -> EchoEvent:
-    """Decode an event frame body; raise :class:`~timer_sdk.wire.codec.DecodeError`."""
-    return validate_event(codec.decode_item(body))
+def decode_event(body: bytes) -> EchoEvent | UnknownEvent:
+    """Decode an event frame body as a client reads it.
+
+    An event of a kind this client does not know is an :class:`UnknownEvent`;
+    a known one is validated, ignoring fields its model does not declare.
+    Raises :class:`~timer_sdk.wire.codec.DecodeError` for a body that is not
+    ``{event: text, data: ...}`` or a known event's data of the wrong shape.
+    """
+    item = codec.decode_item(body)
+    name = item.get("event") if isinstance(item, dict) else None
+    if type(name) is not str or "data" not in item:
+        raise codec.DecodeError(f"invalid event frame: {item!r:.80}")
+    if name != "on_echo_fired":
+        return UnknownEvent(name, item["data"])
+    event: EchoEvent = codec.validate(_EVENT_ADAPTER, item["data"], name, extra="ignore")
+    return event
 
 
 def validate_event(item: object) -> EchoEvent:
-    """Validate a decoded event frame body; raise :class:`~timer_sdk.wire.codec.DecodeError`."""
+    """Validate a decoded event frame body strictly, as servers sharing events do.
+
+    Raises :class:`~timer_sdk.wire.codec.DecodeError`.
+    """
     if not isinstance(item, dict) or item.get("event") != "on_echo_fired":
         raise codec.DecodeError(f"invalid event frame: {item!r:.80}")
     event: EchoEvent = codec.validate(_EVENT_ADAPTER, item.get("data"), "on_echo_fired")
@@ -325,13 +348,14 @@ def encode_events_gap(reason: str) -> bytes:
 def decode_events_dropped(body: bytes) -> int | str:
     """Decode a drop notice body: the count, or a gap notice's reason.
 
+    Keys other than ``dropped`` and ``gap`` (a newer server's) are ignored.
     Raises :class:`~timer_sdk.wire.codec.DecodeError`.
     """
     item = codec.decode_item(body)
     count = item.get("dropped") if isinstance(item, dict) else None
-    if type(count) is int and count >= 1 and len(item) == 1:
+    if type(count) is int and count >= 1:
         return count
-    if count == 0 and type(count) is int and len(item) == 2 and type(item.get("gap")) is str:
+    if count == 0 and type(count) is int and type(item.get("gap")) is str:
         return str(item["gap"])
     raise codec.DecodeError(f"invalid drop notice: {item!r:.80}")
 

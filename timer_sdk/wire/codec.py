@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import threading
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import cbor2
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -211,14 +211,22 @@ def dump_model(model: BaseModel) -> dict[str, Any]:
     return model.__pydantic_serializer__.to_python(model, by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
 
-def validate(adapter: TypeAdapter[Any], item: object, what: str) -> Any:
+def validate(
+    adapter: TypeAdapter[Any], item: object, what: str, *, extra: Literal["ignore"] | None = None
+) -> Any:
     """Validate a decoded item by its wire (camelCase) names only.
 
     ``what`` prefixes the error, for example ``"echo: invalid request"``.
+    ``extra="ignore"`` is how a client reads a reply or an event: map keys
+    the models do not declare (a newer server's) are ignored, at any depth,
+    and every declared field is checked as strictly as ever. Without it
+    they are refused, as the models say (``extra="forbid"``).
     """
     try:
         # The core validator, not TypeAdapter.validate_python: same result, less Python.
-        return adapter.validator.validate_python(item, strict=True, by_alias=True, by_name=False)
+        return adapter.validator.validate_python(
+            item, strict=True, by_alias=True, by_name=False, extra=extra
+        )
     except ValidationError as exc:
         raise DecodeError(f"{what}: {describe_validation(exc)}") from None
 

@@ -2,7 +2,9 @@
 
 The transport (``src/wire.ts``, ``src/connection.ts``) is the same for every
 API and ships as template files beside this module; what depends on the API
-(``src/types.ts``, ``src/client.ts``) is rendered from the description.
+(``src/types.ts``, ``src/readers.ts``, ``src/client.ts``) is rendered from the
+description. The readers check every reply and event field the client knows
+and leave out those it does not (a newer server's): tolerant, not blind.
 """
 
 from __future__ import annotations
@@ -86,6 +88,58 @@ def _types(api: ApiDescription) -> str:
     return "".join(parts)
 
 
+_READ_SCALARS = {"text": "readText", "int64": "readInt64", "bool": "readBool", "float": "readFloat"}
+
+
+def _reader(ref: TypeRef) -> str:
+    """The expression of a ``Read<T>`` of ``ref``, from wire.ts's helpers and the models'."""
+    if ref.item is not None:
+        text = f"readList({_reader(ref.item)})"
+    elif ref.model is not None:
+        text = f"read{ref.model.name}"
+    else:
+        text = _READ_SCALARS[ref.scalar]
+    return f"readNullable({text})" if ref.nullable else text
+
+
+def _read_model(model: ModelDescription) -> str:
+    required = [f for f in model.fields if f.required]
+    members = "".join(
+        f'    {f.wire}: {_reader(f.type)}(map["{f.wire}"], at(path, "{f.wire}")),\n'
+        for f in required
+    )
+    optional = "".join(
+        f'  if (map["{f.wire}"] !== undefined) '
+        f'out.{f.wire} = {_reader(f.type)}(map["{f.wire}"], at(path, "{f.wire}"));\n'
+        for f in model.fields
+        if not f.required
+    )
+    return (
+        f"\nexport function read{model.name}(value: unknown, path: string): {model.name} {{\n"
+        "  const map = readMap(value, path);\n"
+        f"  const out: {model.name} = {{\n{members}  }};\n"
+        f"{optional}"
+        "  return out;\n}\n"
+    )
+
+
+def _readers(api: ApiDescription) -> str:
+    names = ", ".join(m.name for m in api.models)
+    events = "".join(f'  "{e.name}": read{e.data.name},\n' for e in api.events)
+    return (
+        f"{_HEADER}"
+        "// Each reads a decoded map as its model: every field it declares checked, any\n"
+        "// other key (a newer server's) left out.\n"
+        "import { at, readBool, readFloat, readInt64, readList, readMap, readNullable, "
+        'readText } from "./wire.js";\n'
+        'import type { EventReaders } from "./connection.js";\n'
+        f'import type {{ EventMap, {names} }} from "./types.js";\n'
+        + "".join(_read_model(m) for m in api.models)
+        + f"\n/** How each event's data is read. */\n"
+        f"export const EVENT_READERS: EventReaders<EventMap> = {{\n{events}}};\n"
+    )
+
+
 def _param(field: FieldDescription) -> str:
     name = f"{field.wire}_" if field.wire in _RESERVED else field.wire
     return f"{name}{'' if field.required else '?'}: {_type(field.type)}"
@@ -102,7 +156,7 @@ def _method(proc: ProcDescription) -> str:
         f"  /** `{proc.name}`: request `{{{', '.join(f.wire for f in fields)}}}`, "
         f"reply `{result}`. */\n"
         f"  {ident}({', '.join(args)}): Promise<{result}> {{\n"
-        f'    return this.call("{proc.name}", {envelope}, options) as Promise<{result}>;\n'
+        f'    return this.call("{proc.name}", {envelope}, options, {_reader(proc.result)});\n'
         "  }\n"
     )
 
@@ -115,12 +169,16 @@ def _client(api: ApiDescription) -> str:
         "import { Connection, dial, type CallOptions, type ConnectOptions } "
         'from "./connection.js";\n'
         f'import type {{ EventMap, {", ".join(used)} }} from "./types.js";\n'
+        f"import {{ EVENT_READERS, {', '.join(f'read{name}' for name in used)} }} "
+        'from "./readers.js";\n'
+        "import { readBool, readFloat, readInt64, readList, readNullable, readText } "
+        'from "./wire.js";\n'
         "\n/** A typed client of the timer wire API: one async method per proc. */\n"
         "export class TimerClient extends Connection<EventMap> {\n"
         "  /** Connect to `tcp:HOST:PORT` or `unix:PATH`. */\n"
         "  static async connect(address: string, options: ConnectOptions = {}): "
         "Promise<TimerClient> {\n"
-        "    return new TimerClient(await dial(address, options), options);\n"
+        "    return new TimerClient(await dial(address, options), options, EVENT_READERS);\n"
         "  }\n\n"
         f"{methods}"
         "}\n"
@@ -128,7 +186,7 @@ def _client(api: ApiDescription) -> str:
 
 
 _INDEX = (
-    'export * from "./types.js";\nexport * from "./client.js";\n'
+    'export * from "./types.js";\nexport * from "./client.js";\nexport * from "./readers.js";\n'
     'export * from "./connection.js";\nexport * from "./wire.js";\n'
 )
 
@@ -148,6 +206,7 @@ def render(api: ApiDescription) -> dict[str, str]:
             text = text.replace(token, value)
         files[path] = _HEADER + text if path.endswith(".ts") else text
     files["src/types.ts"] = _types(api)
+    files["src/readers.ts"] = _readers(api)
     files["src/client.ts"] = _client(api)
     files["src/index.ts"] = _HEADER + _INDEX
     return files

@@ -10,7 +10,11 @@ import {
   RET_OK,
   decodeItem,
   encodeRequest,
+  readInt64,
+  readMap,
+  readText,
   type Frame,
+  type Read,
 } from "./wire.js";
 
 /** The server answered a call with an error reply (ret 1). */
@@ -38,7 +42,10 @@ export class CallTimeoutError extends Error {
   }
 }
 
-/** A success reply that this client cannot decode, or an integer in it beyond 2^53 - 1. */
+/**
+ * A success reply that this client cannot decode: a field it knows missing or of the
+ * wrong type, or an integer beyond 2^53 - 1. Fields it does not know are ignored.
+ */
 export class InvalidReplyError extends Error {
   override readonly name = "InvalidReplyError";
   constructor(
@@ -67,13 +74,19 @@ export interface ConnectOptions {
 }
 
 /**
- * One item of an event stream: an event; how many events were lost right here;
- * or a gap of unknown size (the server lost its event bus, and says why).
+ * One item of an event stream: an event; an event of a kind this client does not
+ * know (a newer server's), with its data as decoded and unchecked; how many events
+ * were lost right here; or a gap of unknown size (the server lost its event bus,
+ * and says why).
  */
 export type EventItem<M> =
   | { [K in keyof M]: { kind: "event"; event: K; data: M[K] } }[keyof M]
+  | { kind: "unknown"; event: string; data: unknown }
   | { kind: "dropped"; count: number }
   | { kind: "gap"; reason: string };
+
+/** How each event's data is read, by event name. */
+export type EventReaders<M> = { [K in keyof M]: Read<M[K]> };
 
 export interface SubscribeOptions {
   /** Events held for a slow reader before the oldest are dropped (default 1024). */
@@ -82,6 +95,7 @@ export interface SubscribeOptions {
 
 interface Pending {
   method: string;
+  read: Read<unknown>;
   resolve: (value: unknown) => void;
   reject: (error: Error) => void;
   timer: NodeJS.Timeout | undefined;
@@ -217,11 +231,13 @@ export class Connection<M> {
   private readonly defaultTimeoutMs: number;
   private closedError: Error | undefined;
   private closing = false;
+  private eventsRequested = false; // event frames count only once we asked for them
   private readonly closed: Promise<void>;
 
   protected constructor(
     private readonly socket: net.Socket,
     options: ConnectOptions = {},
+    private readonly eventReaders: EventReaders<M>,
   ) {
     this.defaultTimeoutMs = options.timeoutMs ?? 30_000;
     socket.on("data", (data: Buffer) => this.received(data));
@@ -234,8 +250,16 @@ export class Connection<M> {
     );
   }
 
-  /** Send one request and wait for its reply; any method, any payload map. */
-  call(method: string, payload: object, options: CallOptions = {}): Promise<unknown> {
+  /**
+   * Send one request and wait for its reply; any method, any payload map. `read`
+   * checks the decoded reply (by default it is returned as decoded).
+   */
+  call<T = unknown>(
+    method: string,
+    payload: object,
+    options: CallOptions = {},
+    read: Read<T> = (value) => value as T,
+  ): Promise<T> {
     if (this.closedError !== undefined) return Promise.reject(this.closedError);
     if (this.closing) return Promise.reject(new ConnectionClosedError("the client is closing"));
     let frame: Buffer;
@@ -246,7 +270,7 @@ export class Connection<M> {
     }
     const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
     return new Promise((resolve, reject) => {
-      const entry: Pending = { method, resolve, reject, timer: undefined, done: false };
+      const entry: Pending = { method, read, resolve: resolve as (value: unknown) => void, reject, timer: undefined, done: false };
       if (timeoutMs > 0) {
         entry.timer = setTimeout(() => {
           entry.done = true; // stays queued: its reply is still read, then dropped
@@ -268,6 +292,7 @@ export class Connection<M> {
   ): Promise<Subscription<M>> {
     const subscription = new Subscription<M>(options.maxQueue ?? 1024, (s) => this.unsubscribe(s));
     this.subscriptions.add(subscription);
+    this.eventsRequested = true;
     try {
       await this.call("events.subscribe", events === undefined ? {} : { events });
     } catch (error) {
@@ -306,8 +331,11 @@ export class Connection<M> {
       return;
     }
     for (const frame of frames) {
-      if (frame.ret === RET_EVENT || frame.ret === RET_EVENTS_DROPPED) this.event(frame);
-      else this.reply(frame);
+      if (frame.ret === RET_OK || frame.ret === RET_ERROR) this.reply(frame);
+      else if (this.eventsRequested && (frame.ret === RET_EVENT || frame.ret === RET_EVENTS_DROPPED)) {
+        this.event(frame);
+      }
+      // Any other code is never a reply: skipped whole, the connection kept.
     }
   }
 
@@ -322,27 +350,29 @@ export class Connection<M> {
     entry.done = true;
     if (frame.ret === RET_OK) {
       try {
-        entry.resolve(decodeItem(frame.body));
+        entry.resolve(entry.read(decodeItem(frame.body), ""));
       } catch (error) {
         entry.reject(new InvalidReplyError(entry.method, error as Error));
       }
-    } else if (frame.ret === RET_ERROR) {
-      entry.reject(new RemoteCallError(entry.method, frame.body.toString("utf8")));
     } else {
-      entry.reject(new Error(`${entry.method}: unexpected reply code ${frame.ret}`));
+      entry.reject(new RemoteCallError(entry.method, frame.body.toString("utf8")));
     }
   }
 
   private event(frame: Frame): void {
     let item: EventItem<M>;
     try {
-      const body = decodeItem(frame.body) as Record<string, unknown>;
+      const body = readMap(decodeItem(frame.body), "");
       if (frame.ret === RET_EVENT) {
-        item = { kind: "event", event: body.event, data: body.data } as EventItem<M>;
+        const event = readText(body.event, "event");
+        const readers = this.eventReaders as Record<string, Read<unknown>>;
+        item = Object.prototype.hasOwnProperty.call(readers, event)
+          ? ({ kind: "event", event, data: readers[event]!(body.data, "data") } as EventItem<M>)
+          : { kind: "unknown", event, data: body.data };
       } else if (typeof body.gap === "string") {
         item = { kind: "gap", reason: body.gap }; // {dropped: 0, gap}: the bus was lost
       } else {
-        item = { kind: "dropped", count: body.dropped as number };
+        item = { kind: "dropped", count: readInt64(body.dropped, "dropped") };
       }
     } catch (error) {
       this.socket.destroy(new Error(`invalid event frame: ${(error as Error).message}`));

@@ -14,6 +14,8 @@ export const RET_ERROR = 1;
 export const RET_EVENT = 16;
 /** A drop notice of the event extension: `{dropped: count}`, or `{dropped: 0, gap: reason}`; never a reply. */
 export const RET_EVENTS_DROPPED = 17;
+// Any other code is never a reply: a frame with a code this client does not know (a
+// newer server's, such as a "still running" 3 before a reply) is skipped whole.
 
 /** The largest reply body this client accepts (64 MiB) before it closes the connection. */
 export const MAX_BODY = 64 * 1024 * 1024;
@@ -29,9 +31,10 @@ export interface Frame {
 }
 
 /**
- * A value as the wire wants it: members that are `undefined` left out (an absent
- * optional field), and integers checked to be exact, since a JavaScript number beyond
- * 2^53 - 1 is no longer the integer it was meant to be.
+ * A value as the wire wants it: members that are `undefined` or `null` left out (an
+ * unset optional field is never sent, as the reference encodes it, so an older server
+ * that lacks the field still accepts the call), and integers checked to be exact,
+ * since a JavaScript number beyond 2^53 - 1 is no longer the integer it was meant to be.
  */
 function toWire(value: unknown, path: string): unknown {
   if (typeof value === "number" && Number.isInteger(value)) {
@@ -45,7 +48,7 @@ function toWire(value: unknown, path: string): unknown {
   if (value !== null && typeof value === "object" && !ArrayBuffer.isView(value)) {
     const out: Record<string, unknown> = {};
     for (const [key, member] of Object.entries(value)) {
-      if (member !== undefined) out[key] = toWire(member, path ? `${path}.${key}` : key);
+      if (member !== undefined && member !== null) out[key] = toWire(member, at(path, key));
     }
     return out;
   }
@@ -69,6 +72,54 @@ function fromWire(value: unknown, path: string): unknown {
     }
   }
   return value;
+}
+
+/**
+ * Reads one decoded value as type `T` at `path` (for errors): every field the type
+ * declares is checked, and a map's keys it does not declare (a newer server's) are
+ * left out. Throws a TypeError naming the path and what was expected.
+ */
+export type Read<T> = (value: unknown, path: string) => T;
+
+function refuse(path: string, expected: string, value: unknown): never {
+  const where = path || "value";
+  if (value === undefined) throw new TypeError(`${where}: missing`);
+  const got = value === null ? "null" : Array.isArray(value) ? "an array" : typeof value;
+  throw new TypeError(`${where}: expected ${expected}, got ${got}`);
+}
+
+/** The path of a map's member, for errors. */
+export function at(path: string, key: string): string {
+  return path ? `${path}.${key}` : key;
+}
+
+export const readText: Read<string> = (value, path) =>
+  typeof value === "string" ? value : refuse(path, "text", value);
+
+export const readInt64: Read<number> = (value, path) =>
+  Number.isInteger(value) ? (value as number) : refuse(path, "an integer", value);
+
+export const readBool: Read<boolean> = (value, path) =>
+  typeof value === "boolean" ? value : refuse(path, "a boolean", value);
+
+export const readFloat: Read<number> = (value, path) =>
+  typeof value === "number" ? value : refuse(path, "a number", value);
+
+export function readList<T>(read: Read<T>): Read<T[]> {
+  return (value, path) =>
+    Array.isArray(value) ? value.map((item, i) => read(item, at(path, String(i)))) : refuse(path, "an array", value);
+}
+
+export function readNullable<T>(read: Read<T>): Read<T | null> {
+  return (value, path) => (value === null ? null : read(value, path));
+}
+
+/** A map's members by key; `read<Model>` functions take the keys they know from it. */
+export function readMap(value: unknown, path: string): Record<string, unknown> {
+  if (value === null || typeof value !== "object" || Array.isArray(value) || ArrayBuffer.isView(value)) {
+    return refuse(path, "a map", value);
+  }
+  return value as Record<string, unknown>;
 }
 
 /** Encode one CBOR item the way the reference does (`{}` is the single byte a0). */
