@@ -6,7 +6,9 @@ ordinary one-connection clients and sends each call on the one with the
 fewest calls pending (an idle one when there is one), ties taken in turn.
 Each connection keeps every guarantee of a one-connection client: in-order
 pairing, cancellation safety, timeouts, reconnect and the errors. The wire is
-the base protocol, unchanged, so any server that speaks it will do.
+the base protocol, unchanged, so any server that speaks it will do; each
+connection only first asks for the close notice (``server.goaway``), which a
+server without it refuses.
 
 Fewest pending, not fewest bytes or shortest expected time: the client cannot
 know how long a call will run, and a connection with nothing pending is the

@@ -179,12 +179,12 @@ class _ClientProtocol(asyncio.Protocol):
                 if self.events_requested and ret in _EVENT_RETS:
                     if not self._on_event(ret, event.body):
                         return
+                elif ret == RET_GOAWAY and self.goaway:
+                    self._on_goaway(event.body)
+                    return
                 else:
                     logger.debug("%s: skipped a frame of unknown ret %d", self.address, ret)
                 continue
-            if ret == RET_GOAWAY and self.goaway:
-                self._on_goaway(event.body)
-                return
             if not pending:
                 self.fail(ProtocolError(f"{self.address}: a reply arrived with no call waiting"))
                 return
