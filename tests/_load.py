@@ -38,6 +38,7 @@ class Load:
                 reply = await client.echo(EchoRequest(message=message, delay_ms=rng.randint(0, 50)))
             except Exception as exc:  # every failure is counted
                 self.failed[message] = exc
+                await asyncio.sleep(0)  # a client closed under us fails at once: yield
             else:
                 if reply.echoed != message:
                     self.misrouted += 1
