@@ -83,16 +83,20 @@ async def test_the_async_client_gets_every_call_and_event_from_a_newer_server(
         assert not client.closed
 
 
-def test_the_blocking_client_gets_every_call_from_a_newer_server(newer: str) -> None:
+def test_the_blocking_client_gets_every_call_and_event_from_a_newer_server(newer: str) -> None:
     with blocking.TimerClient.connect(newer, timeout=30) as client:
-        results = [
-            client.version(),
-            client.echo(EchoRequest(message="one", delay_ms=0)),
-            client.complex(TWO),
-            client.schedule(JOB, RETRY, WHEN),
-            client.echo(EchoRequest(message="two", delay_ms=0)),
-        ]
+        with client.events() as events:
+            results = [
+                client.version(),
+                client.echo(EchoRequest(message="one", delay_ms=0)),
+                client.complex(TWO),
+                client.schedule(JOB, RETRY, WHEN),
+                client.echo(EchoRequest(message="two", delay_ms=0)),
+            ]
+            items = [next(events) for _ in EVENTS]
         assert results == EXPECTED
+        assert items == EVENTS
+        assert list(events) == []  # closed: the iteration ends
         assert not client.closed
 
 

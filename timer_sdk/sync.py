@@ -40,9 +40,11 @@ from typing import Any, Generic, TypeVar, cast
 from .client import DEFAULT_MAX_PENDING, P, R
 from .client import TimerClient as AsyncTimerClient
 from .errors import LoopError
+from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription, UnknownEvent
 from .models import (
     ComplexRequest,
     ComplexResponse,
+    EchoEvent,
     EchoRequest,
     EchoResponse,
     JobSpec,
@@ -54,7 +56,7 @@ from .wire import api
 from .wire.address import Address
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 
-__all__ = ["TimerClient"]
+__all__ = ["Events", "TimerClient"]
 
 T = TypeVar("T")
 
@@ -322,6 +324,17 @@ class TimerClient:
             lambda: self._client.schedule(job, retry, schedule, timeout=timeout)
         )
 
+    # --- events ----------------------------------------------------------------
+
+    def events(self, *, max_queue: int = 1024) -> Events:
+        """Subscribe to the server's events; see the async ``events``.
+
+        ``with client.events() as events: for item in events:`` yields what
+        the async subscription yields, each ``next`` blocking until an item
+        comes. The subscription starts on entering ``with``.
+        """
+        return Events(self._portal, self._client.events(max_queue=max_queue))
+
     # --- the generic call ----------------------------------------------------
 
     def call(self, method: api.Method[P, R], params: P, *, timeout: float | None = None) -> R:
@@ -350,6 +363,45 @@ class TimerClient:
         self._finalizer.detach()
 
     def __enter__(self) -> TimerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Events:
+    """A blocking event subscription, from :meth:`TimerClient.events`.
+
+    Iterating it blocks for each item (Ctrl-C interrupts the wait and loses
+    nothing queued); it ends when the subscription is closed.
+    """
+
+    def __init__(self, portal: _Portal, subscription: Subscription) -> None:
+        """Not called directly: ``client.events()`` returns one."""
+        self._portal = portal
+        self._subscription = subscription
+
+    def __iter__(self) -> Events:
+        return self
+
+    def __next__(self) -> EchoEvent | UnknownEvent | EventsDropped | EventsMayHaveBeenMissed:
+        try:
+            return self._portal.run(self._subscription.__anext__)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Unsubscribe; events queued but not read are discarded."""
+        self._portal.run(self._subscription.aclose)
+
+    def __enter__(self) -> Events:
+        """Start the subscription, so that no event is missed from here on."""
+        self._portal.run(self._subscription.__aenter__)
         return self
 
     def __exit__(

@@ -46,7 +46,9 @@ class _Events:
         ``async with client.events() as events: async for item in events:``
         yields :class:`~timer_sdk.models.EchoEvent` and, where events were
         lost because this subscriber fell behind (here or on the server),
-        :class:`~timer_sdk.events.EventsDropped`. The subscription starts on
+        :class:`~timer_sdk.events.EventsDropped`; an event of a kind this
+        client does not know (a newer server's) comes as an
+        :class:`~timer_sdk.events.UnknownEvent`. The subscription starts on
         entering ``async with`` (or at the first iteration). The stream ends
         when it is closed or the client is closed, and raises
         :class:`~timer_sdk.errors.ConnectionLost` if the connection drops.
