@@ -46,6 +46,7 @@ class _Owner:
         self._writing_paused = False
         self._shutting_down = False
         self._peer_done = False
+        self._goaway = False
         self.calls: list[str] = []
         self.answered: list[bytes] = []
         self.processed = asyncio.Event()
@@ -55,6 +56,9 @@ class _Owner:
 
     def _caught_up(self) -> None:
         self.calls.append("caught_up")
+
+    def _stop_events(self) -> None:
+        self.calls.append("stop_events")
 
     def _schedule_flush(self) -> None:
         self.calls.append("flush")

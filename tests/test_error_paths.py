@@ -547,7 +547,7 @@ async def test_close_after_a_timed_out_call_skips_its_finished_slot(server: Serv
     with pytest.raises(CallTimeout):
         await client.echo(EchoRequest(message="slow", delay_ms=60_000), timeout=0.05)
     # The timed-out call keeps its slot (its reply will still come), finished.
-    [(_, finished)] = client._protocol.pending
+    [(_, finished, _)] = client._protocol.pending
     assert finished.done()
     outcome = finished.cancelled() or finished.exception()
     waiting = asyncio.create_task(client.echo(EchoRequest(message="w", delay_ms=60_000)))

@@ -1201,15 +1201,19 @@ async def test_reconnect_never_replays_a_call_that_may_have_run(tmp_path: Path) 
             # A stand-in server at the same path records every byte the client sends next.
             received = bytearray()
 
+            # A reconnecting client first asks for the close notice, refused as unknown here.
+            ask = encode_request(b"server.goaway", b"\xa0")
+
             async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                received.extend(await reader.readexactly(len(VERSION_REQUEST)))
+                received.extend(await reader.readexactly(len(ask) + len(VERSION_REQUEST)))
+                writer.write(encode_reply(1, b"unknown method: server.goaway"))
                 writer.write(encode_reply(0, cbor2.dumps("stand-in")))
                 await writer.drain()
                 writer.close()
 
             async with await asyncio.start_unix_server(record, str(path)):
                 assert await client.version() == "stand-in"
-            assert bytes(received) == VERSION_REQUEST  # the echo "once" was not sent again
+            assert bytes(received) == ask + VERSION_REQUEST  # the echo "once" was not sent again
             # The real server comes back on the same path, replacing the stale socket.
             async with ServerProcess(f"unix:{path}") as again:
                 reply = await client.echo(EchoRequest(message="new", delay_ms=0))

@@ -422,7 +422,7 @@ async def test_a_base_protocol_server_sees_nothing_new(
     fake.held["held"] = asyncio.Event()
     async with await TimerClient.connect(address, connections=3, timeout=30) as client:
         held = asyncio.create_task(client.echo(EchoRequest(message="held", delay_ms=0)))
-        await wait_until(lambda: len(fake.requests) == 1)
+        await wait_until(lambda: len(fake.requests) == 4)  # three asks for the notice, the echo
         assert await client.version() == "fake v1"  # not behind the held echo
         # 30 at once: all three connections busy, some behind the held echo.
         replies = asyncio.gather(
@@ -431,8 +431,12 @@ async def test_a_base_protocol_server_sees_nothing_new(
         fake.held["held"].set()
         assert [r.echoed for r in await replies] == [f"m{i}" for i in range(30)]
         assert (await held).echoed == "held"
-    # Only base-protocol requests, exactly as the one-connection client sends them,
-    # spread over all three connections.
+    # Each connection first asks for the close notice, which a base-protocol server
+    # refuses as an unknown method; then only base-protocol requests, exactly as the
+    # one-connection client sends them, spread over all three connections.
+    asks = [request for request in fake.requests if request[1] == "server.goaway"]
+    assert sorted(asks) == [(conn, "server.goaway", {}) for conn in range(3)]
+    fake.requests = [request for request in fake.requests if request not in asks]
     assert {method for _, method, _ in fake.requests} == {"version", "echo"}
     assert fake.requests[0][1:] == ("echo", {"req": {"message": "held", "delayMs": 0}})
     assert {conn for conn, _, _ in fake.requests} == {0, 1, 2}

@@ -312,7 +312,7 @@ def test_ctrl_c_cancels_the_call_and_the_client_stays_usable(
     # call waiting for that reply was cancelled (once the loop got to it).
     assert sync_client.pending == 1
     asyncio.run_coroutine_threadsafe(asyncio.sleep(0), _get_portal().loop).result(timeout=30)
-    [(_, waiting)] = sync_client._client._protocol.pending
+    [(_, waiting, _)] = sync_client._client._protocol.pending
     assert waiting.cancelled()
 
     def release_when_fresh_is_in_flight() -> None:

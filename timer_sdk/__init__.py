@@ -18,6 +18,7 @@ from .client import TimerClient
 from .errors import (
     AddressError,
     CallError,
+    CallNotStarted,
     CallTimeout,
     ClientClosedError,
     ConnectError,
@@ -51,6 +52,7 @@ __all__ = [
     "Address",
     "AddressError",
     "CallError",
+    "CallNotStarted",
     "CallTimeout",
     "ClientClosedError",
     "ComplexRequest",

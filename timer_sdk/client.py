@@ -36,6 +36,7 @@ from .calling import plans as client_plan
 from .calling.connecting import Connecting
 from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX, _Dialer
 from .calling.events import _Events
+from .calling.handover import _Handover
 from .calling.protocol import DEFAULT_MAX_PENDING, _ClientProtocol, _copy, _Raw, _ReplyDecoder
 from .errors import (
     CallTimeout,
@@ -99,7 +100,7 @@ _COMPLEX = client_plan.plan(api.COMPLEX)
 _SCHEDULE = client_plan.plan(api.SCHEDULE)
 
 
-class TimerClient(_Events):
+class TimerClient(_Events, _Handover):
     """A connection to a timer server, with one typed method per proc.
 
     >>> client = await TimerClient.connect("tcp:127.0.0.1:9099")
@@ -139,6 +140,8 @@ class TimerClient(_Events):
         self._backoff = 0.0
         self._next_dial_at = 0.0
         protocol.adopt = self._adopt
+        protocol.hand_over = self._hand_over
+        self._carrier = None
         self._orphans: list[Subscription] = []  # kept across a lost connection
         self._resubscriber: asyncio.Task[None] | None = None
 
@@ -156,6 +159,7 @@ class TimerClient(_Events):
         connections: int = 1,
         max_pending: int = DEFAULT_MAX_PENDING,
         dead_after: float | None = None,
+        handover: bool | None = None,
     ) -> Connecting[TimerClient]:
         """Connect to the server at ``address`` (``tcp:``, ``tls:`` or ``unix:``).
 
@@ -196,6 +200,17 @@ class TimerClient(_Events):
         when nothing arrives for that long while calls wait: they fail with
         ConnectionLost, and ``reconnect`` applies. It is off because silence
         can be a slow call; set it above your longest call.
+
+        ``handover`` asks the server, with one extension call per connection,
+        to say when it closes gracefully which calls it will not read (a
+        server without the extension refuses the call, and nothing changes).
+        Those never started, so they go out again on a new or another
+        connection, within their own timeouts, and their callers see only a
+        later reply; subscriptions move over with a gap notice, as on a
+        reconnect. Where no connection can take them, they fail with
+        :class:`~timer_sdk.errors.CallNotStarted`, safe to retry. It is on
+        by default with ``reconnect`` or ``connections`` above one; a plain
+        client sends the base protocol only, as the reference's does.
         """
         return Connecting(
             cls._open(
@@ -209,6 +224,7 @@ class TimerClient(_Events):
                 connections=connections,
                 max_pending=max_pending,
                 dead_after=dead_after,
+                handover=handover,
             )
         )
 
@@ -226,6 +242,7 @@ class TimerClient(_Events):
         connections: int,
         max_pending: int,
         dead_after: float | None,
+        handover: bool | None,
     ) -> TimerClient:
         if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be an int of at least 1, not {connections!r}")
@@ -235,6 +252,8 @@ class TimerClient(_Events):
             raise ValueError(
                 f"dead_after must be a positive number of seconds or None, not {dead_after!r}"
             )
+        if handover is None:
+            handover = reconnect or connections > 1
         parsed = Address.parse(address)
         if parsed.scheme == "tls" and ssl is None:
             ssl = _ssl.create_default_context()
@@ -251,12 +270,14 @@ class TimerClient(_Events):
                     max_frame_size=max_frame_size,
                     max_pending=max_pending,
                     dead_after=dead_after,
+                    handover=handover,
                 )
 
             return await _open_pool(connections, one, timeout=timeout, reconnect=reconnect)
         dialer = _Dialer(
-            parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after
-        )
+            parsed, ssl, server_hostname, max_frame_size, connect_timeout, max_pending, dead_after,
+            handover,
+        )  # fmt: skip
         protocol = await dialer.dial(asyncio.get_running_loop())
         client = cls.__new__(cls)
         client._set_up(dialer, protocol, timeout=timeout, reconnect=reconnect)
@@ -467,6 +488,7 @@ class TimerClient(_Events):
         self._backoff = 0.0
         logger.info("reconnected to %s", self.address)
         protocol.adopt = self._adopt
+        protocol.hand_over = self._hand_over
         self._protocol = protocol
         return protocol
 

@@ -8,6 +8,7 @@ Every exception the SDK raises on purpose derives from :class:`TimerError`::
     ├── TimerConnectionError   also a builtin ConnectionError
     │   ├── ConnectError       could not connect at all
     │   ├── ConnectionLost     the connection dropped; pending calls fail with it
+    │   │   └── CallNotStarted the server closed gracefully before reading the call
     │   └── ClientClosedError  the client was closed by its owner
     ├── CallTimeout            also a builtin TimeoutError
     ├── ProtocolError          the peer broke the wire contract
@@ -24,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "AddressError",
     "CallError",
+    "CallNotStarted",
     "CallTimeout",
     "ClientClosedError",
     "ConnectError",
@@ -84,6 +86,17 @@ class ConnectError(TimerConnectionError):
 
 class ConnectionLost(TimerConnectionError):
     """The connection dropped; calls that were pending fail with this."""
+
+
+class CallNotStarted(ConnectionLost):
+    """The server closed the connection gracefully before it read this call.
+
+    It told the client so (a close notice, docs/protocol.md): the call never
+    started on the server, so sending it again is safe even for a method with
+    effects. A client with ``reconnect=True``, or several ``connections``,
+    does that itself; this error reaches the caller only when it could not.
+    Unlike a plain :class:`ConnectionLost`, after which the call may have run.
+    """
 
 
 class ClientClosedError(TimerConnectionError):

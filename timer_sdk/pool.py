@@ -6,7 +6,9 @@ ordinary one-connection clients and sends each call on the one with the
 fewest calls pending (an idle one when there is one), ties taken in turn.
 Each connection keeps every guarantee of a one-connection client: in-order
 pairing, cancellation safety, timeouts, reconnect and the errors. The wire is
-the base protocol, unchanged, so any server that speaks it will do.
+the base protocol, unchanged, so any server that speaks it will do; each
+connection only first asks for the close notice (``server.goaway``), which a
+server without it refuses.
 
 Fewest pending, not fewest bytes or shortest expected time: the client cannot
 know how long a call will run, and a connection with nothing pending is the
@@ -17,6 +19,8 @@ timeout does not close the ones a lowest-index rule would leave unused.
 
 A connection lost for good (``reconnect=False``) fails its own pending calls
 with :class:`~timer_sdk.errors.ConnectionLost`, as one connection does today;
+but when its server closes it gracefully and says which calls it never read,
+those go to the other connections instead, with or without ``reconnect``;
 new calls go to the others, as a gRPC channel routes around a failed
 subchannel. The client is ``closed`` once none is left. With ``reconnect=True``
 a lost connection is reopened in the background, prompted by the calls that
@@ -32,7 +36,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .calling.dialer import _BACKOFF_FIRST, _BACKOFF_MAX
-from .calling.protocol import _ReplyDecoder
+from .calling.handover import send_now
+from .calling.protocol import _Call, _ReplyDecoder
 from .client import TimerClient, use_pool
 from .errors import ClientClosedError, LoopError, TimerError
 from .events import Subscription
@@ -83,6 +88,21 @@ class _PooledClient(TimerClient):
         self._healing: dict[TimerClient, asyncio.Task[None]] = {}
         self._heal_delay: dict[TimerClient, float] = {}
         self._events_member: TimerClient | None = None
+        for member in members:
+            member._carrier = self._rehome
+
+    def _rehome(self, calls: list[_Call]) -> bool:
+        """Send calls a closing connection never sent to its server on the others."""
+        if self._closing or all(member.closed for member in self._members):
+            return False  # they fail, safe to retry, as on one connection
+        for frame, method, future in calls:
+            member = self._pick()
+            protocol = member._protocol
+            if protocol.failure is None:
+                send_now(protocol, frame, method, future)
+            else:  # none is open: it reconnects first
+                member._carry_later([(frame, method, future)])
+        return True
 
     @property
     def reconnect(self) -> bool:

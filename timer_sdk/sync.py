@@ -241,6 +241,7 @@ class TimerClient:
         connections: int = 1,
         max_pending: int = DEFAULT_MAX_PENDING,
         dead_after: float | None = None,
+        handover: bool | None = None,
     ) -> TimerClient:
         """Connect to the server at ``address``; see the async ``TimerClient.connect``.
 
@@ -263,6 +264,7 @@ class TimerClient:
                 connections=connections,
                 max_pending=max_pending,
                 dead_after=dead_after,
+                handover=handover,
             )
 
         client = portal.run(open_client, _close)

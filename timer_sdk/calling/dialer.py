@@ -33,6 +33,8 @@ class _Dialer:
     connect_timeout: float | None
     max_pending: int = DEFAULT_MAX_PENDING
     dead_after: float | None = None
+    goaway: bool = False
+    """Ask the server for its close notice (``server.goaway``) on each connection."""
 
     async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
         address = self.address
@@ -63,6 +65,8 @@ class _Dialer:
             if self.ssl is not None:
                 reason = _tls_reason(exc, reason)
             raise ConnectError(f"cannot connect to {address}: {reason}") from exc
+        if self.goaway:  # before any call: a close then says which calls never started
+            protocol.ask_goaway()
         return protocol
 
 

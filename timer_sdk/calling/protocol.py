@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from ..errors import (
+    CallNotStarted,
     ClientClosedError,
     ConnectionLost,
     ProtocolError,
@@ -30,7 +31,16 @@ from ..errors import (
 )
 from ..events import Subscription
 from ..wire import api
-from ..wire.framing import RET_ERROR, RET_EVENT, RET_EVENTS_DROPPED, RET_OK, Broken, ReplyReader
+from ..wire.framing import (
+    RET_ERROR,
+    RET_EVENT,
+    RET_EVENTS_DROPPED,
+    RET_GOAWAY,
+    RET_OK,
+    Broken,
+    ReplyReader,
+    encode_request,
+)
 from .deadlines import Deadlines
 
 __all__ = ["DEFAULT_MAX_PENDING"]
@@ -61,7 +71,11 @@ class _Raw:
         return body
 
 
-_Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]"]
+_Pending = tuple[_ReplyDecoder, "asyncio.Future[Any]", bytes]
+"""A call written and not answered: its decoder, its future, and its frame, to
+send again elsewhere if the server closes before reading it."""
+_Call = tuple[bytes, _ReplyDecoder, "asyncio.Future[Any]"]
+"""A call to send: its frame, its decoder, its future."""
 
 DEFAULT_MAX_PENDING = 1024
 """Calls one connection keeps in flight; more wait for a slot (``max_pending``)."""
@@ -93,6 +107,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.events_requested = False  # event frames are legal only once we asked
         # Set by the client: takes the subscriptions of a lost connection, or declines.
         self.adopt: Callable[[list[Subscription]], bool] | None = None
+        # Set by the client: sends calls the server never read elsewhere, or declines.
+        self.hand_over: Callable[[list[_Call]], bool] | None = None
+        self.goaway = False  # the server will say before it closes (server.goaway)
         self._corked = False
         self._backlog: list[bytes] = []
         self._backlog_size = 0
@@ -120,7 +137,7 @@ class _ClientProtocol(asyncio.Protocol):
         pending = self.pending
         if not pending and self.dead_after is not None:
             self._watch()
-        pending.append((method, future))
+        pending.append((method, future, frame))
         if self._corked:
             self._backlog.append(frame)
             self._backlog_size += len(frame)
@@ -162,13 +179,16 @@ class _ClientProtocol(asyncio.Protocol):
                 if self.events_requested and ret in _EVENT_RETS:
                     if not self._on_event(ret, event.body):
                         return
+                elif ret == RET_GOAWAY and self.goaway:
+                    self._on_goaway(event.body)
+                    return
                 else:
                     logger.debug("%s: skipped a frame of unknown ret %d", self.address, ret)
                 continue
             if not pending:
                 self.fail(ProtocolError(f"{self.address}: a reply arrived with no call waiting"))
                 return
-            method, future = pending.popleft()
+            method, future, _ = pending.popleft()
             if future.done():
                 continue  # its caller gave up; the reply is dropped in its place
             if ret == RET_OK:
@@ -201,7 +221,7 @@ class _ClientProtocol(asyncio.Protocol):
                 break
             body = data[pos + 8 : end]
             pos = end
-            method, future = pending.popleft()
+            method, future, _ = pending.popleft()
             if future.done():
                 continue  # its caller gave up; the reply is dropped in its place
             if ret == RET_OK:
@@ -231,6 +251,30 @@ class _ClientProtocol(asyncio.Protocol):
             self.fail(ProtocolError(f"{self.address}: {exc}"))
             return False
         return True
+
+    # --- the close notice ----------------------------------------------------
+
+    def ask_goaway(self) -> None:
+        """Ask the server to say before it closes (a server without it refuses: no harm)."""
+        self.send_and_forget(_GOAWAY_FRAME, _GoawayAccepted(self))
+
+    def _on_goaway(self, body: bytes) -> None:
+        """The server read nothing after its last reply: hand the calls left over on."""
+        reason = api.decode_goaway(body)
+        self.failure = CallNotStarted(
+            f"connection to {self.address} closed by the server ({reason}) before it read "
+            "the calls still waiting: they never started, and are safe to send again"
+        )
+        calls: list[_Call] = [(f, m, fut) for m, fut, f in self.pending if not fut.done()]
+        calls += [(f, m, fut) for fut, (f, m) in self._queue.items() if not fut.done()]
+        self.pending.clear()
+        self._queue.clear()
+        # Their deadlines run on where they are; fail() forgets only this new, empty set.
+        self.deadlines = Deadlines(self.loop)
+        if calls and not (self.hand_over is not None and self.hand_over(calls)):
+            for _, _, future in calls:
+                future.set_exception(_copy(self.failure))
+        self.fail(self.failure)  # subscriptions move over, and the socket closes
 
     def send_and_forget(self, frame: bytes, method: _ReplyDecoder) -> None:
         """Send a request whose reply nobody awaits; the reply is still consumed."""
@@ -324,7 +368,7 @@ class _ClientProtocol(asyncio.Protocol):
             self._watchdog = None
         self.deadlines.clear()  # every call fails here, in time or not
         while self.pending:
-            _, future = self.pending.popleft()
+            _, future, _ = self.pending.popleft()
             if not future.done():
                 future.set_exception(_copy(self.failure))
         queue = self._queue
@@ -386,6 +430,20 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 _EVENT_RETS = (RET_EVENT, RET_EVENTS_DROPPED)
+_GOAWAY_FRAME = encode_request(api.GOAWAY.encode(), b"\xa0")
+
+
+class _GoawayAccepted:
+    """The decoder of the ``server.goaway`` reply: a success turns the notice on."""
+
+    __slots__ = ("_protocol",)
+    name = api.GOAWAY
+
+    def __init__(self, protocol: _ClientProtocol) -> None:
+        self._protocol = protocol
+
+    def decode_result(self, body: bytes, /) -> None:
+        self._protocol.goaway = True  # whatever the body says: keys may be added
 
 
 def _silent_close(protocol: _ClientProtocol) -> str:

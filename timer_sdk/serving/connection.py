@@ -102,6 +102,7 @@ class Connection(asyncio.BufferedProtocol):
         self._shutting_down = False
         self._peer_done = False  # the peer half-closed: nothing unread can follow
         self._lingering = False
+        self._goaway = False  # the peer asked for the close notice (server.goaway)
         # The parts: each holds its own state.
         self._replies = replies = Replies()
         self._charges = charges = Charges(
@@ -133,6 +134,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is None or self._shutting_down:
             return
         self._shutting_down = True
+        self._endings.reason = "the server is shutting down"
         self._process()
 
     def abort(self) -> None:
@@ -278,6 +280,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._stats.protocol_violations += 1
                     logger.warning("%s: closing: %s", self._peer, event.message)
                     self._shutting_down = True
+                    self._endings.reason = event.message
                     if not event.answer:
                         break  # always the last event: the reader gives nothing after it
                     # Answer the whole frames before the bad one, then close.
@@ -324,10 +327,10 @@ class Connection(asyncio.BufferedProtocol):
     def _dispatch(self, request: Request) -> bytes | None:
         """Return the reply frame now, or queue a slot and return ``None``."""
         stats = self._stats
-        stats.requests += 1
         planned = self._plans.get(request.method)
         if planned is None:
-            return self._subscriber.dispatch(request)
+            return self._subscriber.dispatch(request)  # it counts the request, or not
+        stats.requests += 1
         method, answer = planned
         by_method = stats.by_method  # known names only: peers cannot grow it
         by_method[method.name] = by_method.get(method.name, 0) + 1
@@ -444,6 +447,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _recharge(self) -> None:
         self._charges.recharge()
+
+    def _stop_events(self) -> None:
+        self._server._unsubscribe(self._subscriber)
 
     def _caught_up(self) -> None:
         self._subscriber.caught_up()

@@ -7,7 +7,9 @@ only runs and stops the frame deadline (:meth:`Endings.frame_clock`) and
 starts the peer watch when it stops reading.
 
 A violation ends a connection as HTTP/2's GOAWAY does: every request received
-whole before it is answered first, then the connection closes.
+whole before it is answered first, then the connection closes. A peer that
+asked for it (``server.goaway``) is told so after the last reply: every request
+it sent that has no reply then was never read, and may go elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import asyncio
 import logging
 import select
 from typing import TYPE_CHECKING, Protocol
+
+from ..wire.api import encode_goaway
+from ..wire.framing import RET_GOAWAY, encode_reply
 
 if TYPE_CHECKING:
     from ..limits import ServerStats
@@ -44,8 +49,10 @@ class EndingOwner(Protocol):
     _shutting_down: bool
     _peer_done: bool
     _lingering: bool
+    _goaway: bool
 
     def _process(self) -> None: ...
+    def _stop_events(self) -> None: ...
     def _recharge(self) -> None: ...
     def _pause_reading(self, pause: bool) -> None: ...
 
@@ -60,7 +67,8 @@ class Endings:
 
     __slots__ = ("_budget", "_holder", "_loop", "_owner", "_reader", "_replies", "_stats",
                  "frame_deadline", "frame_left", "frame_started", "frame_timeout",
-                 "idle_handle", "idle_timeout", "last_activity", "peer_check")  # fmt: skip
+                 "idle_handle", "idle_timeout", "last_activity", "peer_check",
+                 "reason")  # fmt: skip
 
     def __init__(
         self,
@@ -90,6 +98,8 @@ class Endings:
         self.idle_handle: asyncio.TimerHandle | None = None
         self.peer_check: asyncio.TimerHandle | None = None
         self.last_activity = 0.0
+        self.reason = "the server is closing this connection"
+        """Why it closes, for the close notice."""
 
     def start_idle_clock(self) -> None:
         """The connection is open: close it after ``idle_timeout`` s without a byte."""
@@ -107,6 +117,10 @@ class Endings:
         owner = self._owner
         transport = owner._transport
         assert transport is not None
+        if owner._goaway and not owner._peer_done:
+            # After the last reply, and the last frame: no event may follow it.
+            owner._stop_events()
+            transport.write(encode_reply(RET_GOAWAY, encode_goaway(self.reason)))
         if owner._peer_done or not transport.can_write_eof():
             transport.close()  # TLS has no half-close; a finished peer sends nothing
             return
@@ -152,7 +166,7 @@ class Endings:
         self.frame_deadline = None
         self._stats.frame_timeouts += 1
         self._stats.protocol_violations += 1
-        reason = f"frame not finished within {self.frame_timeout} s"
+        self.reason = reason = f"frame not finished within {self.frame_timeout} s"
         owner = self._owner
         logger.warning("%s: closing: %s", owner._peer, reason)
         self._reader.give_up()  # the partial frame is no request: nothing answers it

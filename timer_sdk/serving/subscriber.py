@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..models import EchoEvent
 from ..wire.api import (
+    GOAWAY,
     SUBSCRIBE,
     UNSUBSCRIBE,
     decode_subscribe,
@@ -57,6 +58,9 @@ WRITE_HIGH = 64 * 1024
 """Unsent bytes past which a connection handles no more requests until its peer reads."""
 
 
+_GOAWAY_ACCEPTED = encode_reply(RET_OK, encode_item({}))
+
+
 def event_frame(event: EchoEvent) -> bytes:
     return encode_reply(RET_EVENT, encode_event("on_echo_fired", event))
 
@@ -66,6 +70,7 @@ class SubscriberOwner(Protocol):
 
     _transport: asyncio.Transport | None
     _writing_paused: bool
+    _goaway: bool
 
     def _recharge(self) -> None: ...
     def _schedule_flush(self) -> None: ...
@@ -107,6 +112,11 @@ class Subscriber:
 
     def dispatch(self, request: Request) -> bytes | None:
         """Answer a method that is not a Timer proc: an extension, or unknown."""
+        if request.method == GOAWAY:
+            # Part of opening the connection, not a call: the requests counter skips it.
+            self._owner._goaway = True
+            return _GOAWAY_ACCEPTED
+        self._stats.requests += 1
         if request.method == SUBSCRIBE:
             return self._subscribe(request.payload)
         if request.method == UNSUBSCRIBE:

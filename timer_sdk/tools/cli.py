@@ -62,6 +62,7 @@ from .cli_help import (
     limits_from_args,
 )
 from .observe import start_metrics
+from .reload import Hangup, reload_workers
 from .tls_flags import client_ssl, server_ssl
 
 __all__ = ["DEFAULT_ADDRESS", "LISTENING", "main"]
@@ -190,6 +191,7 @@ def _say_shared(url: str | None, name: str) -> None:
 def _worker(args: argparse.Namespace, ready: multiprocessing.connection.Connection) -> None:
     """Serve as one of ``--workers`` processes (the target of each child)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the parent too
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the parent's, not ours
     try:
         code = _run(_serve(args, reuse_port=True, ready=ready), args.loop)
     except (OSError, TimerError, ValueError, UsageError) as exc:
@@ -202,7 +204,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
     """Run ``args.workers`` server processes on one TCP port; stop them together.
 
     SIGINT and SIGTERM are forwarded to every worker as SIGTERM, and the parent
-    waits for them all. If one worker fails, the others are stopped too.
+    waits for them all. If one worker fails, the others are stopped too. SIGHUP
+    reloads: new workers first, then the old ones close (reload.py).
     """
     address = Address.parse(args.address)
     if address.scheme == "unix":
@@ -243,6 +246,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
                         os.kill(proc.pid, signal.SIGKILL)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hangup = Hangup()
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup.handle)
     pipes: list[multiprocessing.connection.Connection] = []
     try:
         if natsd is not None:
@@ -271,7 +276,16 @@ def _serve_workers(args: argparse.Namespace) -> int:
                       flush=True)  # fmt: skip
             else:
                 _say_shared(args.events_url, args.name)
-            _wait_for_workers(workers, natsd, lambda: stopping)
+            while True:
+                _wait_for_workers(workers, natsd, lambda: stopping, hangup)
+                if stopping or not hangup.take():
+                    break
+                reload_workers(
+                    lambda: _start_workers(context, child_args, workers, pipes,
+                                           stopping=lambda: stopping, bus_url=None),
+                    workers, pipes, stopping=lambda: stopping,
+                    shutdown_timeout=args.shutdown_timeout,
+                )  # fmt: skip
         if not stopping:  # a worker failed or was killed: take the others down with it
             stop_workers()
         else:
@@ -289,6 +303,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
             pipe.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        hangup.close()
     # A worker may finish before the forwarded SIGTERM arrives, and then dies of
     # it: with nothing left to serve, that is a clean stop too.
     clean = (0, -signal.SIGTERM)
@@ -307,18 +322,20 @@ def _wait_for_workers(
     workers: list[multiprocessing.process.BaseProcess],
     natsd: NatsServer | None,
     stopping: Callable[[], bool],
+    hangup: Hangup,
 ) -> None:
-    """Wait until a worker exits or a signal comes; meanwhile, keep the nats-server up.
+    """Wait until a worker exits or a signal comes (SIGHUP: ``hangup``); meanwhile,
+    keep the nats-server up.
 
     The workers reconnect to it by themselves, every half second, on its port.
     """
     sentinels = [proc.sentinel for proc in workers]
     while True:
-        watched = list(sentinels)
+        watched = [*sentinels, hangup.fileno()]
         if natsd is not None and natsd.sentinel is not None:
             watched.append(natsd.sentinel)
         ready = multiprocessing.connection.wait(watched)
-        if natsd is None or stopping() or any(s in ready for s in sentinels):
+        if natsd is None or stopping() or any(r != natsd.sentinel for r in ready):
             return
         print(f"timer-sdk: the private nats-server (pid {natsd.pid}) exited with code "
               f"{natsd.exit_code}; starting it again", file=sys.stderr, flush=True)  # fmt: skip
@@ -364,8 +381,10 @@ def _start_workers(
     """Start the workers; return the address they bound, or ``None`` if one failed.
 
     Each worker gets one end of a pipe: it says on it that it is listening, and
-    it stops when the parent's end closes.
+    it stops when the parent's end closes. The new ones are appended to
+    ``workers`` and ``pipes``, after those already serving (a reload).
     """
+    first = len(pipes)
     for i in range(args.workers):
         ours, theirs = context.Pipe()
         pipes.append(ours)
@@ -376,9 +395,9 @@ def _start_workers(
         if stopping():
             return None
     bound = None
-    if bus_url and not pipes[0].poll(3.0):  # they speak only once ready: say why we wait
+    if bus_url and not pipes[first].poll(3.0):  # they speak only once ready: say why we wait
         _say_connecting(bus_url, "the workers are ")
-    for pipe in pipes:
+    for pipe in pipes[first:]:
         try:
             bound = pipe.recv()
         except EOFError:

@@ -39,6 +39,7 @@ __all__ = [
     "COMPLEX",
     "ECHO",
     "EVENTS",
+    "GOAWAY",
     "METHODS",
     "SCHEDULE",
     "SUBSCRIBE",
@@ -48,10 +49,12 @@ __all__ = [
     "Procs",
     "decode_event",
     "decode_events_dropped",
+    "decode_goaway",
     "decode_subscribe",
     "encode_event",
     "encode_events_dropped",
     "encode_events_gap",
+    "encode_goaway",
     "is_native",
     "native_procs",
     "validate_event",
@@ -355,3 +358,27 @@ def decode_events_dropped(body: bytes) -> int | str:
     if count == 0 and type(count) is int and type(item.get("gap")) is str:
         return str(item["gap"])
     raise codec.DecodeError(f"invalid drop notice: {item!r:.80}")
+
+
+# --- the close notice (docs/protocol.md) --------------------------------------
+
+GOAWAY = "server.goaway"
+"""Ask to be told, before a graceful close, that no further request will be read."""
+
+
+def encode_goaway(reason: str) -> bytes:
+    """Encode a close notice body: ``{reason: text}``."""
+    return codec.encode_item({"reason": reason})
+
+
+def decode_goaway(body: bytes) -> str:
+    """The reason a close notice gives; keys it does not know are ignored, as is a bad body.
+
+    A notice is a notice whatever its body says: the frame itself is the promise.
+    """
+    try:
+        item = codec.decode_item(body)
+    except codec.DecodeError:
+        return "the server is closing the connection"
+    reason = item.get("reason") if isinstance(item, dict) else None
+    return reason if isinstance(reason, str) and reason else "the server is closing the connection"

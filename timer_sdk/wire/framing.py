@@ -29,6 +29,7 @@ __all__ = [
     "RET_ERROR",
     "RET_EVENT",
     "RET_EVENTS_DROPPED",
+    "RET_GOAWAY",
     "RET_OK",
     "Broken",
     "Rejected",
@@ -47,6 +48,8 @@ RET_ERROR = 1
 # only on connections that asked for events (docs/protocol.md).
 RET_EVENT = 16
 RET_EVENTS_DROPPED = 17
+# The close notice: only on connections that asked for it with ``server.goaway``.
+RET_GOAWAY = 18
 
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 DEFAULT_MAX_METHOD_LENGTH = 256
