@@ -6,6 +6,7 @@ included (docs/roles.py turns the docstrings' reST roles into checked links).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import os
@@ -13,6 +14,7 @@ import pydoc
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +148,22 @@ def test_the_readme_error_tree_has_every_error() -> None:
 
 
 @pytest.mark.timeout(180)
+def _mypy_cache() -> str:
+    """mypy's cache for this venv, kept between runs on this machine like the npm install.
+
+    Most of a check is reading pydantic and the package; mypy re-reads what changed.
+    """
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"timer-sdk-mypy-{os.getuid()}-{key}")
+
+
 def test_the_readme_python_scripts_pass_mypy_strict(tmp_path: Path) -> None:
     # The typed-event example exists so that users' code passes this too.
     scripts = _readme_blocks("server", "client")
     for i, code in enumerate(scripts):
         (tmp_path / f"readme_{i}.py").write_text(code)
     checked = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path)],
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", _mypy_cache(), str(tmp_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout
