@@ -64,9 +64,9 @@ NOT_YET_AT_FLOOR = (
     # Core modules still short of the floor: reported under it, in yellow, without failing
     # the run. Delete a line once its module is there; a listed module that reaches the
     # floor, or is no core module, fails the run, so that this list only ever shrinks.
-    "calling/protocol",  # a closing race, a drain without a socket; being reworked
+    "calling/protocol",  # a failure while closing, a drain without a socket
     "client",  # the slow path's queued calls without a failure: unreachable today
-    "metrics",  # a method without timing at a scrape; being reworked as asyncio
+    "metrics",  # a scrape of a method without timing
     "serving/charges",  # a recharge after the transport is gone
     "serving/subscriber",  # notices and sends to a subscriber whose transport is gone
     "serving/workers_port",  # the branches for platforms without abstract sockets
