@@ -16,24 +16,21 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from timer_sdk.tools import stubs
 from timer_sdk.wire.description import ApiDescription
+
+from .conftest import missing_tool
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "node"  # the test programs, compiled with the client
 
 
 def require_node() -> tuple[str, str]:
-    """Paths of node and npm; skip without them, but fail on CI, where they must be."""
+    """Paths of node and npm; skip loudly without them, or fail where tools are required."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
-        reason = f"{missing} not found on PATH: the TypeScript client cannot be built or run"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}, and CI is set, where this test must run")
-        pytest.skip(reason)
+        missing_tool(f"{missing} not found on PATH: the TypeScript client cannot be built or run")
     return node, npm
 
 

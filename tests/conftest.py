@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -20,14 +21,59 @@ from timer_sdk.serving.connection import Connection
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
 
-CORE_MODULES = ("wire/framing", "wire/codec", "wire/api", "serving/plans", "wire/encoders",
-                "server", "serving/connection", "serving/replies", "serving/endings",
-                "serving/subscriber", "client", "calling/events", "calling/protocol",
-                "calling/dialer", "calling/plans", "sync", "events", "timer", "wire/budget",
-                "pool", "bus/nats_backend", "bus/batch", "serving/shutdown", "serving/charges",
-                "calling/deadlines")  # fmt: skip
+CORE_MODULES = (
+    # One per line, so that adding or renaming a module is a one-line change. A name that
+    # matches no file fails the run: a renamed module must not drop out of the floor.
+    "bus/batch",
+    "bus/nats_backend",
+    "bus/natsd",
+    "calling/deadlines",
+    "calling/dialer",
+    "calling/events",
+    "calling/plans",
+    "calling/protocol",
+    "client",
+    "events",
+    "limits",
+    "metrics",
+    "pool",
+    "server",
+    "serving/charges",
+    "serving/connection",
+    "serving/endings",
+    "serving/listener",
+    "serving/plans",
+    "serving/replies",
+    "serving/shutdown",
+    "serving/stats",
+    "serving/subscriber",
+    "serving/workers_port",
+    "sync",
+    "timer",
+    "tools/observe",
+    "wire/address",
+    "wire/api",
+    "wire/backlog",
+    "wire/budget",
+    "wire/codec",
+    "wire/encoders",
+    "wire/framing",
+)
+"""Modules under ``timer_sdk`` that must each cover BRANCH_FLOOR of their branches."""
+NOT_YET_AT_FLOOR = (
+    # Core modules still short of the floor: reported under it, in yellow, without failing
+    # the run. Delete a line once its module is there; a listed module that reaches the
+    # floor, or is no core module, fails the run, so that this list only ever shrinks.
+    "calling/protocol",  # a failure while closing, a drain without a socket
+    "client",  # the slow path's queued calls without a failure: unreachable today
+    "metrics",  # a scrape of a method without timing
+    "serving/charges",  # a recharge after the transport is gone
+    "serving/subscriber",  # notices and sends to a subscriber whose transport is gone
+    "serving/workers_port",  # the branches for platforms without abstract sockets
+)
 BRANCH_FLOOR = 95.0
-"""Branch coverage the core modules must reach when the whole suite ran."""
+"""Branch coverage each core module must reach, on its own, when the whole suite ran."""
+PACKAGE = Path(__file__).resolve().parent.parent / "timer_sdk"
 
 
 class GatedTimer(Timer):
@@ -59,8 +105,13 @@ def _whole_suite(session: pytest.Session) -> bool:
     )
 
 
-def _core_branch_coverage(session: pytest.Session) -> tuple[int, int, list[str]] | None:
-    """Return (covered, total) branches of the core modules, and the files short of the floor."""
+def missing_core_modules() -> list[str]:
+    """The CORE_MODULES entries that name no file: renamed or removed modules."""
+    return [name for name in CORE_MODULES if not (PACKAGE / f"{name}.py").is_file()]
+
+
+def _core_branch_coverage(session: pytest.Session) -> dict[str, tuple[int, int]] | None:
+    """Return (covered, total) branches of each core module that exists."""
     plugin = session.config.pluginmanager.getplugin("_cov")
     controller = getattr(plugin, "cov_controller", None)
     if controller is None or controller.cov is None:
@@ -70,17 +121,47 @@ def _core_branch_coverage(session: pytest.Session) -> tuple[int, int, list[str]]
         include = [f"*/timer_sdk/{name}.py" for name in CORE_MODULES]
         controller.cov.json_report(outfile=str(out), include=include)
         files = json.loads(out.read_text())["files"]
-    covered = total = 0
-    short = []
-    for path, data in sorted(files.items()):
+    measured = {}
+    for path, data in files.items():
+        name = next(n for n in CORE_MODULES if Path(path).as_posix().endswith(f"timer_sdk/{n}.py"))
         summary = data["summary"]
-        covered += summary["covered_branches"]
-        total += summary["num_branches"]
-        if summary["covered_branches"] < summary["num_branches"] * BRANCH_FLOOR / 100:
-            short.append(
-                f"{Path(path).name} {summary['covered_branches']}/{summary['num_branches']}"
-            )
-    return covered, total, short
+        measured[name] = (summary["covered_branches"], summary["num_branches"])
+    return measured
+
+
+def floor_verdict(
+    measured: dict[str, tuple[int, int]],
+    missing: list[str],
+    pending: tuple[str, ...] = NOT_YET_AT_FLOOR,
+) -> tuple[str, bool]:
+    """The floor's one-line verdict, and whether it failed the run."""
+    below = {
+        name: f"{name} {covered}/{total}"
+        for name, (covered, total) in sorted(measured.items())
+        if covered < total * BRANCH_FLOOR / 100
+    }
+    short = [text for name, text in below.items() if name not in pending]
+    waiting = [text for name, text in below.items() if name in pending]
+    done = [name for name in pending if name in measured and name not in below]
+    stray = [name for name in pending if name not in CORE_MODULES]
+    covered = sum(c for c, _ in measured.values())
+    total = sum(t for _, t in measured.values())
+    line = (
+        f"core modules: each of {len(CORE_MODULES)} must cover {BRANCH_FLOOR:.0f}% of its "
+        f"branches; together {covered} of {total}"
+    )
+    problems = []
+    if short:
+        problems.append(f"below it: {', '.join(short)}")
+    if missing:
+        problems.append(f"no such module (renamed? fix CORE_MODULES): {', '.join(missing)}")
+    if done or stray:
+        problems.append(f"not pending, take out of NOT_YET_AT_FLOOR: {', '.join(done + stray)}")
+    if problems:
+        return f"ERROR: {line}; {'; '.join(problems)}", True
+    if waiting:
+        return f"{line}; not yet at the floor (NOT_YET_AT_FLOOR): {', '.join(waiting)}", False
+    return f"{line}, every one at or above the floor", False
 
 
 def _no_partial_table(session: pytest.Session) -> None:
@@ -100,7 +181,7 @@ def _no_partial_table(session: pytest.Session) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
-    """After a full run, fail it if the core modules are below the branch-coverage floor.
+    """After a full run, fail it if a core module is below the branch-coverage floor, or gone.
 
     Outermost wrapper, so pytest-cov has combined the data of every process by now. A
     run of one file or one test measures and reports, but never fails on the floor.
@@ -113,28 +194,63 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
     measured = _core_branch_coverage(session)
     if measured is None:
         return result
-    covered, total, short = measured
-    percent = 100 * covered / total if total else 100.0
-    line = (
-        f"core modules ({', '.join(CORE_MODULES)}): {covered} of {total} branches "
-        f"covered, {percent:.1f}% (floor {BRANCH_FLOOR:.0f}%)"
-    )
-    if percent < BRANCH_FLOOR:
+    line, failed = floor_verdict(measured, missing_core_modules())
+    if failed:
         session.testsfailed += 1
-        line = f"ERROR: {line}; below it: {', '.join(short)}"
-    elif short:
-        line += f"; under it alone: {', '.join(short)}"
-    session.config.stash[_FLOOR_LINE] = (line, percent < BRANCH_FLOOR)
+    session.config.stash[_FLOOR_LINE] = (line, failed)
     return result
+
+
+MISSING_TOOL = "missing tool: "
+"""How a skip for a tool this machine lacks begins: the summary counts them, loudly."""
+REQUIRE_TOOLS = "TIMER_SDK_REQUIRE_TOOLS"
+
+
+def tools_required() -> bool:
+    """Whether a missing tool fails its tests: on CI, and wherever .ci/run runs."""
+    return bool(os.environ.get("CI") or os.environ.get(REQUIRE_TOOLS))
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """Skip this test for want of a tool, or fail it where every tool must be present."""
+    if tools_required():
+        pytest.fail(f"{reason}; CI or {REQUIRE_TOOLS} is set, so this test must run here")
+    pytest.skip(f"{MISSING_TOOL}{reason}")
+
+
+def _tool_skips(terminalreporter: pytest.TerminalReporter) -> list[str]:
+    reasons = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and MISSING_TOOL in str(longrepr[2]):
+            reasons.append(str(longrepr[2]).split(MISSING_TOOL, 1)[1])
+    return reasons
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the floor's verdict with the coverage report."""
+    """Print the floor's verdict with the coverage report, and say what did not run."""
     verdict = terminalreporter.config.stash.get(_FLOOR_LINE, None)
     if verdict is not None:
         line, failed = verdict
-        terminalreporter.write_line(line, red=failed, green=not failed, bold=failed)
+        pending = "NOT_YET_AT_FLOOR" in line and not failed
+        terminalreporter.write_line(
+            line, red=failed, yellow=pending, green=not (failed or pending), bold=failed
+        )
+    skipped = _tool_skips(terminalreporter)
+    if skipped:
+        terminalreporter.write_sep(
+            "!",
+            f"{len(skipped)} test{'s' * (len(skipped) != 1)} did not run: a tool is missing",
+            red=True,
+            bold=True,
+        )
+        for reason in sorted(set(skipped)):
+            terminalreporter.write_line(f"  {skipped.count(reason)} x {reason}", red=True)
+        terminalreporter.write_line(
+            f"  Install it, or set {REQUIRE_TOOLS}=1 (as .ci/run does) to make these failures.",
+            red=True,
+        )
 
 
 @contextlib.contextmanager

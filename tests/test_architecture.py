@@ -8,11 +8,13 @@ README.md's Layout lists the same layers in the same order.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "timer_sdk"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "timer_sdk"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # lowest first: each imports only its own layer and those before it
@@ -119,6 +121,58 @@ def test_the_wire_core_imports_only_the_base_and_itself() -> None:
     for name, targets in GRAPH.items():
         if name.startswith("wire."):
             assert {t for t in targets if not t.startswith("wire")} <= set(base), name
+
+
+CLAIMS = {
+    "import no layer": (),
+    "imports only the base": ("base",),
+    "the base, wire/": ("base", "wire"),
+}
+"""What README.md's Layout says a layer may import besides itself, in its words."""
+
+
+def readme_claims(text: str) -> dict[str, set[str]]:
+    """Each layer that the Layout restricts more than "the layers above": what it may import."""
+    block = text.split("\n## Layout\n", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    entries: list[tuple[str, str]] = []  # (first name of the entry, its description)
+    for line in block.splitlines():
+        entry = re.match(r"  (\S+)\s*(.*)", line)
+        if entry:
+            entries.append((entry.group(1), entry.group(2)))
+        elif entries and line.startswith("   "):
+            entries[-1] = (entries[-1][0], f"{entries[-1][1]} {line.strip()}")
+    claims = {}
+    for name, description in entries:
+        said = [layers for words, layers in CLAIMS.items() if words in description]
+        if said:
+            layer = LAYERS[_layer(name.removesuffix("/").removesuffix(".py"))][0]
+            claims[layer] = {layer, *said[0]}
+    return claims
+
+
+def test_the_readme_claims_are_read() -> None:
+    claims = readme_claims((ROOT / "README.md").read_text())
+    # The README's stricter claims: if one is reworded, this says so rather than passing.
+    assert claims == {
+        "base": {"base"},
+        "wire": {"base", "wire"},
+        "limits": {"base", "wire", "limits"},
+        "calling": {"base", "wire", "calling"},
+        "bus": {"base", "wire", "bus"},
+    }
+
+
+def test_each_layer_imports_only_what_the_readme_says() -> None:
+    claims = readme_claims((ROOT / "README.md").read_text())
+    broken = [
+        f"timer_sdk.{name} ({LAYERS[_layer(name)][0]}) imports timer_sdk.{target} "
+        f"({LAYERS[_layer(target)][0]}); README.md allows only {sorted(allowed)}"
+        for name, targets in sorted(GRAPH.items())
+        if (allowed := claims.get(LAYERS[_layer(name)][0])) is not None
+        for target in sorted(targets)
+        if LAYERS[_layer(target)][0] not in allowed
+    ]
+    assert broken == []
 
 
 def _circles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -5,18 +5,22 @@ Three greedy pipeliners fill a small budget with long echoes and read their
 replies as a real client does, while a small caller makes sequential calls on
 a connection it opened before. Real loopback sockets, an in-process server
 so that ``server.stats`` shows what the budget did; the scale (a 3 MiB
-budget, 1-3 s delays) keeps each run to a few seconds.
+budget, 1-3 s delays) keeps each run to a few seconds. One test runs the same
+at full scale against ``timer-sdk serve`` and its default 64 MiB budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 
-from timer_sdk import Limits, Server, Timer
+from timer_sdk import Limits, Timer
+from timer_sdk.tools.soak import ServerProcess
 from timer_sdk.wire.framing import RET_OK, encode_request
 
 from .conftest import RawConnection
@@ -38,11 +42,11 @@ def echoed(message: str) -> bytes:
 
 
 async def greedy(
-    address: str, n: int, delay_ms: int, *, half_close: bool
+    address: str, n: int, delay_ms: int, *, half_close: bool, count: int, size: int
 ) -> list[tuple[int, bytes, str]]:
-    """Pipeline ``PER_GREEDY`` long echoes and read every reply, as a real client does."""
+    """Pipeline ``count`` long echoes and read every reply, as a real client does."""
     conn = await RawConnection.open(address)
-    messages = [f"{n}.{i}.".ljust(GREEDY_SIZE, "g") for i in range(PER_GREEDY)]
+    messages = [f"{n}.{i}.".ljust(size, "g") for i in range(count)]
     try:
 
         async def send() -> None:
@@ -75,9 +79,16 @@ async def small_caller(conn: RawConnection, stop: asyncio.Event) -> list[float]:
     return times
 
 
-async def overload(server: Server, delay_ms: int, *, half_close: bool = False) -> list[float]:
+async def overload(
+    address: str,
+    delay_ms: int,
+    *,
+    half_close: bool = False,
+    count: int = PER_GREEDY,
+    size: int = GREEDY_SIZE,
+) -> list[float]:
     """Run the greedy clients and the small caller; assert every greedy reply."""
-    small = await RawConnection.open(server.address)
+    small = await RawConnection.open(address)
     try:
         await small.send(echo("hello", 0))
         assert (await small.recv_reply())[0] == RET_OK  # an existing connection
@@ -87,7 +98,7 @@ async def overload(server: Server, delay_ms: int, *, half_close: bool = False) -
             replies = await asyncio.wait_for(
                 asyncio.gather(
                     *(
-                        greedy(server.address, n, delay_ms, half_close=half_close)
+                        greedy(address, n, delay_ms, half_close=half_close, count=count, size=size)
                         for n in range(GREEDY)
                     )
                 ),
@@ -112,7 +123,7 @@ def limits(frame_timeout: float) -> Limits:
 async def test_a_small_caller_is_answered_promptly_behind_greedy_pipeliners() -> None:
     async with await Timer().serve(limits=limits(frame_timeout=30)) as server:
         # Before, the small caller waited for a greedy echo to end: 2 s and more.
-        times = await overload(server, delay_ms=2000)
+        times = await overload(server.address, delay_ms=2000)
         stats = server.stats
     print(f"small calls: {len(times)}, slowest {max(times):.3f} s, waits {stats.budget_waits}")
     assert stats.budget_waits > 0  # the budget was spent: the greedy clients waited
@@ -126,9 +137,40 @@ async def test_every_valid_request_is_answered_and_no_valid_connection_closed(
 ) -> None:
     # A frame's wait for room is far past frame_timeout, which is for slow peers only.
     async with await Timer().serve(limits=limits(frame_timeout=0.5)) as server:
-        await overload(server, delay_ms=1000, half_close=half_close)
+        await overload(server.address, delay_ms=1000, half_close=half_close)
         stats = server.stats
     assert stats.budget_waits > 0
     assert stats.error_replies == 0
-    assert stats.frame_timeouts == 0 and getattr(stats, "budget_refusals", 0) == 0
+    assert stats.frame_timeouts == 0 and stats.budget_refusals == 0
     assert stats.protocol_violations == 0
+
+
+async def server_stats(address: str) -> dict[str, Any]:
+    """The ``server.stats`` snapshot, which a unix: server answers by default."""
+    conn = await RawConnection.open(address)
+    try:
+        await conn.send(encode_request(b"server.stats", cbor2.dumps({})))
+        ret, body = await conn.recv_reply()
+    finally:
+        await conn.close()
+    assert ret == RET_OK, body
+    snapshot: dict[str, Any] = cbor2.loads(body)
+    return snapshot
+
+
+@pytest.mark.timeout(180)
+async def test_the_default_budget_holds_a_full_scale_overload(tmp_path: Path) -> None:
+    # timer-sdk serve as shipped: three greedy clients want 96 MB of 500 KB echoes in
+    # flight, half as much again as the 64 MiB budget.
+    async with ServerProcess(f"unix:{tmp_path / 's.sock'}") as server:
+        times = await overload(server.address, delay_ms=1000, count=64, size=500_000)
+        stats = await server_stats(server.address)
+        _, peak_kib = server.rss_kib()
+    counters = stats["counters"]
+    print(f"small calls: {len(times)}, slowest {max(times):.3f} s, peak {peak_kib >> 10} MiB")
+    assert stats["budget"]["limit"] == 64 * MiB
+    assert counters["budget_waits"] > 0  # the budget was spent: the greedy clients waited
+    assert counters["error_replies"] == counters["budget_refusals"] == 0
+    assert counters["frame_timeouts"] == counters["protocol_violations"] == 0
+    assert max(times) < SMALL_WITHIN, sorted(times)[-5:]
+    assert peak_kib < 200 * 1024, f"peak RSS {peak_kib >> 10} MiB"

@@ -40,7 +40,7 @@ from timer_sdk.wire.framing import (
 )
 from timer_sdk.wire.framing import encode_request as request
 
-from .conftest import RawConnection, wait_until
+from .conftest import GatedTimer, RawConnection, Reads, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -215,6 +215,37 @@ async def test_the_frame_deadline_does_not_run_while_the_server_chooses_not_to_r
             for message in ("a", "b", "last"):
                 ret, body = await conn.recv_reply()
                 assert (ret, cbor2.loads(body)["echoed"]) == (RET_OK, message)
+            assert server.stats.frame_timeouts == 0
+        finally:
+            await conn.close()
+
+
+FRAME_TIMEOUT = 1.0
+
+
+async def test_the_frame_deadline_does_not_run_while_replies_wait_to_be_sent(
+    tmp_path: Path, server_reads: Reads
+) -> None:
+    # A peer that leaves a large reply unread for three frame timeouts, a frame half-sent
+    # behind it: past 64 KiB of unsent replies the server chooses not to read, and the
+    # deadline, which is for slow peers only, stops with it.
+    timer = GatedTimer()
+    limits = Limits(frame_timeout=FRAME_TIMEOUT)
+    large = "r" * (900 * KiB)  # far more than the socket buffers and the client's reader hold
+    async with await timer.serve(f"unix:{tmp_path / 's.sock'}", limits=limits) as server:
+        conn = await RawConnection.open(server.address)
+        try:
+            last = echo("last", 0)
+            sent = echo(large, 0) + last[:10]
+            await conn.send(sent)
+            await server_reads.until(len(sent))  # the half frame is read: its clock runs
+            timer.gate.set()  # the large reply is written, and most of it stays unsent
+            await asyncio.sleep(3 * FRAME_TIMEOUT)
+            ret, body = await conn.recv_reply()
+            assert (ret, cbor2.loads(body)["echoed"]) == (RET_OK, large)
+            await conn.send(last[10:])
+            ret, body = await conn.recv_reply()
+            assert (ret, cbor2.loads(body)["echoed"]) == (RET_OK, "last")
             assert server.stats.frame_timeouts == 0
         finally:
             await conn.close()

@@ -255,18 +255,26 @@ async def test_a_stalled_subscriber_costs_no_encoding_and_bounded_memory_and_dro
             assert (await _read_frame(reader))[0] == 0  # the subscribe reply
             delivered = dropped = 0
             notices = []
+            seen: list[int | None] = []  # each event's number; None for the drop notice
             async with asyncio.timeout(60):
                 while delivered + dropped < fired:
                     ret, body = await _read_frame(reader)
                     if ret == 16:
                         delivered += 1
+                        seen.append(int(cbor2.loads(body)["data"]["message"]))
                     else:
                         assert ret == 17
                         notices.append(cbor2.loads(body)["dropped"])
                         dropped += notices[-1]
+                        seen.append(None)
             assert delivered + dropped == fired
             assert dropped == server.stats.events_dropped == sum(notices) > 0
             assert len(notices) == 1  # one notice, sent when the subscriber read again
+            # What was sent before the stall, the notice, then the held events, newest last:
+            # the notice stands where the lost events would have been.
+            gap = seen.index(None)
+            assert seen[:gap] == list(range(gap))
+            assert seen[gap + 1 :] == list(range(gap + dropped, fired))
         finally:
             if writer is not None:
                 writer.close()

@@ -105,10 +105,13 @@ def test_bench_words_name_no_tracker() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_running_one_test_prints_no_coverage_table() -> None:
+def test_running_one_test_prints_no_coverage_table(tmp_path: Path) -> None:
     # Its total (say 14%) says nothing about the suite; the whole run prints the table.
     root = PYPROJECT.parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # Its own data file: starting, pytest-cov erases the data files where it writes, and
+    # those of this run's finished child processes are in the project's directory.
+    env["COVERAGE_FILE"] = str(tmp_path / ".coverage")
     one = "tests/test_hints.py::test_an_error_reply_names_its_method_once"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", one, "-p", "no:randomly", "-p", "no:cacheprovider"],

@@ -180,7 +180,13 @@ async def test_a_subclass_override_is_called_not_bypassed() -> None:
     answer = plan(api.ECHO, Shouting(), StrictDecoder(), 4096)
     outcome = answer(cbor2.dumps({"req": {"message": "hi", "delayMs": 0}}))
     assert type(outcome) is _eager.Suspended  # the override ran, as a coroutine
-    result = await asyncio.get_running_loop().create_task(_eager.resume(outcome))
+
+    async def rest() -> EchoResponse:  # as the server awaits it: inside a coroutine
+        assert type(outcome) is _eager.Suspended
+        result: EchoResponse = await _eager.resume(outcome)
+        return result
+
+    result = await asyncio.get_running_loop().create_task(rest())
     assert result == EchoResponse(echoed="HI", timer_name="ipc-server")
 
 

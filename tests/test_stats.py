@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any
 import cbor2
 import pytest
 
-from timer_sdk import EchoRequest, RemoteCallError, Timer, TimerClient
+from timer_sdk import EchoRequest, EchoResponse, RemoteCallError, Timer, TimerClient
 from timer_sdk.logs import JsonFormatter
-from timer_sdk.serving.stats import BOUNDS, STATS, MethodTiming
+from timer_sdk.serving.stats import BOUNDS, STATS, MethodTiming, snapshot
 from timer_sdk.tools.top import quantile, rows
 from timer_sdk.wire.codec import decode_item, encode_item
 from timer_sdk.wire.framing import RET_OK, encode_request
@@ -166,3 +167,31 @@ def test_a_duration_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() -
     assert buckets[-2:] == [1, 2]  # exactly the last bound; over it
     assert sum(buckets) == 9
     assert timing.ns == sum((0, 1, first, first + 1, 2 * first, 3000, last, last + 1, 10**12))
+
+
+class _FailsLater(Timer):
+    async def echo(self, req: EchoRequest) -> EchoResponse:
+        await asyncio.sleep(0)  # suspended first: the timing wrapper sees it end later
+        raise RuntimeError("after suspending")
+
+
+async def test_a_proc_that_fails_after_suspending_is_timed_as_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        await _FailsLater().serve(f"unix:{tmp_path / 's.sock'}") as server,
+        await TimerClient.connect(server.address, timeout=30) as client,
+    ):
+        await _stats(client)  # timing starts
+        with caplog.at_level(logging.ERROR), pytest.raises(RemoteCallError, match="internal error"):
+            await client.echo(EchoRequest(message="x", delay_ms=0))
+        echo = (await _stats(client))["methods"]["echo"]
+    assert echo["calls"] == echo["errors"] == sum(echo["buckets"]) == 1
+    assert "echo raised" in caplog.text
+
+
+async def test_a_snapshot_before_anyone_read_one_has_counts_only() -> None:
+    async with await Timer().serve("tcp:127.0.0.1:0") as server:
+        snap = snapshot(server)
+    assert snap["timing_since"] is None
+    assert snap["methods"]["echo"] == {"calls": 0}

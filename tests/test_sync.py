@@ -532,6 +532,7 @@ if pid == 0:
         pass
     else:
         os._exit(1)
+    del parent  # finalized here, in the child: the parent's connection is not its to close
     with TimerClient.connect(address, timeout=30) as child:
         os._exit(0 if child.version().startswith("timer-sdk v") else 2)
 _, status = os.waitpid(pid, 0)

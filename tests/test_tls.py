@@ -11,8 +11,10 @@ are; neither may hang.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -154,6 +156,24 @@ async def test_hostname_is_checked(ca: trustme.CA) -> None:
             server.address, ssl=client_context(ca), server_hostname="localhost"
         ) as client:
             assert await client.version()
+
+
+async def test_an_expired_certificate_is_named_as_such(ca: trustme.CA) -> None:
+    long_ago = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+    expired = ca.issue_cert("127.0.0.1", not_before=long_ago, not_after=long_ago)
+    async with serving(server_context(ca, expired)) as server:
+        with pytest.raises(
+            ConnectError, match="certificate verify failed: certificate has expired"
+        ):
+            await TimerClient.connect(server.address, ssl=client_context(ca))
+
+
+async def test_a_tls_address_where_nothing_listens_says_so(ca: trustme.CA) -> None:
+    with socket.socket() as held:  # bound, never listening: connecting is refused
+        held.bind(("127.0.0.1", 0))
+        address = f"tls:127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(ConnectError, match=f"cannot connect to {address}: Connect call failed"):
+            await TimerClient.connect(address, ssl=client_context(ca))
 
 
 async def test_plain_tcp_client_on_a_tls_port_fails_cleanly(

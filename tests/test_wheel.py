@@ -1,7 +1,8 @@
 """The release artefacts: an sdist and a wheel that install and run away from this tree.
 
-One test, in order: build both (``python -m build``, without fetching the
-backend again), ``twine check`` them, install the wheel into a new venv
+One test, in order: build the sdist, then the wheel from the unpacked sdist
+(``python -m build``, without fetching the backend again), as pip installs an
+sdist; check what each holds; ``twine check`` them, install the wheel into a new venv
 without extras, run ``timer-sdk demo`` and a call there from another
 directory, then add the ``nats`` extra and run them again. pip installs the
 dependencies through its usual configuration and cache.
@@ -77,27 +78,60 @@ SDIST_TOPS = {
 """What the sdist may hold at its top: the project's own, never what a user made in the clone."""
 
 
+def _package_files() -> set[str]:
+    """What the package is made of here: its modules, py.typed and the stubs' templates."""
+    package = ROOT / "timer_sdk"
+    files = {
+        path.relative_to(ROOT).as_posix()
+        for path in package.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    # The parts a wheel must carry besides the modules, named: this list cannot come up empty.
+    assert "timer_sdk/py.typed" in files
+    assert "timer_sdk/tools/stubs/templates/typescript/package.json" in files
+    assert "timer_sdk/tools/stubs/templates/typescript/src/wire.ts" in files
+    return files
+
+
 @pytest.mark.timeout(300)
 def test_the_wheel_installs_and_runs_with_and_without_the_nats_extra(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist)
-    [wheel] = dist.glob("timer_sdk-*.whl")
+    run(sys.executable, "-m", "build", "--no-isolation", "--sdist", "--outdir", dist)
     [sdist] = dist.glob("timer_sdk-*.tar.gz")
+    # The wheel is built from the unpacked sdist alone, as pip installs an sdist: what is
+    # installed and run below is the sdist's content.
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(sdist) as archive:
+        archive.extractall(unpacked, filter="data")
+    [source] = unpacked.iterdir()
+    run(sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir", dist, source)
+    [wheel] = dist.glob("timer_sdk-*.whl")
     assert wheel.name == f"timer_sdk-{timer_sdk.__version__}-py3-none-any.whl"
     run(sys.executable, "-m", "twine", "check", "--strict", wheel, sdist)
+    package = _package_files()
     with tarfile.open(sdist) as archive:
-        tops = {Path(name).parts[1] for name in archive.getnames() if len(Path(name).parts) > 1}
+        names = {Path(*Path(name).parts[1:]).as_posix() for name in archive.getnames()}
+    tops = {name.split("/")[0] for name in names if name != "."}
     assert tops <= SDIST_TOPS, (
         f"the sdist holds files the project does not ship: {tops - SDIST_TOPS}"
     )
+    assert package <= names, f"the sdist lacks {sorted(package - names)[:5]}"
+    assert {"README.md", "LICENSE", "pyproject.toml", "tests/conftest.py"} <= names
     with zipfile.ZipFile(wheel) as archive:
         meta = Parser().parsestr(
             archive.read(f"timer_sdk-{timer_sdk.__version__}.dist-info/METADATA").decode()
         )
         assert any(name.endswith("licenses/LICENSE") for name in archive.namelist())
+        in_wheel = {name for name in archive.namelist() if name.startswith("timer_sdk/")}
+    assert package <= in_wheel, f"the wheel lacks {sorted(package - in_wheel)[:5]}"
     assert meta["License-Expression"] == "MIT"
     assert meta["Description-Content-Type"] == "text/markdown"
-    assert "Typing :: Typed" in meta.get_all("Classifier", [])
+    classifiers = meta.get_all("Classifier", [])
+    assert "Typing :: Typed" in classifiers
+    # Every Python the suite runs on is one the package says it supports.
+    assert f"Programming Language :: Python :: {sys.version_info[0]}.{sys.version_info[1]}" in (
+        classifiers
+    )
     assert str(meta.get_payload()).startswith("# timer-sdk")  # the README, as an index shows it
 
     venv, away = tmp_path / "venv", tmp_path / "elsewhere"

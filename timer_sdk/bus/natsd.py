@@ -36,7 +36,7 @@ _WORTH_SHOWING = re.compile(rb"\[(WRN|ERR|FTL)\]")
 _prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent() -> None:  # pragma: no cover (the child, between fork and exec)
     """In the child: get SIGTERM when the parent dies, even if it is killed (Linux)."""
     if _prctl is not None:
         _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
