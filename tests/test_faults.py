@@ -207,7 +207,7 @@ async def _timed(call: Callable[[], Awaitable[object]]) -> float:
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-async def test_a_new_connection_is_answered_within_a_second_under_saturation(
+async def test_a_new_connection_is_answered_promptly_under_saturation(
     loop_name: str,
 ) -> None:
     async with ServerProcess("tcp:127.0.0.1:0", "--loop", loop_name) as server:
@@ -232,5 +232,8 @@ async def test_a_new_connection_is_answered_within_a_second_under_saturation(
             await flood.wait()
             await idle.close()
     assert replies > 50 * 200, "the flood did not keep the server busy"
-    assert max(newcomer) < 1.0, f"a new connection's first call took {newcomer}"
-    assert max(old_timer) < 1.0, f"an idle connection's call took {old_timer}"
+    # Starved, a call would wait for the flood to end, which it never does while these
+    # run: it would time out at 30 s. 3 s leaves room for a machine busy with the rest
+    # of the suite (the second worker's tests share these two cores).
+    assert max(newcomer) < 3.0, f"a new connection's first call took {newcomer}"
+    assert max(old_timer) < 3.0, f"an idle connection's call took {old_timer}"

@@ -8,6 +8,7 @@ servers taking turns in a rotating order, and each row keeps the median.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -178,7 +179,10 @@ def _rate(result: dict[str, Any]) -> float:
 
 def _cpu_us(result: dict[str, Any]) -> float | None:
     cpu = result.get("server_cpu_seconds")
-    return None if cpu is None else float(cpu / result["calls"] * 1e6)
+    if cpu is None:
+        return None
+    # A window too short for a busy machine may finish no call: no number, not a crash.
+    return float(cpu / result["calls"] * 1e6) if result["calls"] else math.nan
 
 
 def _bench_memory(ctx: Context, targets: ServerSet) -> None:
