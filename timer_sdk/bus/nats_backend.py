@@ -182,7 +182,8 @@ class NatsBus(EventBus):
         After a failed TLS handshake nats-py waits for a socket that asyncio has
         already closed, and would wait forever.
         """
-        with contextlib.suppress(TimeoutError):
+        # The peer may have reset the socket already: nothing is left to close then.
+        with contextlib.suppress(TimeoutError, OSError, nats.errors.Error, _FirstAttemptFailed):
             async with asyncio.timeout(1):
                 await self._nc.close()
 
