@@ -27,9 +27,11 @@ CORE_MODULES = (
     "bus/batch",
     "bus/nats_backend",
     "bus/natsd",
+    "calling/connecting",
     "calling/deadlines",
     "calling/dialer",
     "calling/events",
+    "calling/handover",
     "calling/plans",
     "calling/protocol",
     "client",
@@ -42,6 +44,7 @@ CORE_MODULES = (
     "serving/connection",
     "serving/endings",
     "serving/listener",
+    "serving/metrics_address",
     "serving/plans",
     "serving/replies",
     "serving/shutdown",
@@ -56,19 +59,18 @@ CORE_MODULES = (
     "wire/backlog",
     "wire/budget",
     "wire/codec",
+    "wire/description",
     "wire/encoders",
     "wire/framing",
+    "wire/served",
 )
 """Modules under ``timer_sdk`` that must each cover BRANCH_FLOOR of their branches."""
 NOT_YET_AT_FLOOR = (
     # Core modules still short of the floor: reported under it, in yellow, without failing
     # the run. Delete a line once its module is there; a listed module that reaches the
     # floor, or is no core module, fails the run, so that this list only ever shrinks.
-    "calling/protocol",  # a failure while closing, a drain without a socket
+    "calling/handover",  # a reconnecting client that cannot open a connection to resend on
     "client",  # the slow path's queued calls without a failure: unreachable today
-    "metrics",  # a scrape of a method without timing
-    "serving/charges",  # a recharge after the transport is gone
-    "serving/subscriber",  # notices and sends to a subscriber whose transport is gone
     "serving/workers_port",  # the branches for platforms without abstract sockets
 )
 BRANCH_FLOOR = 95.0

@@ -16,6 +16,8 @@ import pytest
 
 from timer_sdk import (
     CallNotStarted,
+    CallTimeout,
+    ClientClosedError,
     ConnectionLost,
     EchoEvent,
     EchoRequest,
@@ -198,3 +200,74 @@ async def test_a_crash_is_no_notice_and_nothing_is_sent_again(
         old_timer.gate.set()  # the next connection may reach either server
         assert (await client.echo(EchoRequest(message="next", delay_ms=0))).echoed == "next"
     assert sorted(ran[0] + ran[1]) == ["next"]  # "in flight" never sent again
+
+
+async def test_with_no_server_to_reconnect_to_an_unread_call_fails_as_never_started(
+    closing: tuple[GatedTimer, Server],
+) -> None:
+    timer, server = closing
+    ran = echoed(timer)
+    client = await TimerClient.connect(
+        server.address, reconnect=True, connect_timeout=0.5, timeout=30
+    )
+    async with client:
+        first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
+        await wait_until(lambda: len(server.tasks) == 1)
+        close = await stop_reading(server)
+        second = asyncio.create_task(client.echo(EchoRequest(message="second", delay_ms=0)))
+        await wait_until(lambda: client.pending == 2)
+        timer.gate.set()
+        assert (await first).echoed == "first"
+        await close  # nobody listens on the port any more: every reconnect is refused
+        with pytest.raises(CallNotStarted, match=r"never started, and could not be sent again"):
+            await second
+    assert ran == ["first"]
+
+
+async def test_a_client_closed_while_it_hands_calls_over_fails_them_as_closed(
+    closing: tuple[GatedTimer, Server],
+) -> None:
+    timer, server = closing
+    client = await TimerClient.connect(
+        server.address, reconnect=True, connect_timeout=30, timeout=30
+    )
+    first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
+    await wait_until(lambda: len(server.tasks) == 1)
+    close = await stop_reading(server)
+    second = asyncio.create_task(client.echo(EchoRequest(message="second", delay_ms=0)))
+    await wait_until(lambda: client.pending == 2)
+    timer.gate.set()
+    assert (await first).echoed == "first"
+    await close  # the hand-over now retries a refused port until it gives up
+    await client.close()
+    with pytest.raises(ClientClosedError, match="the client was closed"):
+        await second
+
+
+async def test_a_handed_over_call_that_times_out_is_dropped_not_sent(
+    closing: tuple[GatedTimer, Server],
+) -> None:
+    timer, server = closing
+    ran = echoed(timer)
+    client = await TimerClient.connect(
+        server.address, reconnect=True, connect_timeout=30, timeout=30
+    )
+    async with client:
+        first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
+        await wait_until(lambda: len(server.tasks) == 1)
+        close = await stop_reading(server)
+        second = asyncio.create_task(
+            client.echo(EchoRequest(message="second", delay_ms=0), timeout=0.5)
+        )
+        await wait_until(lambda: client.pending == 2)
+        timer.gate.set()
+        assert (await first).echoed == "first"
+        await close
+        with pytest.raises(CallTimeout):  # its own deadline, while no server takes it
+            await second
+        late = Timer(TimerConfig(name="late"))
+        ran_late = echoed(late)
+        async with await late.serve(server.address, reuse_port=True):
+            assert await client.version() == await late.version()
+        assert ran_late == []  # the timed-out call was never sent to the next server
+    assert ran == ["first"]

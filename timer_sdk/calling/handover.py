@@ -81,7 +81,8 @@ class _Handover:
                     await asyncio.sleep(_BACKOFF_FIRST)
                     continue
             for frame, method, future in calls:
-                send_now(protocol, frame, method, future)
+                if not future.done():  # its caller may have given up while we reopened
+                    send_now(protocol, frame, method, future)
             return
         for _, method, future in calls:
             if future.done():
