@@ -21,6 +21,7 @@ from timer_sdk import (
     ConnectionLost,
     EchoEvent,
     EchoRequest,
+    EchoResponse,
     EventsMayHaveBeenMissed,
     Server,
     Timer,
@@ -202,23 +203,36 @@ async def test_a_crash_is_no_notice_and_nothing_is_sent_again(
     assert sorted(ran[0] + ran[1]) == ["next"]  # "in flight" never sent again
 
 
+async def left_unread(
+    client: TimerClient, closing: tuple[GatedTimer, Server], timeout: float | None = None
+) -> asyncio.Task[EchoResponse]:
+    """Close the server gracefully with a call of ``client``'s left unread: that call.
+
+    A first call, held in flight, is answered; the second was written after the
+    server stopped reading. Returns once the server has closed.
+    """
+    timer, server = closing
+    first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
+    await wait_until(lambda: len(server.tasks) == 1)
+    close = await stop_reading(server)
+    echo = EchoRequest(message="second", delay_ms=0)
+    second = asyncio.create_task(client.echo(echo, timeout=timeout or 30))
+    await wait_until(lambda: client.pending == 2)
+    timer.gate.set()
+    assert (await first).echoed == "first"
+    await close  # nobody listens on the port any more: every reconnect is refused
+    return second
+
+
 async def test_with_no_server_to_reconnect_to_an_unread_call_fails_as_never_started(
     closing: tuple[GatedTimer, Server],
 ) -> None:
-    timer, server = closing
-    ran = echoed(timer)
+    ran = echoed(closing[0])
     client = await TimerClient.connect(
-        server.address, reconnect=True, connect_timeout=0.5, timeout=30
+        closing[1].address, reconnect=True, connect_timeout=0.5, timeout=30
     )
     async with client:
-        first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
-        await wait_until(lambda: len(server.tasks) == 1)
-        close = await stop_reading(server)
-        second = asyncio.create_task(client.echo(EchoRequest(message="second", delay_ms=0)))
-        await wait_until(lambda: client.pending == 2)
-        timer.gate.set()
-        assert (await first).echoed == "first"
-        await close  # nobody listens on the port any more: every reconnect is refused
+        second = await left_unread(client, closing)
         with pytest.raises(CallNotStarted, match=r"never started, and could not be sent again"):
             await second
     assert ran == ["first"]
@@ -227,18 +241,10 @@ async def test_with_no_server_to_reconnect_to_an_unread_call_fails_as_never_star
 async def test_a_client_closed_while_it_hands_calls_over_fails_them_as_closed(
     closing: tuple[GatedTimer, Server],
 ) -> None:
-    timer, server = closing
     client = await TimerClient.connect(
-        server.address, reconnect=True, connect_timeout=30, timeout=30
+        closing[1].address, reconnect=True, connect_timeout=30, timeout=30
     )
-    first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
-    await wait_until(lambda: len(server.tasks) == 1)
-    close = await stop_reading(server)
-    second = asyncio.create_task(client.echo(EchoRequest(message="second", delay_ms=0)))
-    await wait_until(lambda: client.pending == 2)
-    timer.gate.set()
-    assert (await first).echoed == "first"
-    await close  # the hand-over now retries a refused port until it gives up
+    second = await left_unread(client, closing)  # the hand-over retries a refused port
     await client.close()
     with pytest.raises(ClientClosedError, match="the client was closed"):
         await second
@@ -247,27 +253,17 @@ async def test_a_client_closed_while_it_hands_calls_over_fails_them_as_closed(
 async def test_a_handed_over_call_that_times_out_is_dropped_not_sent(
     closing: tuple[GatedTimer, Server],
 ) -> None:
-    timer, server = closing
-    ran = echoed(timer)
+    ran = echoed(closing[0])
     client = await TimerClient.connect(
-        server.address, reconnect=True, connect_timeout=30, timeout=30
+        closing[1].address, reconnect=True, connect_timeout=30, timeout=30
     )
     async with client:
-        first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
-        await wait_until(lambda: len(server.tasks) == 1)
-        close = await stop_reading(server)
-        second = asyncio.create_task(
-            client.echo(EchoRequest(message="second", delay_ms=0), timeout=0.5)
-        )
-        await wait_until(lambda: client.pending == 2)
-        timer.gate.set()
-        assert (await first).echoed == "first"
-        await close
+        second = await left_unread(client, closing, timeout=0.5)
         with pytest.raises(CallTimeout):  # its own deadline, while no server takes it
             await second
         late = Timer(TimerConfig(name="late"))
         ran_late = echoed(late)
-        async with await late.serve(server.address, reuse_port=True):
+        async with await late.serve(closing[1].address, reuse_port=True):
             assert await client.version() == await late.version()
         assert ran_late == []  # the timed-out call was never sent to the next server
     assert ran == ["first"]
