@@ -136,30 +136,8 @@ async def test_every_method_end_to_end(built: Path, server: Server) -> None:
 
 
 async def test_the_frames_are_the_captured_vectors_byte_for_byte(built: Path) -> None:
-    """A stand-in for the reference: it records the client's bytes and answers its bytes."""
-    received: list[bytes] = []
-    exchanges = [
-        (vectors.VERSION_REQUEST, vectors.VERSION_REPLY_OF_REFERENCE),
-        (vectors.ECHO_REQUEST, vectors.ECHO_REPLY),
-    ]
-
-    async def reference(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for request, reply in exchanges:
-            try:
-                received.append(await reader.readexactly(len(request)))
-            except asyncio.IncompleteReadError as exc:  # a shorter frame: keep it to compare
-                received.append(exc.partial)
-                break
-            # In pieces, as the reference writes: the client must reassemble them.
-            for piece in (reply[:4], reply[4:8], reply[8:9], reply[9:]):
-                writer.write(piece)
-                await writer.drain()
-        writer.close()
-
-    stand_in = await asyncio.start_server(reference, "127.0.0.1", 0)
-    async with stand_in:
-        port = stand_in.sockets[0].getsockname()[1]
-        seen = await run_node(built, "vectors", f"tcp:127.0.0.1:{port}")
+    async with vectors.reference_stand_in() as (address, received):
+        seen = await run_node(built, "vectors", address)
 
     assert received == [vectors.VERSION_REQUEST, vectors.ECHO_REQUEST]
     assert seen == {

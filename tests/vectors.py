@@ -1,4 +1,11 @@
-"""The byte vectors captured from the reference implementation (docs/protocol.md)."""
+"""The byte vectors captured from the reference implementation (docs/protocol.md),
+and a stand-in for the reference that answers a client with them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 VERSION_REQUEST = bytes.fromhex("0000000776657273696f6e00000001a0")
 VERSION_REPLY_OF_REFERENCE = bytes.fromhex(
@@ -14,3 +21,31 @@ ECHO_REPLY = bytes.fromhex(
     "6c6c6f206f7665722074686520776972"
     "656974696d65724e616d656a6970632d736572766572"
 )
+
+
+@contextlib.asynccontextmanager
+async def reference_stand_in() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A server that answers a version call, then an echo, with the reference's bytes.
+
+    Yields its address and the list of frames the client sent, as received (a
+    shorter frame whole, to compare). It writes its replies in pieces, as the
+    reference does, so the client must reassemble them.
+    """
+    received: list[bytes] = []
+    exchanges = [(VERSION_REQUEST, VERSION_REPLY_OF_REFERENCE), (ECHO_REQUEST, ECHO_REPLY)]
+
+    async def reference(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for request, reply in exchanges:
+            try:
+                received.append(await reader.readexactly(len(request)))
+            except asyncio.IncompleteReadError as exc:
+                received.append(exc.partial)
+                break
+            for piece in (reply[:4], reply[4:8], reply[8:9], reply[9:]):
+                writer.write(piece)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reference, "127.0.0.1", 0)
+    async with server:
+        yield f"tcp:127.0.0.1:{server.sockets[0].getsockname()[1]}", received
