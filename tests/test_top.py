@@ -104,8 +104,9 @@ async def test_top_shows_the_numbers_move_with_load(tmp_path: Path) -> None:
             assert top.rows()["version"][4] == "0"
             # Ctrl-C, as a terminal sends it to the foreground process group.
             os.killpg(top.proc.pid, signal.SIGINT)
-            assert top.proc.wait(timeout=30) == 0
+            code = top.proc.wait(timeout=30)
             top.read()
+            assert code == 0, top.screen  # what it said, if Ctrl-C was not a clean stop
             assert "Traceback" not in top.screen
 
 
