@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 
 from timer_sdk import Timer
 from timer_sdk.models import INT64_MAX, INT64_MIN, Int64, TimerModel
@@ -25,6 +25,8 @@ from timer_sdk.tools import compat, schema
 from timer_sdk.tools.compat import BREAKING, IF_USED, SAFE, Change
 from timer_sdk.tools.compat_values import Document, subset, words
 from timer_sdk.wire.description import describe
+
+from . import _apis
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "docs" / "api.json"
 PUBLISH = "timer-sdk schema --format json-schema > docs/api.json"
@@ -154,11 +156,6 @@ def test_identical_apis_have_no_differences() -> None:
 # --- the rules, on APIs declared as the SDK declares its own ------------------------
 
 
-class _Method:
-    def __init__(self, name: str, params: type[BaseModel], result: type[Any]) -> None:
-        self.name, self.params, self.result = name, params, result
-
-
 Fields = dict[str, Any]
 REQUIRED = ...
 
@@ -168,7 +165,7 @@ def _api(item: Fields, reply: Fields, *, item_name: str = "Item") -> dict[str, A
     item_model = create_model(item_name, __base__=TimerModel, **item)
     params = create_model("PutParams", __base__=TimerModel, item=(item_model, REQUIRED))
     reply_model = create_model("Reply", __base__=TimerModel, **reply)
-    return schema.json_schema(describe([_Method("put", params, reply_model)], events={}))
+    return schema.json_schema(describe([_apis.Method("put", params, reply_model)], events={}))
 
 
 BASE: Fields = {"name": (str, REQUIRED), "size": (Int64, REQUIRED), "note": (str | None, None)}

@@ -23,8 +23,6 @@ from timer_sdk.bus.seam import EventBus, EventSink, EventSource
 from timer_sdk.models import (
     ComplexRequest,
     EchoRequest,
-    EchoResponse,
-    Int64,
     JobSpec,
     RetryPolicy,
     ScheduleConfig,
@@ -35,7 +33,7 @@ from timer_sdk.tools import cli, stubs
 from timer_sdk.tools.stubs.go import exported
 from timer_sdk.wire.description import describe
 
-from . import _go, vectors
+from . import _apis, _go, vectors
 
 INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
 
@@ -252,24 +250,8 @@ async def test_a_failed_dial_is_a_connect_error(program: Path, tmp_path: Path) -
     assert seen == {"connect": True}
 
 
-class _Method:
-    """A stand-in for api.Method: what the description reads."""
-
-    def __init__(self, name: str, params: type[TimerModel], result: type[Any]) -> None:
-        self.name, self.params, self.result = name, params, result
-
-
 def test_a_changed_model_changes_the_generated_code() -> None:
-    # A throwaway copy of the echo declaration: one field changed, one added.
-    class EchoRequest(TimerModel):  # the same name, as an edit of models.py would keep it
-        message: list[str]
-        delay_ms: Int64
-        reply_to: str | None = None
-
-    class EchoParams(TimerModel):
-        req: EchoRequest
-
-    changed = describe([_Method("echo", EchoParams, EchoResponse)], events={})
+    changed = _apis.changed_echo()  # one field changed, one added
     before = stubs.render("go")["types.go"]
     after = stubs.render("go", changed)["types.go"]
 
@@ -301,7 +283,7 @@ def test_a_model_named_like_the_client_s_own_types_is_refused() -> None:
         req: Client
 
     with pytest.raises(ValueError, match="taken by the Go client itself: Client"):
-        stubs.render("go", describe([_Method("echo", Params, str)], events={}))
+        stubs.render("go", describe([_apis.Method("echo", Params, str)], events={}))
 
 
 def test_the_stubs_command_writes_the_module(

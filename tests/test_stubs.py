@@ -17,13 +17,10 @@ from typing import Any
 
 import cbor2
 import pytest
-from pydantic import BaseModel
 
 from timer_sdk.models import (
     ComplexRequest,
     EchoRequest,
-    EchoResponse,
-    Int64,
     JobSpec,
     RetryPolicy,
     ScheduleConfig,
@@ -32,9 +29,9 @@ from timer_sdk.models import (
 from timer_sdk.server import Server
 from timer_sdk.tools import cli, stubs
 from timer_sdk.wire.api import METHODS
-from timer_sdk.wire.description import describe, describe_model
+from timer_sdk.wire.description import describe_model
 
-from . import _node, vectors
+from . import _apis, _node, vectors
 from ._newer_server import running
 
 
@@ -221,28 +218,12 @@ async def test_every_call_and_event_from_a_newer_server_and_an_older_one(built: 
     assert seen["olderRefuses"].startswith("RemoteCallError: complex: unknown field")
 
 
-class _Method:
-    """A stand-in for api.Method: what the description reads."""
-
-    def __init__(self, name: str, params: type[BaseModel], result: type[Any]) -> None:
-        self.name, self.params, self.result = name, params, result
-
-
 def _interface(types_ts: str, name: str) -> str:
     return types_ts.split(f"export interface {name} {{\n", 1)[1].split("}", 1)[0]
 
 
 def test_a_changed_model_changes_the_generated_types() -> None:
-    # A throwaway copy of the echo declaration: one field changed, one added.
-    class EchoRequest(TimerModel):  # the same name, as an edit of models.py would keep it
-        message: list[str]
-        delay_ms: Int64
-        reply_to: str | None = None
-
-    class EchoParams(TimerModel):
-        req: EchoRequest
-
-    changed = describe([_Method("echo", EchoParams, EchoResponse)], events={})
+    changed = _apis.changed_echo()  # one field changed, one added
     before = _interface(stubs.render("typescript")["src/types.ts"], "EchoRequest")
     after = stubs.render("typescript", changed)["src/types.ts"]
 
