@@ -19,7 +19,7 @@ import time
 
 import cbor2
 
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import encode_request
 
 BUDGET = 1 << 20

@@ -24,7 +24,7 @@ import cbor2
 import pytest
 
 from timer_sdk import EchoRequest, Limits, Timer, TimerClient
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import (
     RET_ERROR,
     RET_EVENT,

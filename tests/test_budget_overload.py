@@ -20,7 +20,7 @@ import cbor2
 import pytest
 
 from timer_sdk import Limits, Timer
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import RET_OK, encode_request
 
 from .conftest import RawConnection

@@ -16,7 +16,7 @@ import struct
 import cbor2
 import pytest
 
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import RET_EVENT, RET_EVENTS_DROPPED, RET_OK, encode_request
 
 STALLED = 30

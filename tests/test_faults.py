@@ -32,7 +32,7 @@ from timer_sdk import (
     TimerClient,
     TimerConfig,
 )
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import DEFAULT_MAX_FRAME_SIZE
 
 from .conftest import wait_until

@@ -50,7 +50,7 @@ from timer_sdk import (
     TimerConnectionError,
 )
 from timer_sdk._version import __version__
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 from timer_sdk.wire.framing import (
     Broken,
     ReplyReader,

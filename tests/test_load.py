@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from timer_sdk import Server
-from timer_sdk.tools.soak import ServerProcess, main, run_load
+from timer_sdk.tools.server_process import ServerProcess
+from timer_sdk.tools.soak import main, run_load
 
 KINDS = {
     "version",
@@ -62,21 +63,21 @@ def test_a_wrong_reply_is_caught() -> None:
     import asyncio
     import random
 
-    from timer_sdk.tools.soak import LoadReport, _check, _make_call
+    from timer_sdk.tools.call_mix import LoadReport, check, make_call
 
     rng = random.Random(7)
-    calls = [_make_call(rng, f"{i}.", "ipc-server") for i in range(200)]
+    calls = [make_call(rng, f"{i}.", "ipc-server") for i in range(200)]
     plain = [c for c in calls if c.kind in ("echo", "complex", "schedule")]
     report = LoadReport()
     for call, other in zip(plain, plain[1:] + plain[:1], strict=True):
-        _check(call, other.expected, report, "swap")
+        check(call, other.expected, report, "swap")
     assert report.mismatches == len(plain)
     report = LoadReport()
     for call in plain:
-        _check(call, call.expected, report, "same")
+        check(call, call.expected, report, "same")
     assert (report.ok, report.mismatches) == (len(plain), 0)
     cancelled = next(c for c in calls if c.cancel)
-    _check(cancelled, asyncio.CancelledError(), report, "cancel")
+    check(cancelled, asyncio.CancelledError(), report, "cancel")
     assert report.cancelled == 1
 
 

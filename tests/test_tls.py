@@ -36,7 +36,7 @@ from timer_sdk import (
     TimerConfig,
     TimerConnectionError,
 )
-from timer_sdk.tools.soak import ServerProcess
+from timer_sdk.tools.server_process import ServerProcess
 
 from .conftest import RawConnection, wait_until
 
