@@ -71,7 +71,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _worker_index() -> int:
-    # serve --workers names its processes timer-sdk-worker-I (cli._start_workers).
+    # serve --workers names its processes timer-sdk-worker-I (workers._start_workers).
     name = multiprocessing.current_process().name
     match = re.fullmatch(r"timer-sdk-worker-(\d+)", name)
     if match is None:
