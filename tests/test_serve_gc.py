@@ -14,14 +14,14 @@ from timer_sdk import Timer, TimerClient
 _SPY = """
 import gc, sys
 start = gc.get_freeze_count()
-from timer_sdk.tools import cli
-freeze = cli.freeze_startup_heap
+from timer_sdk.tools import cli, serve
+freeze = serve.freeze_startup_heap
 def spy():
     before = gc.get_freeze_count()
     freeze()
     print("froze", start, before, gc.get_freeze_count(), flush=True)
     raise SystemExit(0)
-cli.freeze_startup_heap = spy
+serve.freeze_startup_heap = spy
 cli.main(["serve", sys.argv[1]])
 """
 
