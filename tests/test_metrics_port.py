@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import resource
+import socket
 import sys
 import time
 import urllib.request
@@ -223,6 +224,48 @@ async def test_a_request_head_not_sent_in_time_is_answered_408_and_closed() -> N
         slow = await _exchange(port, HALF_HEAD)
         silent = await _exchange(port, b"")
     assert _parts(slow)[0] == _parts(silent)[0] == "HTTP/1.1 408 Request Timeout"
+
+
+ESTABLISHED = "01"  # a connection's state in /proc/net/tcp while both ends have it open
+
+
+def _tcp_state(local_port: int, remote_port: int) -> str | None:
+    """The kernel's state of the loopback connection from ``local_port`` to ``remote_port``."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if local.endswith(f":{local_port:04X}") and remote.endswith(f":{remote_port:04X}"):
+            return state
+    return None
+
+
+def _largest_send_buffer() -> int:
+    """The most a TCP socket's send buffer may grow to, in bytes."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+
+
+async def test_a_reply_not_taken_in_time_is_cut_off_and_the_connection_closed() -> None:
+    # A reply larger than the kernel can buffer for it, to a scraper that reads nothing:
+    # the rest waits in the server. Over 100 samples carry the label (long values stand
+    # in for many series), so the reply is over twice the largest send buffer.
+    labels = {"instance": "x" * (_largest_send_buffer() // 50)}
+    loop = asyncio.get_running_loop()
+    async with metrics_port(labels=labels, timeout=0.2) as (_, port):
+        with socket.socket() as scraper:
+            scraper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the smallest window
+            scraper.setblocking(False)
+            await loop.sock_connect(scraper, ("127.0.0.1", port))
+            await loop.sock_sendall(scraper, b"GET /metrics HTTP/1.1\r\n\r\n")
+            async with asyncio.timeout(10):  # the deadline closes the server's end
+                while _tcp_state(port, scraper.getsockname()[1]) == ESTABLISHED:
+                    await asyncio.sleep(0.01)
+            response = b""
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(30):
+                    while chunk := await loop.sock_recv(scraper, 1 << 20):
+                        response += chunk
+    status, headers, body = _parts(response)
+    assert status == "HTTP/1.1 200 OK"
+    assert len(body) < int(headers["content-length"])  # what the server held was dropped
 
 
 async def test_past_the_cap_a_new_connection_closes_the_oldest_and_a_scrape_is_served() -> None:

@@ -131,13 +131,12 @@ def _per_method(snap: dict[str, Any], names: list[str], values: list[str]) -> It
     for method, entry in snap["methods"].items():
         known += entry["calls"]
         requests.add_metric([*values, method], entry["calls"])
-        if "buckets" in entry:
-            errors.add_metric([*values, method], entry["errors"])
-            cumulative, total = [], 0
-            for le, count in zip(bounds, entry["buckets"], strict=True):
-                total += count
-                cumulative.append((le, total))
-            durations.add_metric([*values, method], cumulative, entry["sum"])
+        errors.add_metric([*values, method], entry["errors"])
+        cumulative, total = [], 0
+        for le, count in zip(bounds, entry["buckets"], strict=True):  # the collector times all
+            total += count
+            cumulative.append((le, total))
+        durations.add_metric([*values, method], cumulative, entry["sum"])
     requests.add_metric([*values, "other"], snap["counters"]["requests"] - known)
     yield from (requests, errors, durations)
 
@@ -230,8 +229,8 @@ class MetricsServer:
         """Stop listening and close every connection."""
         if self._acceptor is not None:
             await self._acceptor.close()
-        if self._listening is not None:
-            self._listening.close()
+        assert self._listening is not None  # set before serve_metrics returns this server
+        self._listening.close()
         for exchange in list(self._open):
             exchange.abort()
 

@@ -97,15 +97,15 @@ class Charges:
     def refresh_charge(self) -> None:
         """Re-read what is still unsent: the peer may have read it since our last write."""
         transport = self._owner._transport
-        if transport is not None:
-            unsent = transport.get_write_buffer_size()
-            if unsent != self.write_buffered:
-                self.write_buffered = unsent
-                self.event_unsent = min(self.event_unsent, unsent)
-                if not unsent:
-                    self._owner._caught_up()  # without ever pausing
-                    self._owner._schedule_flush()
-                self.recharge()
+        assert transport is not None  # asked of open connections only (Server._reclaim)
+        unsent = transport.get_write_buffer_size()
+        if unsent != self.write_buffered:
+            self.write_buffered = unsent
+            self.event_unsent = min(self.event_unsent, unsent)
+            if not unsent:
+                self._owner._caught_up()  # without ever pausing
+                self._owner._schedule_flush()
+            self.recharge()
 
     def budget_granted(self) -> None:
         """Room was freed for this connection: read again (next turn)."""

@@ -218,6 +218,7 @@ class Connection(asyncio.BufferedProtocol):
             server._connection_gone()
             return
         self._transport = None
+        server.connections.discard(self)  # at once: _reclaim asks only those with a transport
         self._endings.cancel_timers()
         self._replies.clear()
         self._backlog.take()
@@ -230,7 +231,6 @@ class Connection(asyncio.BufferedProtocol):
         for task in orphans:
             task.cancel()
         self._stats.orphans_cancelled += len(orphans)
-        server.connections.discard(self)
         server._unsubscribe(self._subscriber)
         server._connection_gone()
 

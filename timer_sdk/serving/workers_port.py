@@ -10,7 +10,6 @@ server fails with "address already in use", as a one-process ``serve`` does.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import socket
 import sys
 from typing import Any
@@ -18,6 +17,13 @@ from typing import Any
 from ..wire.address import Address
 
 __all__ = ["PortClaim", "claim_port"]
+
+ABSTRACT_SOCKETS = sys.platform.startswith("linux")
+"""Whether Unix sockets may have abstract names, which the kernel frees when the process exits.
+
+Without them (macOS, the BSDs) there is no lock: a second server fails only
+once the first one's workers listen, and a stranger's SO_REUSEPORT socket may join.
+"""
 
 
 @dataclasses.dataclass
@@ -68,11 +74,10 @@ def claim_port(address: Address) -> PortClaim:
     return PortClaim(address, lock, placeholder)
 
 
-def _in_use(sockaddr: object, exc: OSError | None = None) -> OSError:
+def _in_use(sockaddr: object, exc: OSError) -> OSError:
     # asyncio's wording, as a one-process serve says it
-    why = "address already in use" if exc is None else (exc.strerror or str(exc)).lower()
-    code = errno.EADDRINUSE if exc is None else exc.errno
-    return OSError(code, f"error while attempting to bind on address {sockaddr!r}: {why}")
+    why = (exc.strerror or str(exc)).lower()
+    return OSError(exc.errno, f"error while attempting to bind on address {sockaddr!r}: {why}")
 
 
 def _bound(
@@ -92,14 +97,12 @@ def _bound(
 
 def _lock(port: int, sockaddr: object) -> socket.socket | None:
     """One name per port in Linux's abstract socket namespace: the kernel frees it at exit."""
-    if not sys.platform.startswith("linux"):
-        return None  # elsewhere, only sockets without SO_REUSEPORT are kept out
+    if not ABSTRACT_SOCKETS:
+        return None
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         lock.bind(f"\0timer-sdk serve --workers: tcp port {port}")
-    except OSError as exc:
+    except OSError as exc:  # as a rule, another serve --workers holds the name
         lock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise _in_use(sockaddr) from None
-        raise
+        raise _in_use(sockaddr, exc) from None
     return lock
