@@ -365,3 +365,31 @@ def test_metrics_without_tcp_says_what_it_takes(
     err = capsys.readouterr().err
     assert "argument --metrics: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:9464" in err
     assert "tls:" not in err and "unix:" not in err
+
+
+def _open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.parametrize("step", ["dup", "listen"])
+async def test_a_failed_start_leaves_nothing_bound(
+    step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails (the acceptor's copy of the socket, its listen): the error reaches
+    the caller, and no descriptor is left open or the port bound."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def no_descriptors(self: socket.socket, *args: object) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    async with await Timer().serve("tcp:127.0.0.1:0") as server:
+        fds = _open_descriptors()
+        with monkeypatch.context() as patched:
+            patched.setattr(socket.socket, step, no_descriptors)
+            with pytest.raises(OSError, match="Too many open files"):
+                await serve_metrics(server, f"tcp:127.0.0.1:{port}")
+        assert _open_descriptors() == fds
+        with socket.socket() as again:  # a socket left bound would hold the port
+            again.bind(("127.0.0.1", port))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -186,7 +187,11 @@ async def serve_metrics(
     except AddressError:
         listening.close()
         raise
-    await port._start(listening, server.stats)
+    try:
+        await port._start(listening, server.stats)
+    except BaseException:  # out of descriptors, say: nothing may stay bound
+        listening.close()
+        raise
     host, bound = listening.sockets[0].getsockname()[:2]
     port.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/metrics"
     logger.info("metrics at %s", port.url)
@@ -217,11 +222,18 @@ class MetricsServer:
         self._listening = listening
         loop = asyncio.get_running_loop()
         if isinstance(loop, BaseSelectorEventLoop):  # accept without spinning when out of fds
-            socks = [sock.dup() for sock in listening.sockets]
-            self._acceptor = Acceptor(
-                loop, socks, self._exchange, ssl=None, handshake_timeout=None, stats=stats,
-                backlog=_BACKLOG,
-            )  # fmt: skip
+            socks: list[socket.socket] = []
+            try:
+                socks.extend(sock.dup() for sock in listening.sockets)
+                self._acceptor = Acceptor(
+                    loop, socks, self._exchange, ssl=None, handshake_timeout=None, stats=stats,
+                    backlog=_BACKLOG,
+                )  # fmt: skip
+            except BaseException:
+                for sock in socks:
+                    loop.remove_reader(sock.fileno())
+                    sock.close()
+                raise
         else:
             await listening.start_serving()
 
