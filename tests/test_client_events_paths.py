@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +23,9 @@ from timer_sdk import (
     TimerClient,
 )
 from timer_sdk.bus import Unshared
-from timer_sdk.calling.dialer import _Dialer
-from timer_sdk.calling.protocol import _ClientProtocol
 
+from ._dialers import SettlingDialer
 from .conftest import RawConnection, wait_until
-
-
-class _SettlingDialer:
-    """The client's own dialer, returning a connection once the server took or refused it.
-
-    A refused connection is aborted by the server at once; without this, whether the
-    client sees the abort before or after it gets the connection is a race of the loop.
-    Dials wait for ``opened`` too, so that the test decides who gets the server first.
-    """
-
-    def __init__(self, real: _Dialer, current: Callable[[], Server], opened: asyncio.Event) -> None:
-        self.real = real
-        self.current = current
-        self.opened = opened
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
-        await self.opened.wait()
-        stats = self.current().stats
-        refused = stats.connections_refused
-        seen = stats.connections_accepted + refused
-        protocol = await self.real.dial(loop)
-        await wait_until(lambda: stats.connections_accepted + stats.connections_refused > seen)
-        if stats.connections_refused > refused:
-            await wait_until(lambda: protocol.failure is not None)
-        return protocol
 
 
 class _HangUp:
@@ -149,7 +120,7 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
 ) -> None:
     client = await TimerClient.connect(restartable.address, reconnect=True, timeout=30)
     opened = asyncio.Event()
-    dialer = _SettlingDialer(client._dialer, lambda: restartable.current, opened)
+    dialer = SettlingDialer(client._dialer, lambda: restartable.current, opened)
     monkeypatch.setattr(client, "_dialer", dialer)
     async with client, client.events() as events:
         await restartable.stop_under(client)
