@@ -1,4 +1,5 @@
-"""A client's event streams across losses: refused reconnects, refused subscribes, no streams."""
+"""A client's event streams across losses (refused reconnects, refused subscribes, no
+streams), and subscribes that wait for a slot like any call."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from timer_sdk import (
     ConnectionLost,
     EchoEvent,
     EchoRequest,
+    EchoResponse,
     EventsMayHaveBeenMissed,
     Limits,
     Server,
@@ -25,7 +27,7 @@ from timer_sdk import (
 from timer_sdk.bus import Unshared
 
 from ._dialers import SettlingDialer
-from .conftest import RawConnection, wait_until
+from .conftest import GatedTimer, RawConnection, wait_until
 
 
 class _HangUp:
@@ -183,3 +185,47 @@ async def test_a_new_connection_lost_at_the_subscribe_is_followed_by_another(
     assert items[-1] == EchoEvent(message="after", echo_count=1)
     assert 1 <= len(items) - 1 <= 2
     assert all(isinstance(item, EventsMayHaveBeenMissed) for item in items[:-1])
+
+
+@contextlib.asynccontextmanager
+async def slot_taken(
+    timeout: float | None,
+) -> AsyncIterator[tuple[GatedTimer, Server, TimerClient, asyncio.Task[EchoResponse]]]:
+    """A ``max_pending=1`` client whose one slot a call holds, in flight on the server."""
+    timer = GatedTimer()
+    async with (
+        await timer.serve("tcp:127.0.0.1:0") as server,
+        await TimerClient.connect(server.address, max_pending=1, timeout=timeout) as client,
+    ):
+        held = asyncio.create_task(client.echo(EchoRequest(message="held", delay_ms=0)))
+        await wait_until(lambda: len(server.tasks) == 1)
+        yield timer, server, client, held
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+async def test_a_subscribe_waits_for_a_free_slot_like_any_call(timeout: float | None) -> None:
+    async with slot_taken(timeout) as (timer, server, client, held):
+        opening = asyncio.create_task(client.events().__aenter__())
+        await wait_until(lambda: client._protocol.blocked or client.pending > 1)
+        assert client.pending == 1  # the subscribe waits, unsent
+        timer.gate.set()
+        assert (await held).echoed == "held"
+        async with await opening as events:
+            assert server.subscribers == 1
+            await client.echo(EchoRequest(message="after", delay_ms=0))
+            event = await asyncio.wait_for(anext(events), 30)
+            assert event == EchoEvent(message="after", echo_count=1)
+
+
+async def test_a_subscribe_given_up_while_it_waits_for_a_slot_is_never_sent() -> None:
+    async with slot_taken(None) as (timer, server, client, held):
+        opening = asyncio.create_task(client.events().__aenter__())
+        await wait_until(lambda: client._protocol.blocked)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert not client._protocol._queue  # it left nothing behind to send
+        timer.gate.set()
+        assert (await held).echoed == "held"
+        assert await client.version()  # answered after anything written before it
+        assert server.subscribers == 0
