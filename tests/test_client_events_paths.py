@@ -1,5 +1,6 @@
 """A client's event streams across losses (refused reconnects, refused subscribes, no
-streams), and subscribes that wait for a slot like any call."""
+streams), subscribes that wait for a slot like any call, and a call whose reconnect is
+refused at once."""
 
 from __future__ import annotations
 
@@ -81,6 +82,20 @@ class _Restartable:
         self.server = await self.timer.serve(self.address, **options)
         return self.server
 
+    def settle(self, client: TimerClient, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+        """Give ``client`` a :class:`SettlingDialer` here; its dials wait for the event."""
+        opened = asyncio.Event()
+        dialer = SettlingDialer(client._dialer, lambda: self.current, opened)
+        monkeypatch.setattr(client, "_dialer", dialer)
+        return opened
+
+    async def serve_full(self) -> tuple[Server, RawConnection]:
+        """Serve again, but full: one connection allowed, and a raw connection holds it."""
+        server = await self.serve(limits=Limits(max_connections=1))
+        holder = await RawConnection.open(self.address)
+        await wait_until(lambda: server.stats.connections_accepted == 1)
+        return server, holder
+
     async def stop_under(self, client: TimerClient) -> None:
         """Stop the server, and wait until ``client`` saw its connection go."""
         await self.current.close()
@@ -121,15 +136,10 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
     restartable: _Restartable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await TimerClient.connect(restartable.address, reconnect=True, timeout=30)
-    opened = asyncio.Event()
-    dialer = SettlingDialer(client._dialer, lambda: restartable.current, opened)
-    monkeypatch.setattr(client, "_dialer", dialer)
+    opened = restartable.settle(client, monkeypatch)
     async with client, client.events() as events:
         await restartable.stop_under(client)
-        # Back, but full: one connection allowed, and someone else holds it.
-        server = await restartable.serve(limits=Limits(max_connections=1))
-        holder = await RawConnection.open(restartable.address)
-        await wait_until(lambda: server.stats.connections_accepted == 1)
+        server, holder = await restartable.serve_full()  # someone else holds the one slot
         opened.set()
         # A new stream meanwhile fails at once: its connection was refused.
         with pytest.raises(ConnectionLost):
@@ -142,6 +152,23 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
         await wait_until(lambda: server.subscribers == 1)
         await client.echo(EchoRequest(message="after", delay_ms=0))
         assert await asyncio.wait_for(anext(events), 30) == EchoEvent(message="after", echo_count=1)
+
+
+async def test_a_call_whose_reconnect_is_refused_at_once_fails_as_lost(
+    restartable: _Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await TimerClient.connect(restartable.address, reconnect=True, timeout=30)
+    opened = restartable.settle(client, monkeypatch)
+    async with client:
+        assert await client.version()
+        await restartable.stop_under(client)
+        server, holder = await restartable.serve_full()
+        opened.set()
+        with pytest.raises(ConnectionLost, match="lost"):  # never sent on it
+            await client.version()
+        assert server.stats.connections_refused == 1
+        await holder.close()
+        assert await client.version()  # the next call reconnects, to a server with room
 
 
 async def test_a_stream_refused_on_the_new_connection_ends_with_that_error(

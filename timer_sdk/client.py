@@ -432,6 +432,8 @@ class TimerClient(_Events, _Handover):
             async with asyncio.timeout(timeout):
                 if failure is not None:
                     protocol = await self._reopen()
+                    if protocol.failure is not None:  # lost at once, say by a full server
+                        raise _copy(protocol.failure)
                 future = self._loop.create_future()
                 if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
                     protocol.send(frame, method, future)
