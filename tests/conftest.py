@@ -65,13 +65,6 @@ CORE_MODULES = (
     "wire/served",
 )
 """Modules under ``timer_sdk`` that must each cover BRANCH_FLOOR of their branches."""
-NOT_YET_AT_FLOOR = (
-    # Core modules still short of the floor: reported under it, in yellow, without failing
-    # the run. Delete a line once its module is there; a listed module that reaches the
-    # floor, or is no core module, fails the run, so that this list only ever shrinks.
-    "calling/handover",  # a reconnecting client that cannot open a connection to resend on
-    "client",  # the slow path's queued calls without a failure: unreachable today
-)
 BRANCH_FLOOR = 95.0
 """Branch coverage each core module must reach, on its own, when the whole suite ran."""
 PACKAGE = Path(__file__).resolve().parent.parent / "timer_sdk"
@@ -130,21 +123,13 @@ def _core_branch_coverage(session: pytest.Session) -> dict[str, tuple[int, int]]
     return measured
 
 
-def floor_verdict(
-    measured: dict[str, tuple[int, int]],
-    missing: list[str],
-    pending: tuple[str, ...] = NOT_YET_AT_FLOOR,
-) -> tuple[str, bool]:
+def floor_verdict(measured: dict[str, tuple[int, int]], missing: list[str]) -> tuple[str, bool]:
     """The floor's one-line verdict, and whether it failed the run."""
     below = {
         name: f"{name} {covered}/{total}"
         for name, (covered, total) in sorted(measured.items())
         if covered < total * BRANCH_FLOOR / 100
     }
-    short = [text for name, text in below.items() if name not in pending]
-    waiting = [text for name, text in below.items() if name in pending]
-    done = [name for name in pending if name in measured and name not in below]
-    stray = [name for name in pending if name not in CORE_MODULES]
     covered = sum(c for c, _ in measured.values())
     total = sum(t for _, t in measured.values())
     line = (
@@ -152,16 +137,12 @@ def floor_verdict(
         f"branches; together {covered} of {total}"
     )
     problems = []
-    if short:
-        problems.append(f"below it: {', '.join(short)}")
+    if below:
+        problems.append(f"below it: {', '.join(below.values())}")
     if missing:
         problems.append(f"no such module (renamed? fix CORE_MODULES): {', '.join(missing)}")
-    if done or stray:
-        problems.append(f"not pending, take out of NOT_YET_AT_FLOOR: {', '.join(done + stray)}")
     if problems:
         return f"ERROR: {line}; {'; '.join(problems)}", True
-    if waiting:
-        return f"{line}; not yet at the floor (NOT_YET_AT_FLOOR): {', '.join(waiting)}", False
     return f"{line}, every one at or above the floor", False
 
 
@@ -243,10 +224,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     verdict = terminalreporter.config.stash.get(_FLOOR_LINE, None)
     if verdict is not None:
         line, failed = verdict
-        pending = "NOT_YET_AT_FLOOR" in line and not failed
-        terminalreporter.write_line(
-            line, red=failed, yellow=pending, green=not (failed or pending), bold=failed
-        )
+        terminalreporter.write_line(line, red=failed, green=not failed, bold=failed)
     skipped = _tool_skips(terminalreporter)
     if skipped:
         terminalreporter.write_sep(

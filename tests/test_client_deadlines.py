@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from timer_sdk import CallTimeout, ConnectionLost, TimerClient
+from timer_sdk.wire.framing import encode_reply, encode_request
 
 from .conftest import wait_until
 from .test_client_replies import VERSION_FRAME, ok, scripted
@@ -62,14 +64,25 @@ async def test_calls_with_different_timeouts_expire_in_deadline_order() -> None:
         assert client.pending == 0
 
 
-class _ReplyToFirst:
-    """Read two requests, answer the first; answer the rest once a third request comes."""
+class _Steps:
+    """A server thread on a Unix socket: per step, read that many bytes, then send those.
 
-    def __init__(self, path: str) -> None:
+    Nothing is sent before ``go`` is set (at once, unless ``wait_for_go``);
+    ``replied`` is set once the first step's bytes are sent. After the last
+    step it reads until the client closes.
+    """
+
+    def __init__(
+        self, path: str, steps: list[tuple[int, bytes]], wait_for_go: bool = False
+    ) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
+        self.steps = steps
         self.replied = threading.Event()
+        self.go = threading.Event()
+        if not wait_for_go:
+            self.go.set()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -84,17 +97,29 @@ class _ReplyToFirst:
     def _run(self) -> None:
         conn, _ = self.listener.accept()
         with conn:
-            self._read(conn, 2 * FRAME)
-            conn.sendall(ok("first"))
-            self.replied.set()
-            self._read(conn, FRAME)
-            conn.sendall(ok("second, late") + ok("third"))
+            for size, reply in self.steps:
+                self._read(conn, size)
+                self.go.wait(30)
+                conn.sendall(reply)
+                self.replied.set()
             while conn.recv(65536):
                 pass
 
     def close(self) -> None:
         self.listener.close()
         self.thread.join(10)
+
+
+def _hold_the_loop(sock: socket.socket, until: float) -> None:
+    """Return once ``sock`` is readable and the loop's clock reached ``until``, the loop held.
+
+    In the next iteration asyncio reads first, then runs the timers that are due.
+    """
+    loop = asyncio.get_running_loop()
+    readable, _, _ = select.select([sock], [], [], 30)
+    assert readable
+    while loop.time() < until:
+        time.sleep(0.01)  # the point: nothing else may run
 
 
 async def test_a_reply_due_with_its_deadline_wins_and_a_missing_one_times_out(
@@ -106,7 +131,9 @@ async def test_a_reply_due_with_its_deadline_wins_and_a_missing_one_times_out(
     passed: in the next iteration asyncio reads first, then runs the timer.
     """
     path = str(tmp_path / "due.sock")
-    server = _ReplyToFirst(path)
+    # Two requests, the first answered; the rest answered once a third request comes.
+    steps = [(2 * FRAME, ok("first")), (FRAME, ok("second, late") + ok("third"))]
+    server = _Steps(path, steps)
     try:
         async with await TimerClient.connect(f"unix:{path}") as client:
             loop = asyncio.get_running_loop()
@@ -118,11 +145,7 @@ async def test_a_reply_due_with_its_deadline_wins_and_a_missing_one_times_out(
                 await asyncio.sleep(0)
             assert server.replied.wait(30)
             assert protocol.transport is not None
-            sock = protocol.transport.get_extra_info("socket")
-            readable, _, _ = select.select([sock], [], [], 30)
-            assert readable
-            while loop.time() < started + 0.1:
-                time.sleep(0.01)  # noqa: ASYNC251  (the point: nothing else may run)
+            _hold_the_loop(protocol.transport.get_extra_info("socket"), started + 0.1)
             outcomes = await asyncio.gather(first, second, return_exceptions=True)
             assert outcomes[0] == "first"
             assert isinstance(outcomes[1], CallTimeout)
@@ -190,3 +213,30 @@ async def test_entries_of_settled_calls_stay_bounded(client: TimerClient) -> Non
     deadlines = client._protocol.deadlines
     assert len(deadlines) <= 2 * width + 64  # not width * waves
     assert deadlines._timer is not None  # still armed: the earliest deadline is seconds away
+
+
+async def test_a_subscribe_reply_due_with_the_client_timeout_wins(tmp_path: Path) -> None:
+    """A subscribe waits under the client's timeout; its reply and that deadline come at once."""
+    path = str(tmp_path / "due.sock")
+    subscribe = encode_request(b"events.subscribe", b"\xa0")
+    reply = encode_reply(0, cbor2.dumps({"events": []}))
+    server = _Steps(path, [(len(subscribe), reply)], wait_for_go=True)
+    try:
+        async with await TimerClient.connect(f"unix:{path}", timeout=0.1) as client:
+            loop = asyncio.get_running_loop()
+            opening = asyncio.create_task(client.events().__aenter__())
+            protocol = client._protocol
+            while client.pending < 1 or protocol._corked:  # written, not yet read
+                await asyncio.sleep(0)
+            # From here the loop is held: the reply cannot be read before the deadline.
+            due = loop.time() + 0.1  # the deadline is no later: the call started before now
+            server.go.set()
+            assert server.replied.wait(30)
+            assert protocol.transport is not None
+            _hold_the_loop(protocol.transport.get_extra_info("socket"), due)
+            events = await opening  # not CallTimeout: the server did subscribe it
+            assert not events.closed
+            assert protocol.subscriptions == [events]
+            await events.aclose()
+    finally:
+        server.close()

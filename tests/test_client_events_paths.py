@@ -1,10 +1,12 @@
-"""A client's event streams across losses: refused reconnects, refused subscribes, no streams."""
+"""A client's event streams across losses (refused reconnects, refused subscribes, no
+streams), subscribes that wait for a slot like any call, and a call whose reconnect is
+refused at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from timer_sdk import (
     ConnectionLost,
     EchoEvent,
     EchoRequest,
+    EchoResponse,
     EventsMayHaveBeenMissed,
     Limits,
     Server,
@@ -23,38 +26,9 @@ from timer_sdk import (
     TimerClient,
 )
 from timer_sdk.bus import Unshared
-from timer_sdk.calling.dialer import _Dialer
-from timer_sdk.calling.protocol import _ClientProtocol
 
-from .conftest import RawConnection, wait_until
-
-
-class _SettlingDialer:
-    """The client's own dialer, returning a connection once the server took or refused it.
-
-    A refused connection is aborted by the server at once; without this, whether the
-    client sees the abort before or after it gets the connection is a race of the loop.
-    Dials wait for ``opened`` too, so that the test decides who gets the server first.
-    """
-
-    def __init__(self, real: _Dialer, current: Callable[[], Server], opened: asyncio.Event) -> None:
-        self.real = real
-        self.current = current
-        self.opened = opened
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    async def dial(self, loop: asyncio.AbstractEventLoop) -> _ClientProtocol:
-        await self.opened.wait()
-        stats = self.current().stats
-        refused = stats.connections_refused
-        seen = stats.connections_accepted + refused
-        protocol = await self.real.dial(loop)
-        await wait_until(lambda: stats.connections_accepted + stats.connections_refused > seen)
-        if stats.connections_refused > refused:
-            await wait_until(lambda: protocol.failure is not None)
-        return protocol
+from ._dialers import SettlingDialer
+from .conftest import GatedTimer, RawConnection, wait_until
 
 
 class _HangUp:
@@ -108,6 +82,20 @@ class _Restartable:
         self.server = await self.timer.serve(self.address, **options)
         return self.server
 
+    def settle(self, client: TimerClient, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+        """Give ``client`` a :class:`SettlingDialer` here; its dials wait for the event."""
+        opened = asyncio.Event()
+        dialer = SettlingDialer(client._dialer, lambda: self.current, opened)
+        monkeypatch.setattr(client, "_dialer", dialer)
+        return opened
+
+    async def serve_full(self) -> tuple[Server, RawConnection]:
+        """Serve again, but full: one connection allowed, and a raw connection holds it."""
+        server = await self.serve(limits=Limits(max_connections=1))
+        holder = await RawConnection.open(self.address)
+        await wait_until(lambda: server.stats.connections_accepted == 1)
+        return server, holder
+
     async def stop_under(self, client: TimerClient) -> None:
         """Stop the server, and wait until ``client`` saw its connection go."""
         await self.current.close()
@@ -148,15 +136,10 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
     restartable: _Restartable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await TimerClient.connect(restartable.address, reconnect=True, timeout=30)
-    opened = asyncio.Event()
-    dialer = _SettlingDialer(client._dialer, lambda: restartable.current, opened)
-    monkeypatch.setattr(client, "_dialer", dialer)
+    opened = restartable.settle(client, monkeypatch)
     async with client, client.events() as events:
         await restartable.stop_under(client)
-        # Back, but full: one connection allowed, and someone else holds it.
-        server = await restartable.serve(limits=Limits(max_connections=1))
-        holder = await RawConnection.open(restartable.address)
-        await wait_until(lambda: server.stats.connections_accepted == 1)
+        server, holder = await restartable.serve_full()  # someone else holds the one slot
         opened.set()
         # A new stream meanwhile fails at once: its connection was refused.
         with pytest.raises(ConnectionLost):
@@ -169,6 +152,23 @@ async def test_streams_wait_out_a_full_server_then_subscribe_again(
         await wait_until(lambda: server.subscribers == 1)
         await client.echo(EchoRequest(message="after", delay_ms=0))
         assert await asyncio.wait_for(anext(events), 30) == EchoEvent(message="after", echo_count=1)
+
+
+async def test_a_call_whose_reconnect_is_refused_at_once_fails_as_lost(
+    restartable: _Restartable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await TimerClient.connect(restartable.address, reconnect=True, timeout=30)
+    opened = restartable.settle(client, monkeypatch)
+    async with client:
+        assert await client.version()
+        await restartable.stop_under(client)
+        server, holder = await restartable.serve_full()
+        opened.set()
+        with pytest.raises(ConnectionLost, match="lost"):  # never sent on it
+            await client.version()
+        assert server.stats.connections_refused == 1
+        await holder.close()
+        assert await client.version()  # the next call reconnects, to a server with room
 
 
 async def test_a_stream_refused_on_the_new_connection_ends_with_that_error(
@@ -212,3 +212,47 @@ async def test_a_new_connection_lost_at_the_subscribe_is_followed_by_another(
     assert items[-1] == EchoEvent(message="after", echo_count=1)
     assert 1 <= len(items) - 1 <= 2
     assert all(isinstance(item, EventsMayHaveBeenMissed) for item in items[:-1])
+
+
+@contextlib.asynccontextmanager
+async def slot_taken(
+    timeout: float | None,
+) -> AsyncIterator[tuple[GatedTimer, Server, TimerClient, asyncio.Task[EchoResponse]]]:
+    """A ``max_pending=1`` client whose one slot a call holds, in flight on the server."""
+    timer = GatedTimer()
+    async with (
+        await timer.serve("tcp:127.0.0.1:0") as server,
+        await TimerClient.connect(server.address, max_pending=1, timeout=timeout) as client,
+    ):
+        held = asyncio.create_task(client.echo(EchoRequest(message="held", delay_ms=0)))
+        await wait_until(lambda: len(server.tasks) == 1)
+        yield timer, server, client, held
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+async def test_a_subscribe_waits_for_a_free_slot_like_any_call(timeout: float | None) -> None:
+    async with slot_taken(timeout) as (timer, server, client, held):
+        opening = asyncio.create_task(client.events().__aenter__())
+        await wait_until(lambda: client._protocol.blocked or client.pending > 1)
+        assert client.pending == 1  # the subscribe waits, unsent
+        timer.gate.set()
+        assert (await held).echoed == "held"
+        async with await opening as events:
+            assert server.subscribers == 1
+            await client.echo(EchoRequest(message="after", delay_ms=0))
+            event = await asyncio.wait_for(anext(events), 30)
+            assert event == EchoEvent(message="after", echo_count=1)
+
+
+async def test_a_subscribe_given_up_while_it_waits_for_a_slot_is_never_sent() -> None:
+    async with slot_taken(None) as (timer, server, client, held):
+        opening = asyncio.create_task(client.events().__aenter__())
+        await wait_until(lambda: client._protocol.blocked)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert not client._protocol._queue  # it left nothing behind to send
+        timer.gate.set()
+        assert (await held).echoed == "held"
+        assert await client.version()  # answered after anything written before it
+        assert server.subscribers == 0

@@ -23,14 +23,17 @@ from timer_sdk import (
     EchoRequest,
     EchoResponse,
     EventsMayHaveBeenMissed,
+    Limits,
     Server,
     Timer,
     TimerClient,
     TimerConfig,
 )
+from timer_sdk.calling.dialer import _BACKOFF_FIRST
 from timer_sdk.pool import connect_pool
 from timer_sdk.wire.framing import encode_request
 
+from ._dialers import SettlingDialer
 from .conftest import GatedTimer, RawConnection, wait_until
 from .vectors import ECHO_REQUEST
 
@@ -206,22 +209,39 @@ async def test_a_crash_is_no_notice_and_nothing_is_sent_again(
 async def left_unread(
     client: TimerClient, closing: tuple[GatedTimer, Server], timeout: float | None = None
 ) -> asyncio.Task[EchoResponse]:
-    """Close the server gracefully with a call of ``client``'s left unread: that call.
+    """Close the server gracefully with a call of ``client``'s left unread: that call."""
+    (second,) = await leave_unread(client, closing, ["second"], timeout)
+    return second
 
-    A first call, held in flight, is answered; the second was written after the
-    server stopped reading. Returns once the server has closed.
+
+async def leave_unread(
+    client: TimerClient,
+    closing: tuple[GatedTimer, Server],
+    messages: list[str],
+    timeout: float | None = None,
+) -> list[asyncio.Task[EchoResponse]]:
+    """Close the server gracefully with calls of ``client``'s left unread: those calls.
+
+    A first call, held in flight, is answered; the others were made after the
+    server stopped reading (written, or waiting for a slot). Returns once the
+    server has closed.
     """
     timer, server = closing
     first = asyncio.create_task(client.echo(EchoRequest(message="first", delay_ms=0)))
     await wait_until(lambda: len(server.tasks) == 1)
     close = await stop_reading(server)
-    echo = EchoRequest(message="second", delay_ms=0)
-    second = asyncio.create_task(client.echo(echo, timeout=timeout or 30))
-    await wait_until(lambda: client.pending == 2)
+    unread = [
+        asyncio.create_task(
+            client.echo(EchoRequest(message=message, delay_ms=0), timeout=timeout or 30)
+        )
+        for message in messages
+    ]
+    waiting = 1 + len(messages)
+    await wait_until(lambda: client.pending + len(client._protocol._queue) == waiting)
     timer.gate.set()
     assert (await first).echoed == "first"
     await close  # nobody listens on the port any more: every reconnect is refused
-    return second
+    return unread
 
 
 async def test_with_no_server_to_reconnect_to_an_unread_call_fails_as_never_started(
@@ -267,3 +287,63 @@ async def test_a_handed_over_call_that_times_out_is_dropped_not_sent(
             assert await client.version() == await late.version()
         assert ran_late == []  # the timed-out call was never sent to the next server
     assert ran == ["first"]
+
+
+async def test_unread_calls_beyond_max_pending_wait_for_a_slot_on_the_next_connection(
+    closing: tuple[GatedTimer, Server],
+) -> None:
+    client = await TimerClient.connect(closing[1].address, reconnect=True, max_pending=1)
+    new_timer = GatedTimer(TimerConfig(name="new"))
+    ran_new = echoed(new_timer)
+    async with client:
+        unread = await leave_unread(client, closing, ["second", "third"])
+        async with await new_timer.serve(closing[1].address, reuse_port=True) as new:
+            await wait_until(lambda: len(new.tasks) > 0)
+            assert client.pending == 1  # the other waits for the slot, unsent
+            new_timer.gate.set()
+            assert [(await call).timer_name for call in unread] == ["new", "new"]
+    assert ran_new == ["second", "third"]
+
+
+async def test_a_reconnect_refused_at_once_is_tried_again_a_moment_later(
+    closing: tuple[GatedTimer, Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await TimerClient.connect(closing[1].address, reconnect=True, timeout=30)
+    new_timer = Timer(TimerConfig(name="new"))
+    servers: list[Server] = []
+    opened = asyncio.Event()
+    dialer = SettlingDialer(client._dialer, lambda: servers[0], opened)
+    monkeypatch.setattr(client, "_dialer", dialer)
+    async with client:
+        second = await left_unread(client, closing)
+        # Back, but full: one connection allowed, and someone else holds it.
+        limits = Limits(max_connections=1)
+        new = await new_timer.serve(closing[1].address, reuse_port=True, limits=limits)
+        servers.append(new)
+        async with new:
+            holder = await RawConnection.open(new.address)
+            await wait_until(lambda: new.stats.connections_accepted == 1)
+            opened.set()
+            await wait_until(lambda: len(dialer.dialed) == 3)  # after two refused at once
+            await holder.close()
+            assert (await second).timer_name == "new"  # not lost with a refused connection
+    assert new.stats.connections_refused >= 2
+    first, refused, again = dialer.dialed[:3]
+    assert min(refused - first, again - refused) >= _BACKOFF_FIRST - 0.001  # not at once
+
+
+async def test_a_handed_over_call_cancelled_before_the_client_closes_stays_cancelled(
+    closing: tuple[GatedTimer, Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await TimerClient.connect(closing[1].address, reconnect=True, timeout=30)
+    never = asyncio.Event()  # every reconnect is still dialing when the client closes
+    dialer = SettlingDialer(client._dialer, lambda: closing[1], never)
+    monkeypatch.setattr(client, "_dialer", dialer)
+    second, third = await leave_unread(client, closing, ["second", "third"])
+    await wait_until(lambda: client._redial is not None)  # the hand-over waits for it
+    second.cancel()
+    await client.close()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    with pytest.raises(ClientClosedError, match="the client was closed"):
+        await third

@@ -36,15 +36,15 @@ def test_every_core_module_exists() -> None:
 
 def test_the_floor_holds_each_module_on_its_own() -> None:
     # 97 of 100 together, but one module at 12 of 14: the run fails, and says which.
-    line, failed = floor_verdict({"client": (85, 86), "calling/dialer": (12, 14)}, [], ())
+    line, failed = floor_verdict({"client": (85, 86), "calling/dialer": (12, 14)}, [])
     assert failed
     assert "below it: calling/dialer 12/14" in line and "client" not in line.split("below")[1]
-    line, failed = floor_verdict({"client": (19, 20), "calling/dialer": (14, 14)}, [], ())
+    line, failed = floor_verdict({"client": (19, 20), "calling/dialer": (14, 14)}, [])
     assert not failed, line
 
 
 def test_a_renamed_core_module_fails_the_floor() -> None:
-    line, failed = floor_verdict({"client": (20, 20)}, ["serving/gone"], ())
+    line, failed = floor_verdict({"client": (20, 20)}, ["serving/gone"])
     assert failed
     assert "no such module (renamed? fix CORE_MODULES): serving/gone" in line
 
@@ -75,12 +75,3 @@ def test_a_missing_tool_fails_where_tools_are_required(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout[-2000:]
     assert re.search(r"\b1 (failed|error)\b", done.stdout), done.stdout[-2000:]
     assert "TIMER_SDK_REQUIRE_TOOLS is set, so this test must run here" in done.stdout
-
-
-def test_a_module_not_yet_at_the_floor_is_named_and_leaves_the_list_once_there() -> None:
-    line, failed = floor_verdict({"client": (46, 50)}, [], ("client",))
-    assert not failed
-    assert "not yet at the floor (NOT_YET_AT_FLOOR): client 46/50" in line
-    line, failed = floor_verdict({"client": (50, 50)}, [], ("client",))
-    assert failed
-    assert "take out of NOT_YET_AT_FLOOR: client" in line

@@ -432,6 +432,8 @@ class TimerClient(_Events, _Handover):
             async with asyncio.timeout(timeout):
                 if failure is not None:
                     protocol = await self._reopen()
+                    if protocol.failure is not None:  # lost at once, say by a full server
+                        raise _copy(protocol.failure)
                 future = self._loop.create_future()
                 if not protocol.blocked and len(protocol.pending) < protocol.max_pending:
                     protocol.send(frame, method, future)
@@ -482,9 +484,6 @@ class TimerClient(_Events, _Handover):
             self._next_dial_at = self._loop.time() + self._backoff
             logger.info("reconnect to %s failed; next try in %.1f s", self.address, self._backoff)
             raise
-        if self._closing:  # closed while we were dialing
-            protocol.fail(ClientClosedError(f"the client for {self.address} is closed"))
-            raise ClientClosedError(f"the client for {self.address} is closed")
         self._backoff = 0.0
         logger.info("reconnected to %s", self.address)
         protocol.adopt = self._adopt
@@ -501,16 +500,17 @@ class TimerClient(_Events, _Handover):
         server that may never read them. Safe to call more than once;
         returns once the socket is closed.
         """
-        if self._resubscriber is not None:
-            self._resubscriber.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resubscriber
-        if self._redial is not None:
-            self._redial.cancel()
+        first = not self._closing
+        # From here on nothing reopens the connection: every caller of _reopen checks
+        # _closing first, and the tasks that reopen are cancelled before any await.
+        self._closing = True
+        tasks = [task for task in (self._resubscriber, self._redial) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, TimerError):
-                await self._redial
-        if not self._closing:
-            self._closing = True
+                await task
+        if first:
             orphans, self._orphans = self._orphans, []
             for sub in orphans:
                 sub.end()

@@ -66,24 +66,22 @@ class _Handover:
             calls = [call for call in calls if not call[2].done()]  # timed out, cancelled
             if not calls:
                 return
-            protocol = self._protocol
-            if protocol.failure is not None:
-                if self._loop.time() >= give_up_at or self._closing:
-                    break
-                try:
-                    protocol = await self._reopen()  # shared with calls made meanwhile
-                except ClientClosedError:
-                    break
-                except ConnectError as exc:
-                    why = str(exc)
-                    continue  # the next attempt waits out the backoff
-                if protocol.failure is not None:  # lost at once: try again a moment later
-                    await asyncio.sleep(_BACKOFF_FIRST)
-                    continue
-            for frame, method, future in calls:
-                if not future.done():  # its caller may have given up while we reopened
+            protocol = self._protocol  # maybe reopened meanwhile by another call
+            if protocol.failure is None:
+                for frame, method, future in calls:
                     send_now(protocol, frame, method, future)
-            return
+                return
+            if self._loop.time() >= give_up_at or self._closing:
+                break
+            try:
+                protocol = await self._reopen()  # shared with calls made meanwhile
+            except ClientClosedError:
+                break
+            except ConnectError as exc:
+                why = str(exc)
+                continue  # the next attempt waits out the backoff
+            if protocol.failure is not None:  # lost at once: try again a moment later
+                await asyncio.sleep(_BACKOFF_FIRST)
         for _, method, future in calls:
             if future.done():
                 continue
