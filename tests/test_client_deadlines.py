@@ -133,7 +133,7 @@ async def test_a_reply_due_with_its_deadline_wins_and_a_missing_one_times_out(
     path = str(tmp_path / "due.sock")
     # Two requests, the first answered; the rest answered once a third request comes.
     steps = [(2 * FRAME, ok("first")), (FRAME, ok("second, late") + ok("third"))]
-    server = _Steps(path, steps)
+    server = _Steps(path, steps, wait_for_go=True)
     try:
         async with await TimerClient.connect(f"unix:{path}") as client:
             loop = asyncio.get_running_loop()
@@ -141,8 +141,10 @@ async def test_a_reply_due_with_its_deadline_wins_and_a_missing_one_times_out(
             first = asyncio.create_task(client.version(timeout=0.05))
             second = asyncio.create_task(client.version(timeout=0.05))
             protocol = client._protocol
-            while client.pending < 2 or protocol._corked:  # both written, not yet read
+            while client.pending < 2 or protocol._corked:  # both written, not yet answered
                 await asyncio.sleep(0)
+            # From here the loop is held: the reply cannot be read before the deadline.
+            server.go.set()
             assert server.replied.wait(30)
             assert protocol.transport is not None
             _hold_the_loop(protocol.transport.get_extra_info("socket"), started + 0.1)
