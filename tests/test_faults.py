@@ -155,6 +155,22 @@ async def test_out_of_descriptors_backs_off_and_recovers(loop_name: str) -> None
     assert recovered < 2.0, f"first call after the flood took {recovered:.2f} s"
 
 
+async def test_connections_accepted_as_the_server_closes_are_closed_with_it(
+    tmp_path: Path,
+) -> None:
+    """Accepted, not yet set up, when the server closes: each is closed, not left to the GC."""
+    path = str(tmp_path / "s.sock")
+    server = await Timer().serve(f"unix:{path}")
+    opened = [await asyncio.open_unix_connection(path) for _ in range(8)]
+    for _, writer in opened:
+        writer.write_eof()  # nothing to send: a lingering close need not wait for us
+    await server.close()  # some are accepted by now, their set-up not yet begun
+    for reader, writer in opened:
+        async with asyncio.timeout(30):  # a socket left open would never say EOF
+            assert await reader.read() == b""
+        writer.close()
+
+
 # --- nothing sent that the client must refuse ---------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -87,6 +88,8 @@ class Acceptor:
             task = self._loop.create_task(self._set_up(conn))
             self._setups.add(task)
             task.add_done_callback(self._setups.discard)
+            # Here, not in _set_up: a task cancelled before its first step never runs it.
+            task.add_done_callback(functools.partial(_close_if_cancelled, conn))
 
     async def _set_up(self, conn: socket.socket) -> None:
         try:
@@ -96,9 +99,6 @@ class Acceptor:
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             logger.debug("connection setup failed: %s", exc)
             conn.close()
-        except asyncio.CancelledError:
-            conn.close()
-            raise
 
     def _back_off(self, exc: OSError) -> None:
         if not self._failed:
@@ -114,3 +114,8 @@ class Acceptor:
         self._retry = None
         for sock in self._socks:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+
+def _close_if_cancelled(conn: socket.socket, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        conn.close()
