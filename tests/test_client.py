@@ -317,3 +317,24 @@ async def test_reconnect_is_off_by_default_and_never_replays(tmp_path: object) -
         await plain.close()
         await client.close()
         await server.close()
+
+
+async def test_close_finishes_then_passes_on_its_callers_cancellation(tmp_path: object) -> None:
+    address = f"unix:{tmp_path}/gone.sock"
+    server = await Timer().serve(address)
+    client = await TimerClient.connect(address, reconnect=True)
+    await server.close()
+    await wait_until(lambda: client._protocol.failure is not None)
+    with pytest.raises(ConnectError):
+        await client.version()  # now the next attempt waits out a backoff
+    waiting = asyncio.create_task(client.version())
+    await wait_until(lambda: client._redial is not None)
+    closing = asyncio.create_task(client.close())
+    await asyncio.sleep(0)  # one turn: close cancelled the redial, and waits for it to end
+    assert client._redial is not None and not client._redial.done()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing  # not swallowed: a task group cancelling its tasks must see it
+    assert client.closed
+    with pytest.raises(ClientClosedError):
+        await waiting

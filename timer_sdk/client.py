@@ -22,7 +22,6 @@ in calling/.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl as _ssl
 from collections.abc import Awaitable, Callable
@@ -507,9 +506,15 @@ class TimerClient(_Events, _Handover):
         tasks = [task for task in (self._resubscriber, self._redial) if task is not None]
         for task in tasks:
             task.cancel()
+        interrupted = False  # our caller was cancelled: finish closing, then say so
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, TimerError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                interrupted = interrupted or bool(current and current.cancelling())
+            except TimerError:
+                pass
         if first:
             orphans, self._orphans = self._orphans, []
             for sub in orphans:
@@ -521,6 +526,8 @@ class TimerClient(_Events, _Handover):
                 )
             )
         await asyncio.shield(self._protocol.lost)
+        if interrupted:
+            raise asyncio.CancelledError
 
     async def __aenter__(self) -> TimerClient:
         return self
