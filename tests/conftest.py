@@ -184,12 +184,13 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: one worker per core, and one more.
+    """``-n auto``: one worker per core, and one more; at most 8.
 
     About a third of the suite's time is spent waiting on other processes (servers, the
-    CLI, NATS, a Jupyter kernel, Node), so a spare worker keeps the cores busy.
+    CLI, NATS, a Jupyter kernel, Node), so a spare worker keeps the cores busy. Past 8,
+    the longest tests set the time, and each worker holds a few hundred MiB.
     """
-    return (os.cpu_count() or 1) + 1
+    return min((os.cpu_count() or 1) + 1, 8)
 
 
 MISSING_TOOL = "missing tool: "
