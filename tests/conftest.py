@@ -190,7 +190,11 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     CLI, NATS, a Jupyter kernel, Node), so a spare worker keeps the cores busy. Past 8,
     the longest tests set the time, and each worker holds a few hundred MiB.
     """
-    return min((os.cpu_count() or 1) + 1, 8)
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use, as in a container
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return min(cores + 1, 8)
 
 
 MISSING_TOOL = "missing tool: "
