@@ -306,8 +306,15 @@ async def test_a_subscribe_and_a_call_during_an_outage_are_answered_at_once(
             await asyncio.to_thread(nats_server.start)  # the same port again
             # Counted exactly where it was subscribed before; flowing again everywhere.
             assert await asyncio.wait_for(anext(there), 60) == EventsDropped(1)
+            # The subscription made in the outage reaches NATS once the third is back and
+            # confirmed it (nothing left to wait for); an echo before then reaches no one.
+            third_bus = _bus(third)
+            await wait_until(
+                lambda: _bus(first).connected and third_bus.connected and third_bus.ready() is None,
+                60,
+            )
             async with asyncio.timeout(60):
-                while True:  # until the subscription made in the outage reaches NATS
+                while True:  # the first "after" that reaches it, usually the first of all
                     await caller.echo(EchoRequest(message="after", delay_ms=0))
                     ret, body = await conn.recv_reply()
                     if ret == RET_EVENT:
