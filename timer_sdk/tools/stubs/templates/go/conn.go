@@ -96,7 +96,8 @@ type frame struct {
 }
 
 // Dial connects to a timer server at tcp:HOST:PORT, tls:HOST:PORT or
-// unix:PATH. The context bounds the connect only.
+// unix:PATH. The context bounds the connect only (and, with WithCloseNotice,
+// sending the ask).
 func Dial(ctx context.Context, address string, opts ...Option) (*Client, error) {
 	o := options{maxFrame: DefaultMaxFrameSize, eventQueue: DefaultEventQueue}
 	for _, opt := range opts {
