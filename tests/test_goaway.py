@@ -34,17 +34,10 @@ from timer_sdk.pool import connect_pool
 from timer_sdk.wire.framing import encode_request
 
 from ._dialers import SettlingDialer
-from .conftest import GatedTimer, RawConnection, wait_until
+from .conftest import GatedTimer, RawConnection, echoed, stop_reading, wait_until
 from .vectors import ECHO_REQUEST
 
 GOAWAY = encode_request(b"server.goaway", b"\xa0")
-
-
-def echoed(timer: Timer) -> list[str]:
-    """Every message ``timer`` echoed, in order: what its server really ran."""
-    seen: list[str] = []
-    timer.add_echo_listener(lambda event: seen.append(event.message))
-    return seen
 
 
 @pytest.fixture
@@ -55,13 +48,6 @@ async def closing() -> AsyncIterator[tuple[GatedTimer, Server]]:
     yield timer, server
     timer.gate.set()
     await server.close(timeout=0)
-
-
-async def stop_reading(server: Server) -> asyncio.Task[None]:
-    """Start a graceful close; return once every connection has stopped reading."""
-    close = asyncio.create_task(server.close(timeout=30))
-    await wait_until(lambda: all(conn._shutting_down for conn in server.connections))
-    return close
 
 
 async def test_the_notice_follows_the_last_reply_and_nothing_unread_runs(

@@ -18,6 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 
+from timer_sdk import Timer
 from timer_sdk.models import (
     ComplexRequest,
     EchoRequest,
@@ -33,6 +34,7 @@ from timer_sdk.wire.description import describe_model
 
 from . import _apis, _node, vectors
 from ._newer_server import running
+from ._programs import close_under, run_program
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +46,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-async def run_node(built: Path, program: str, *addresses: str) -> Any:
-    """Run a compiled test program against ``addresses``; what it printed, as JSON."""
+def node_program(built: Path, program: str, *args: str) -> list[str]:
+    """The command that runs a compiled test program with ``args``."""
     node, _ = _node.require_node()
-    proc = await asyncio.create_subprocess_exec(
-        node, str(built / "test-build" / f"{program}.js"), *addresses,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out)
+    return [node, str(built / "test-build" / f"{program}.js"), *args]
+
+
+async def run_node(built: Path, program: str, *args: str) -> Any:
+    """Run a compiled test program with ``args`` (its addresses); what it printed, as JSON."""
+    return await run_program(node_program(built, program, *args))
 
 
 def item(message: str) -> dict[str, Any]:
@@ -189,6 +185,54 @@ async def test_event_frames_never_take_a_reply_s_place(built: Path) -> None:
             item("before the echo"),
         ],
         "ended": True,
+    }
+
+
+NOT_STARTED = (
+    "CallNotStartedError: closed by the server (the server is shutting down) before it read "
+    "this call: it never started, and is safe to send again"
+)
+LOST = "ConnectionClosedError: the connection closed"
+
+
+@pytest.mark.parametrize("transport", ["unix"])
+async def test_with_the_close_notice_an_unread_call_fails_as_never_started(
+    built: Path, address: str
+) -> None:
+    seen, ran = await close_under(address, node_program(built, "notice", "notice", address))
+
+    assert ran == ["first"]  # the second was never read, so never ran
+    assert seen["before"] == await Timer().version()  # answered before the close
+    assert seen["first"] == "first"
+    assert seen["second"] == seen["after"] == NOT_STARTED  # a ConnectionClosedError too
+    assert seen["events"] == [
+        item("first"),
+        "ConnectionClosedError: closed by the server (the server is shutting down)",
+    ]
+
+
+@pytest.mark.parametrize("transport", ["unix"])
+async def test_without_the_close_notice_an_unread_call_may_have_run(
+    built: Path, address: str
+) -> None:
+    seen, ran = await close_under(address, node_program(built, "notice", "no-notice", address))
+
+    assert ran == ["first"]
+    assert seen["first"] == "first"
+    assert seen["second"] == seen["after"] == LOST  # as ever: it may have run
+    assert seen["events"] == [item("first"), LOST]
+
+
+async def test_the_close_notice_is_harmless_against_a_server_without_it(built: Path) -> None:
+    """The ask is refused; a ret 18 frame is then no notice but a code to skip."""
+    async with vectors.reference_stand_in(vectors.WITHOUT_CLOSE_NOTICE) as (address, received):
+        seen = await run_node(built, "notice", "older", address)
+
+    assert received == [request for request, _ in vectors.WITHOUT_CLOSE_NOTICE]  # the ask first
+    assert seen == {
+        "version": "nim-timer v0.1.0",
+        "echo": {"echoed": "hello over the wire", "timerName": "ipc-server"},
+        "unanswered": LOST,  # no promise was made: it may have run
     }
 
 

@@ -22,17 +22,34 @@ ECHO_REPLY = bytes.fromhex(
     "656974696d65724e616d656a6970632d736572766572"
 )
 
+# The close notice, as a server without it (the reference) meets it: docs/protocol.md.
+GOAWAY_REQUEST = bytes.fromhex("0000000d") + b"server.goaway" + bytes.fromhex("00000001a0")
+GOAWAY_REFUSED = bytes.fromhex("000000010000001d") + b"unknown method: server.goaway"
+STRAY_NOTICE = bytes.fromhex("0000001200000001a0")  # ret 18, {}: not for one that was refused
+
+Exchanges = list[tuple[bytes, bytes]]
+REFERENCE: Exchanges = [(VERSION_REQUEST, VERSION_REPLY_OF_REFERENCE), (ECHO_REQUEST, ECHO_REPLY)]
+WITHOUT_CLOSE_NOTICE: Exchanges = [
+    (GOAWAY_REQUEST, GOAWAY_REFUSED),
+    (VERSION_REQUEST, STRAY_NOTICE + VERSION_REPLY_OF_REFERENCE),
+    (ECHO_REQUEST, ECHO_REPLY),
+    (ECHO_REQUEST, b""),  # read, never answered: the connection closes
+]
+"""A client that asks for the close notice, against a server without it."""
+
 
 @contextlib.asynccontextmanager
-async def reference_stand_in() -> AsyncIterator[tuple[str, list[bytes]]]:
+async def reference_stand_in(
+    exchanges: Exchanges = REFERENCE,
+) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A server that answers a version call, then an echo, with the reference's bytes.
 
     Yields its address and the list of frames the client sent, as received (a
     shorter frame whole, to compare). It writes its replies in pieces, as the
-    reference does, so the client must reassemble them.
+    reference does, so the client must reassemble them. ``exchanges`` are the
+    requests it expects, each with its answer, in order.
     """
     received: list[bytes] = []
-    exchanges = [(VERSION_REQUEST, VERSION_REPLY_OF_REFERENCE), (ECHO_REQUEST, ECHO_REPLY)]
 
     async def reference(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for request, reply in exchanges:

@@ -1,5 +1,6 @@
 // The generated Go client against real and stand-in servers; prints what it saw as JSON.
-// Usage: timer-go-test MODE ADDRESS (modes: e2e, events, vectors, frames, connect).
+// Usage: timer-go-test MODE ADDRESS (modes: e2e, events, vectors, frames, older,
+// notice, no-notice, connect).
 package main
 
 import (
@@ -27,13 +28,26 @@ func main() {
 		e2e(ctx, address)
 	case "events":
 		events(ctx, address)
-	case "vectors", "frames":
-		client := dial(ctx, address)
-		seen["version"] = must(client.Version(ctx))
-		seen["echo"] = must(client.Echo(ctx, timer.EchoRequest{Message: "hello over the wire", DelayMs: 5}))
-		if mode == "frames" {
-			frames(ctx, client)
+	case "vectors", "frames", "older":
+		var opts []timer.Option
+		if mode == "older" { // a server without the close notice refuses the ask
+			opts = append(opts, timer.WithCloseNotice())
 		}
+		client := dial(ctx, address, opts...)
+		hello := timer.EchoRequest{Message: "hello over the wire", DelayMs: 5}
+		seen["version"] = must(client.Version(ctx))
+		seen["echo"] = must(client.Echo(ctx, hello))
+		switch mode {
+		case "frames":
+			frames(ctx, client)
+		case "older": // the stand-in closes instead of answering
+			_, err := client.Echo(ctx, hello)
+			seen["unanswered"] = describe(err)
+		}
+	case "notice":
+		notice(ctx, address, timer.WithCloseNotice())
+	case "no-notice":
+		notice(ctx, address)
 	case "connect":
 		_, err := timer.Dial(ctx, address)
 		var connect *timer.ConnectError
@@ -76,6 +90,8 @@ func describe(err error) string {
 		return fmt.Sprintf("TimeoutError %s, deadline %v", timeout.Method, errors.Is(err, context.DeadlineExceeded))
 	case errors.As(err, &invalid):
 		return fmt.Sprintf("InvalidReplyError %s: %s", invalid.Method, invalid.Reason)
+	case errors.As(err, &closed) && errors.Is(err, timer.ErrNotStarted):
+		return "ClosedError, not started, " + closed.Reason
 	case errors.As(err, &closed):
 		return "ClosedError " + closed.Reason
 	}
@@ -165,15 +181,7 @@ func e2e(ctx context.Context, address string) {
 	seen["cancelled"] = errors.Is(err, context.Canceled)
 
 	// Graceful: a call already sent still gets its reply; then calls fail as closed.
-	late := make(chan string)
-	go func() {
-		reply, err := client.Echo(ctx, timer.EchoRequest{Message: "late", DelayMs: 50})
-		if err != nil {
-			late <- describe(err)
-		} else {
-			late <- reply.Echoed
-		}
-	}()
+	late := later(ctx, client, timer.EchoRequest{Message: "late", DelayMs: 50})
 	for {
 		time.Sleep(time.Millisecond) // until the late call is on the wire
 		if client.InFlight() == 1 {
@@ -186,15 +194,34 @@ func e2e(ctx context.Context, address string) {
 	seen["afterClose"] = describe(err)
 }
 
-// events: the test's server fires what this reads; each step waits for a line on stdin.
-func events(ctx context.Context, address string) {
+// stepper says where the program is and waits for the test's line on stdin.
+func stepper() func(say string) {
 	in := bufio.NewScanner(os.Stdin)
-	step := func(say string) {
+	return func(say string) {
 		fmt.Println(say)
 		if !in.Scan() {
 			panic("the test went away")
 		}
 	}
+}
+
+// later runs an echo in the background; its reply's Echoed, or its error described.
+func later(ctx context.Context, client *timer.Client, req timer.EchoRequest) <-chan string {
+	out := make(chan string, 1)
+	go func() {
+		reply, err := client.Echo(ctx, req)
+		if err != nil {
+			out <- describe(err)
+		} else {
+			out <- reply.Echoed
+		}
+	}()
+	return out
+}
+
+// events: the test's server fires what this reads; each step waits for a line on stdin.
+func events(ctx context.Context, address string) {
+	step := stepper()
 	client := dial(ctx, address)
 	all := must(client.Subscribe(ctx))
 	named := must(client.Subscribe(ctx, timer.EventOnEchoFired))
@@ -245,4 +272,31 @@ func frames(ctx context.Context, client *timer.Client) {
 		refused = append(refused, describe(err))
 	}
 	seen["refused"] = refused
+}
+
+// notice: the test's server closes gracefully while the first echo runs and the
+// second is sent but never read (its echoes wait until the program says "unread").
+func notice(ctx context.Context, address string, opts ...timer.Option) {
+	step := stepper()
+	client := dial(ctx, address, opts...)
+	seen["before"] = must(client.Version(ctx))
+	sub := must(client.Subscribe(ctx))
+	first := later(ctx, client, timer.EchoRequest{Message: "first"})
+	step("running") // the test: the first echo runs; the server stops reading
+	second := later(ctx, client, timer.EchoRequest{Message: "second"})
+	for client.InFlight() != 2 {
+		time.Sleep(time.Millisecond) // until the second is on the wire
+	}
+	step("unread") // the test: the first echo may end
+	seen["first"], seen["second"] = <-first, <-second
+	_, err := client.Version(ctx)
+	seen["after"] = describe(err)
+	seen["message"] = err.Error()
+	var items []any
+	for err = nil; err == nil; {
+		var it timer.Item
+		it, err = sub.Next(ctx)
+		items = append(items, item(it, err))
+	}
+	seen["events"] = items
 }

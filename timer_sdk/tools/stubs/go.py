@@ -36,9 +36,9 @@ _KEYWORDS = frozenset(
 # Exported names of the templates, which no type of the API may take.
 _TAKEN = frozenset(
     ("Client", "Dial", "Option", "WithTLS", "WithMaxFrameSize", "WithEventQueue",
-     "DefaultMaxFrameSize", "DefaultEventQueue", "Item", "Dropped", "Gap", "UnknownEvent",
-     "Subscription", "ErrSubscriptionClosed", "RemoteError", "TimeoutError",
-     "InvalidReplyError", "ClosedError", "ConnectError")
+     "WithCloseNotice", "DefaultMaxFrameSize", "DefaultEventQueue", "Item", "Dropped", "Gap",
+     "UnknownEvent", "Subscription", "ErrSubscriptionClosed", "ErrNotStarted", "RemoteError",
+     "TimeoutError", "InvalidReplyError", "ClosedError", "ConnectError")
 )  # fmt: skip
 
 
@@ -259,7 +259,9 @@ _DOC = """\
 // Dial connects; each method of Client is one proc of the server and takes a
 // context.Context for its deadline and cancellation. Subscribe receives the
 // server's events. Errors are *RemoteError, *TimeoutError,
-// *InvalidReplyError, *ClosedError and *ConnectError, for errors.As.
+// *InvalidReplyError, *ClosedError and *ConnectError, for errors.As. With
+// WithCloseNotice, a call the server closed before it read fails with a
+// *ClosedError that wraps ErrNotStarted: it is safe to send again.
 //
 // Replies and events are read tolerantly: fields this client does not know
 // are ignored, an event of an unknown kind is an UnknownEvent item, and a

@@ -23,7 +23,11 @@ const (
 	retError   = 1  // an error reply: UTF-8 text
 	retEvent   = 16 // an event, only after events.subscribe
 	retDropped = 17 // a drop or gap notice, only after events.subscribe
+	retNotice  = 18 // the close notice, only after server.goaway
 )
+
+// askNotice is the server.goaway request, {} as its payload: ask for the close notice.
+var askNotice = []byte("\x00\x00\x00\x0dserver.goaway\x00\x00\x00\x01\xa0")
 
 // DefaultMaxFrameSize is the largest reply or event body read by default,
 // the server's own default limit.
@@ -40,6 +44,7 @@ type options struct {
 	tls        *tls.Config
 	maxFrame   uint32
 	eventQueue int
+	notice     bool
 }
 
 // WithTLS sets the TLS configuration of a tls: address. Without it the
@@ -51,6 +56,14 @@ func WithMaxFrameSize(n uint32) Option { return func(o *options) { o.maxFrame = 
 
 // WithEventQueue sets how many events each subscription holds for a slow reader.
 func WithEventQueue(n int) Option { return func(o *options) { o.eventQueue = max(n, 1) } }
+
+// WithCloseNotice asks the server, first thing on the connection, to say so
+// before a graceful close (server.goaway). A call that then has no reply
+// fails with a *ClosedError wrapping ErrNotStarted: the server never read
+// it, so it is safe to send again. A server without the extension refuses
+// the ask, and the client carries on without the promise. Without this
+// option the client sends the base protocol only, byte for byte.
+func WithCloseNotice() Option { return func(o *options) { o.notice = true } }
 
 // Client is a connection to a timer server. Its methods are safe for
 // concurrent use: calls from many goroutines are pipelined on the one
@@ -67,10 +80,13 @@ type Client struct {
 	idle    chan struct{}              // closed when pending empties during Shutdown
 	err     *ClosedError               // why the connection ended; nil while open
 	done    chan struct{}              // closed when the reader has stopped
+
+	granted bool // the server promised the close notice; the reader's alone
 }
 
 type slot struct {
 	reply chan frame // buffered: the reader never waits for a caller that gave up
+	ask   bool       // server.goaway's: not a call, its reply is the reader's
 }
 
 type frame struct {
@@ -80,7 +96,8 @@ type frame struct {
 }
 
 // Dial connects to a timer server at tcp:HOST:PORT, tls:HOST:PORT or
-// unix:PATH. The context bounds the connect only.
+// unix:PATH. The context bounds the connect only (and, with WithCloseNotice,
+// sending the ask).
 func Dial(ctx context.Context, address string, opts ...Option) (*Client, error) {
 	o := options{maxFrame: DefaultMaxFrameSize, eventQueue: DefaultEventQueue}
 	for _, opt := range opts {
@@ -109,6 +126,15 @@ func Dial(ctx context.Context, address string, opts ...Option) (*Client, error) 
 		return nil, &ConnectError{Address: address, Err: err}
 	}
 	c := &Client{nc: nc, opts: o, subs: map[*Subscription]struct{}{}, done: make(chan struct{})}
+	if o.notice {
+		c.pending = append(c.pending, &slot{reply: make(chan frame, 1), ask: true})
+		deadline, _ := ctx.Deadline()
+		_ = nc.SetWriteDeadline(deadline)
+		if _, err := nc.Write(askNotice); err != nil {
+			_ = nc.Close()
+			return nil, &ConnectError{Address: address, Err: err}
+		}
+	}
 	go c.read()
 	return c, nil
 }
@@ -205,6 +231,11 @@ func (c *Client) read() {
 			}
 		case retEvent, retDropped:
 			c.event(ret, body)
+		case retNotice:
+			if c.granted { // else not ours to read: skipped, as any unknown code
+				c.notice(body)
+				return
+			}
 		default:
 			// Not a reply: a code this client does not know (a newer server's
 			// progress frame, say) never takes a call's place, so it is skipped.
@@ -227,22 +258,47 @@ func (c *Client) answer(f frame) bool {
 		c.idle = nil
 	}
 	c.mu.Unlock()
+	if s.ask { // granted whatever the body says: keys may be added
+		c.granted = f.ret == retOK
+	}
 	s.reply <- f
 	return true
 }
 
 // fail ends the connection once: every waiting call and subscription gets why.
 func (c *Client) fail(reason string, err error) {
+	if errors.Is(err, io.EOF) {
+		reason, err = "the server closed the connection", nil
+	}
+	closed := &ClosedError{Reason: reason, Err: err}
+	c.end(closed, closed)
+}
+
+// notice ends the connection on the close notice: the server read nothing
+// after its last reply, so every call still waiting never started.
+func (c *Client) notice(body []byte) {
+	reason := "the server is closing the connection"
+	if v, err := decodeItem(body); err == nil { // any body: the frame is the promise
+		if m, ok := v.(map[string]any); ok {
+			if text, ok := m["reason"].(string); ok && text != "" {
+				reason = text
+			}
+		}
+	}
+	reason = "closed by the server (" + reason + ")"
+	c.end(&ClosedError{Reason: reason, Err: ErrNotStarted}, &ClosedError{Reason: reason})
+}
+
+// end ends the connection once: calls waiting and later get calls, and
+// subscriptions get subs.
+func (c *Client) end(calls, subs *ClosedError) {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
 		return
 	}
-	if errors.Is(err, io.EOF) {
-		reason, err = "the server closed the connection", nil
-	}
-	c.err = &ClosedError{Reason: reason, Err: err}
-	pending, subs := c.pending, c.subs
+	c.err = calls
+	pending, open := c.pending, c.subs
 	c.pending, c.subs = nil, nil
 	if c.idle != nil {
 		close(c.idle)
@@ -251,10 +307,10 @@ func (c *Client) fail(reason string, err error) {
 	c.mu.Unlock()
 	_ = c.nc.Close()
 	for _, s := range pending {
-		s.reply <- frame{err: c.err}
+		s.reply <- frame{err: calls}
 	}
-	for s := range subs {
-		s.end(c.err)
+	for s := range open {
+		s.end(subs)
 	}
 }
 
@@ -298,5 +354,8 @@ func (c *Client) Closed() <-chan struct{} { return c.done }
 func (c *Client) InFlight() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if len(c.pending) > 0 && c.pending[0].ask { // sent first, so first while unanswered
+		return len(c.pending) - 1
+	}
 	return len(c.pending)
 }

@@ -2,6 +2,7 @@ package timer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 )
 
@@ -38,7 +39,7 @@ func (e *InvalidReplyError) Error() string { return e.Method + ": invalid reply:
 
 // ClosedError is a call on a connection that is closed, or that was lost
 // while the call waited for its reply. A call that was sent before the loss
-// may have run on the server.
+// may have run on the server, unless the error wraps ErrNotStarted.
 type ClosedError struct {
 	Reason string // why the connection ended
 	Err    error  // the underlying error, if any
@@ -53,6 +54,12 @@ func (e *ClosedError) Error() string {
 
 // Unwrap returns the underlying error, if any.
 func (e *ClosedError) Unwrap() error { return e.Err }
+
+// ErrNotStarted is what a *ClosedError wraps when the server closed the
+// connection gracefully before it read the call, and said so (the close
+// notice, WithCloseNotice): the call never started, and is safe to send
+// again, even a call with effects. Test for it with errors.Is.
+var ErrNotStarted = errors.New("the server never read this call: it never started, and is safe to send again")
 
 func contextError(method string, err error) error {
 	if err == context.DeadlineExceeded {

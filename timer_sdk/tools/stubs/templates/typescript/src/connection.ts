@@ -4,6 +4,7 @@
 import * as net from "node:net";
 import {
   FrameReader,
+  RET_CLOSE_NOTICE,
   RET_ERROR,
   RET_EVENT,
   RET_EVENTS_DROPPED,
@@ -69,9 +70,22 @@ export class ConnectError extends Error {
   }
 }
 
-/** The connection closed (or broke) before this call's reply or this stream's end. */
+/**
+ * The connection closed (or broke) before this call's reply or this stream's end. A
+ * call sent before the close may have run on the server, unless the error is a
+ * CallNotStartedError.
+ */
 export class ConnectionClosedError extends Error {
-  override readonly name = "ConnectionClosedError";
+  override readonly name: string = "ConnectionClosedError";
+}
+
+/**
+ * The server closed the connection gracefully before it read this call, and said so
+ * (the close notice, asked for with `closeNotice: true`): the call never started, so
+ * it is safe to send again, even a call with effects.
+ */
+export class CallNotStartedError extends ConnectionClosedError {
+  override readonly name = "CallNotStartedError";
 }
 
 export interface CallOptions {
@@ -84,6 +98,13 @@ export interface ConnectOptions {
   timeoutMs?: number;
   /** Milliseconds to wait for the connection (default 10000). */
   connectTimeoutMs?: number;
+  /**
+   * Ask the server to say so before it closes gracefully (`server.goaway`, sent first):
+   * then a call it never read rejects with CallNotStartedError, safe to send again. A
+   * server without the extension refuses, and the client carries on without the
+   * promise. Off by default, so the client sends the base protocol byte for byte.
+   */
+  closeNotice?: boolean;
 }
 
 /**
@@ -245,6 +266,7 @@ export class Connection<M> {
   private closedError: Error | undefined;
   private closing = false;
   private eventsRequested = false; // event frames count only once we asked for them
+  private noticeGranted = false; // a close notice counts only once the server agreed
   private readonly closed: Promise<void>;
 
   protected constructor(
@@ -261,6 +283,14 @@ export class Connection<M> {
         resolve();
       }),
     );
+    if (options.closeNotice) {
+      // Not a call: its reply says whether a notice will come. It is read as it arrives,
+      // so a notice right behind it counts; a refusal (an older server) means none.
+      const granted = () => {
+        this.noticeGranted = true;
+      };
+      this.call("server.goaway", {}, { timeoutMs: 0 }, granted).catch(() => undefined);
+    }
   }
 
   /**
@@ -347,6 +377,9 @@ export class Connection<M> {
       if (frame.ret === RET_OK || frame.ret === RET_ERROR) this.reply(frame);
       else if (this.eventsRequested && (frame.ret === RET_EVENT || frame.ret === RET_EVENTS_DROPPED)) {
         this.event(frame);
+      } else if (this.noticeGranted && frame.ret === RET_CLOSE_NOTICE) {
+        this.notice(frame);
+        return;
       }
       // Any other code is never a reply: skipped whole, the connection kept.
     }
@@ -394,12 +427,30 @@ export class Connection<M> {
     for (const subscription of this.subscriptions) subscription.push(item);
   }
 
-  private fail(error: Error): void {
+  /** The server read nothing after its last reply: every call still waiting never started. */
+  private notice(frame: Frame): void {
+    let reason = "the server is closing the connection";
+    try {
+      const told = readMap(decodeItem(frame.body), "").reason; // any body: the frame is the promise
+      if (typeof told === "string" && told !== "") reason = told;
+    } catch {
+      // unreadable: the default reason
+    }
+    const closed = `closed by the server (${reason})`;
+    this.fail(
+      new ConnectionClosedError(closed),
+      new CallNotStartedError(`${closed} before it read this call: it never started, and is safe to send again`),
+    );
+    this.socket.destroy();
+  }
+
+  /** End the connection once: calls waiting and later ones get `calls`, streams `error`. */
+  private fail(error: Error, calls: Error = error): void {
     if (this.closedError !== undefined) return;
-    this.closedError = error;
+    this.closedError = calls;
     for (const entry of this.pending.splice(0)) {
       clearTimeout(entry.timer);
-      if (!entry.done) entry.reject(error);
+      if (!entry.done) entry.reject(calls);
     }
     for (const subscription of this.subscriptions) subscription.end(error);
     this.subscriptions.clear();

@@ -14,6 +14,8 @@ export const RET_ERROR = 1;
 export const RET_EVENT = 16;
 /** A drop notice of the event extension: `{dropped: count}`, or `{dropped: 0, gap: reason}`; never a reply. */
 export const RET_EVENTS_DROPPED = 17;
+/** The close notice `{reason}`, only on a connection that asked (`server.goaway`); never a reply. */
+export const RET_CLOSE_NOTICE = 18;
 // Any other code is never a reply: a frame with a code this client does not know (a
 // newer server's, such as a "still running" 3 before a reply) is skipped whole.
 
