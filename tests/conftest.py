@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
@@ -181,6 +182,17 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
         session.testsfailed += 1
     session.config.stash[_FLOOR_LINE] = (line, failed)
     return result
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hear Ctrl-C, even when started with it ignored.
+
+    A shell script's ``pytest &`` (or nohup) starts the suite with SIGINT
+    ignored, and every process it starts inherits that: the tests of what Ctrl-C
+    does (the blocking client, ``top``, ``serve``) would send it to deaf processes.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

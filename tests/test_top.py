@@ -104,7 +104,8 @@ async def test_top_shows_the_numbers_move_with_load(tmp_path: Path) -> None:
             assert top.rows()["version"][4] == "0"
             # Ctrl-C, as a terminal sends it to the foreground process group.
             os.killpg(top.proc.pid, signal.SIGINT)
-            code = top.proc.wait(timeout=30)
+            # Waited for off the loop: the server in this process keeps answering top.
+            code = await asyncio.to_thread(top.proc.wait, 30)
             top.read()
             assert code == 0, top.screen  # what it said, if Ctrl-C was not a clean stop
             assert "Traceback" not in top.screen
