@@ -5,12 +5,16 @@ No test here asserts a speed: CI machines are too noisy for that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +32,7 @@ from timer_sdk.bench.processes import ServerProcess, start
 from timer_sdk.bench.rows import WORKER_COUNTS, Settings, estimate_seconds
 from timer_sdk.models import EchoParams, VersionParams
 from timer_sdk.serving.connection import Connection
-from timer_sdk.wire.framing import encode_request
+from timer_sdk.wire.framing import encode_reply, encode_request
 
 from .conftest import RawConnection, probe_reads
 
@@ -361,3 +365,48 @@ def test_the_estimate_grows_with_what_is_run() -> None:
     assert 10 < estimate_seconds(quick) < estimate_seconds(full)
     both = Settings(quick=True, loops=("asyncio", "asyncio")).resolved()
     assert estimate_seconds(quick) < estimate_seconds(both) < 2 * estimate_seconds(quick)
+
+
+class _SlowAfterTheFirst:
+    """A server thread that answers its first request at once and each later one 0.2 s late:
+    the stand-in for a machine too busy to answer within a measuring window."""
+
+    REPLY = encode_reply(0, cbor2.dumps("v"))
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.address = f"unix:{path}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        first = True
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._answer, args=(conn, first), daemon=True).start()
+                first = False
+
+    def _answer(self, conn: socket.socket, first: bool) -> None:
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(len(VERSION), socket.MSG_WAITALL):
+                if not first:
+                    time.sleep(0.2)
+                first = False
+                conn.sendall(self.REPLY)
+
+
+@pytest.mark.parametrize("mode", ["pingpong", "pipeline"])
+def test_a_window_too_short_to_see_a_reply_measures_one_at_least(mode: str, tmp_path: Path) -> None:
+    # A window of 0 s, with replies 0.2 s late: it reports the calls it waited for, not
+    # none (a rate of 0 calls/s, or no latency at all).
+    server = _SlowAfterTheFirst(tmp_path / "slow.sock")
+    job = {"mode": mode, "address": server.address, "request": VERSION.hex(),
+           "warmup": 0.01, "duration": 0, "depth": 1}  # fmt: skip
+    try:
+        result = run_job(job)
+    finally:
+        server.listener.close()
+    assert result["calls"] >= 1
+    assert result["seconds"] >= 0.1

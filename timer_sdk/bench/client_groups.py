@@ -61,7 +61,7 @@ async def _sequential(call: Call, seconds: float) -> float:
     count = 0
     started = time.perf_counter()
     deadline = started + seconds
-    while time.perf_counter() < deadline:
+    while not count or time.perf_counter() < deadline:  # one batch at least
         for _ in range(50):
             await call()
         count += 50
