@@ -18,7 +18,7 @@ PACKAGE = ROOT / "timer_sdk"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # lowest first: each imports only its own layer and those before it
-    ("base", ("_version", "_eager", "_extras", "errors", "models", "logs", "events")),
+    ("base", ("_version", "_eager", "_extras", "_portal", "errors", "models", "logs", "events")),
     ("wire", ("wire",)),  # the sans-I/O core
     ("limits", ("limits",)),
     ("calling", ("calling",)),

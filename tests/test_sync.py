@@ -39,12 +39,13 @@ from timer_sdk import (
     Timer,
     TimerConfig,
     __version__,
-    sync,
+    _portal,
 )
+from timer_sdk._portal import get_portal
 from timer_sdk.calling.connecting import Connecting
 from timer_sdk.client import TimerClient as AsyncTimerClient
 from timer_sdk.models import EchoParams
-from timer_sdk.sync import TimerClient, _get_portal
+from timer_sdk.sync import TimerClient
 from timer_sdk.wire import api, codec
 
 JOB = JobSpec(name="j", payload=["p"], priority=1)
@@ -234,7 +235,7 @@ def test_clients_share_one_loop_thread(tcp_served: ThreadServer) -> None:
         assert one.version() == two.version()
         names = [t.name for t in threading.enumerate()]
         assert names.count("timer-sdk-sync") == 1
-        thread = _get_portal().thread
+        thread = get_portal().thread
         assert thread.daemon
 
 
@@ -290,7 +291,7 @@ def test_the_client_default_timeout_applies(tcp_served: ThreadServer) -> None:
 def poll(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wait for outcomes in one wait (POSIX) and in short slices (as on Windows)."""
     if request.param == "sliced wait":
-        monkeypatch.setattr(sync, "_POLL", 0.01)
+        monkeypatch.setattr(_portal, "_POLL", 0.01)
 
 
 @pytest.mark.usefixtures("poll")
@@ -311,7 +312,7 @@ def test_ctrl_c_cancels_the_call_and_the_client_stays_usable(
     # The request is on the wire, so the server will still answer it; the
     # call waiting for that reply was cancelled (once the loop got to it).
     assert sync_client.pending == 1
-    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), _get_portal().loop).result(timeout=30)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), get_portal().loop).result(timeout=30)
     [(_, waiting, _)] = sync_client._client._protocol.pending
     assert waiting.cancelled()
 
@@ -354,7 +355,7 @@ def test_ctrl_c_during_connect_leaves_no_connection_open() -> None:
 
 
 def test_a_result_produced_as_the_caller_leaves_is_disposed_once() -> None:
-    portal = _get_portal()
+    portal = get_portal()
     produced = threading.Event()
     release = threading.Event()
     disposed: list[object] = []
@@ -385,7 +386,7 @@ def test_a_result_produced_as_the_caller_leaves_is_disposed_once() -> None:
 def test_a_sliced_wait_is_renewed_until_the_outcome(
     monkeypatch: pytest.MonkeyPatch, tcp_served: ThreadServer, sync_client: TimerClient
 ) -> None:
-    monkeypatch.setattr(sync, "_POLL", 0.01)
+    monkeypatch.setattr(_portal, "_POLL", 0.01)
     slices: list[float | None] = []
     real_result = concurrent.futures.Future.result
 
@@ -414,7 +415,7 @@ def test_a_sliced_wait_is_renewed_until_the_outcome(
 
 
 def main_thread_waits_in_the_portal() -> bool:
-    """Wait until the main thread blocks in a wait inside ``_Portal.run``."""
+    """Wait until the main thread blocks in a wait inside ``Portal.run``."""
     main = threading.main_thread().ident
     assert main is not None
     for _ in range(30_000):
@@ -424,14 +425,14 @@ def main_thread_waits_in_the_portal() -> bool:
             while frame is not None:
                 names.add((Path(frame.f_code.co_filename).name, frame.f_code.co_name))
                 frame = frame.f_back
-            if ("sync.py", "run") in names:
+            if ("_portal.py", "run") in names:
                 return True
         threading.Event().wait(0.001)
     return False
 
 
 def test_a_caller_who_leaves_before_the_call_starts_starts_nothing() -> None:
-    portal = _get_portal()
+    portal = get_portal()
     release = threading.Event()
     made: list[str] = []
 
@@ -456,7 +457,7 @@ def test_a_caller_who_leaves_before_the_call_starts_starts_nothing() -> None:
 def test_a_result_produced_after_the_caller_left_is_disposed_on_the_loop(
     with_dispose: bool,
 ) -> None:
-    portal = _get_portal()
+    portal = get_portal()
     started = threading.Event()
     left = threading.Event()
     disposed: list[object] = []
@@ -511,7 +512,7 @@ def test_blocking_on_its_own_loop_thread_raises_loop_error(sync_client: TimerCli
     async def inside() -> str:
         return sync_client.version()  # would wait for the loop it is blocking
 
-    future = asyncio.run_coroutine_threadsafe(inside(), _get_portal().loop)
+    future = asyncio.run_coroutine_threadsafe(inside(), get_portal().loop)
     with pytest.raises(LoopError):
         future.result(timeout=30)
 
@@ -557,7 +558,7 @@ def test_an_unclosed_client_warns_and_is_closed(tcp_served: ThreadServer) -> Non
     with pytest.warns(ResourceWarning, match="unclosed <TimerClient"):
         del client  # the last reference: finalized at once
     # The finalizer queued the close first; once a later coroutine has run, it has begun.
-    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), _get_portal().loop).result(timeout=30)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), get_portal().loop).result(timeout=30)
     assert inner.closed
 
 

@@ -18,6 +18,7 @@ Timeouts are the async client's (``timeout=``, raising
 call: a request already written stays on the wire and its reply is read and
 dropped, so the next call still gets its own reply.
 
+The loop's thread and the hand-over of each call are :mod:`timer_sdk._portal`'s.
 Nothing here patches asyncio or starts a loop in the caller's thread. Called
 from a thread that runs an event loop (a notebook cell, a coroutine), every
 method raises :class:`~timer_sdk.errors.LoopError` instead of freezing that
@@ -26,20 +27,15 @@ loop: use ``await`` and the async client there.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
-import threading
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
 
+from ._portal import Portal, get_portal
 from .client import DEFAULT_MAX_PENDING, P, R
 from .client import TimerClient as AsyncTimerClient
-from .errors import LoopError
 from .events import EventsDropped, EventsMayHaveBeenMissed, Subscription, UnknownEvent
 from .models import (
     ComplexRequest,
@@ -59,147 +55,12 @@ from .wire.served import ServerDescription
 
 __all__ = ["Events", "TimerClient"]
 
-T = TypeVar("T")
-
-_POLL: float | None = 0.25 if sys.platform == "win32" else None
-"""How long one wait for an outcome lasts before it is renewed.
-
-On Windows, Ctrl-C cannot interrupt an unbounded wait on a lock, so the wait
-is cut into slices there. Elsewhere one unbounded wait is interruptible.
-"""
-
-_USE_AWAIT = (
-    "timer_sdk.sync.TimerClient blocks, and this thread is running an event loop "
-    "(a notebook cell or a coroutine), which it would freeze. Use the async client "
-    "here: `client = await timer_sdk.TimerClient.connect(...)`, then "
-    "`await client.echo(...)`."
-)
-
-
-class _Handoff(Generic[T]):
-    """What the caller and the loop share about one call, under one lock.
-
-    The caller may be interrupted at any point, even before it holds the
-    call's future, so cancelling goes through here: the task is recorded as
-    it starts, and whoever comes second acts (cancels it, or disposes of a
-    result the caller will never receive).
-    """
-
-    __slots__ = ("abandoned", "delivered", "lock", "task", "value")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.task: asyncio.Task[T] | None = None
-        self.delivered = False
-        self.value: T | None = None
-
-
-class _Portal:
-    """An event loop running in one daemon thread."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="timer-sdk-sync", daemon=True
-        )
-        self.thread.start()
-
-    def check_caller(self) -> None:
-        """Raise :class:`LoopError` if blocking this thread would deadlock or cannot work."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise LoopError(_USE_AWAIT)
-        if self.pid != os.getpid():
-            raise LoopError(
-                "this timer_sdk.sync.TimerClient was connected in the parent process; "
-                "connect a new one after fork"
-            )
-
-    def run(
-        self,
-        make: Callable[[], Coroutine[Any, Any, T]],
-        dispose: Callable[[T], Coroutine[Any, Any, None]] | None = None,
-    ) -> T:
-        """Run the coroutine ``make()`` on the loop and block for its outcome.
-
-        The coroutine is made on the loop, so a call cancelled before it
-        started leaves no coroutine behind that was never awaited. If the
-        caller is interrupted (Ctrl-C), the call is cancelled on the loop and
-        the interruption propagates; a result that was produced for it
-        anyway is handed to ``dispose`` on the loop, never dropped.
-        """
-        self.check_caller()
-        handoff: _Handoff[T] = _Handoff()
-        try:
-            future = asyncio.run_coroutine_threadsafe(_produce(make, handoff, dispose), self.loop)
-            while True:
-                try:
-                    return future.result(_POLL)
-                except TimeoutError:
-                    if future.done():
-                        return future.result()  # its own outcome, CallTimeout included
-        except BaseException:
-            # The call's own error (nothing to undo), or the caller interrupted
-            # (KeyboardInterrupt, or whatever else a signal handler raised).
-            with handoff.lock:
-                handoff.abandoned = True
-                task = handoff.task
-                orphan = handoff.delivered
-            if task is not None and not task.done():
-                self.loop.call_soon_threadsafe(task.cancel)
-            if orphan and dispose is not None:
-                # Produced before we left: cancelling cannot take it back.
-                self._spawn(dispose(cast(T, handoff.value)))
-            raise
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-
-async def _produce(
-    make: Callable[[], Coroutine[Any, Any, T]],
-    handoff: _Handoff[T],
-    dispose: Callable[[T], Coroutine[Any, Any, None]] | None,
-) -> T:
-    with handoff.lock:
-        if handoff.abandoned:  # the caller left before we started
-            raise asyncio.CancelledError
-        handoff.task = asyncio.current_task()
-    value = await make()
-    with handoff.lock:
-        if not handoff.abandoned:
-            handoff.value = value
-            handoff.delivered = True
-            return value
-    if dispose is not None:
-        # The task may be cancelled any moment now, as the caller asked.
-        await asyncio.shield(dispose(value))
-    return value
-
-
-_portal: _Portal | None = None
-_portal_lock = threading.Lock()
-
-
-def _get_portal() -> _Portal:
-    global _portal  # noqa: PLW0603
-    with _portal_lock:
-        # A forked child inherits the object but not the thread that ran it.
-        if _portal is None or _portal.pid != os.getpid() or not _portal.thread.is_alive():
-            _portal = _Portal()
-        return _portal
-
 
 async def _close(client: AsyncTimerClient) -> None:
     await client.close()
 
 
-def _finalize(portal: _Portal, client: AsyncTimerClient) -> None:
+def _finalize(portal: Portal, client: AsyncTimerClient) -> None:
     if portal.pid == os.getpid() and portal.thread.is_alive():
         portal._spawn(_close(client))
     warnings.warn(f"unclosed {client!r}", ResourceWarning, stacklevel=1)
@@ -221,7 +82,7 @@ class TimerClient:
         """Not called directly: ``TimerClient.connect(address)`` returns a client."""
         raise TypeError("a TimerClient is made by: TimerClient.connect(address)")
 
-    def _set_up(self, client: AsyncTimerClient, portal: _Portal) -> None:
+    def _set_up(self, client: AsyncTimerClient, portal: Portal) -> None:
         self._client = client
         self._portal = portal
         self._finalizer = weakref.finalize(self, _finalize, portal, client)
@@ -250,7 +111,7 @@ class TimerClient:
         ``connections=N``, one thread's slow call holds up another's only when
         all N connections are busy.
         """
-        portal = _get_portal()
+        portal = get_portal()
 
         async def open_client() -> AsyncTimerClient:
             return await AsyncTimerClient.connect(
@@ -388,7 +249,7 @@ class Events:
     nothing queued); it ends when the subscription is closed.
     """
 
-    def __init__(self, portal: _Portal, subscription: Subscription) -> None:
+    def __init__(self, portal: Portal, subscription: Subscription) -> None:
         """Not called directly: ``client.events()`` returns one."""
         self._portal = portal
         self._subscription = subscription
